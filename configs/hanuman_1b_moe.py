@@ -1,0 +1,74 @@
+"""The recipe model: 24 layers, d_model 896, GQA 14/2, 8-expert top-2 SwiGLU MoE, 8k context."""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    cfg = ml_collections.ConfigDict()
+
+    cfg.model = ml_collections.ConfigDict()
+    cfg.model.vocab_size = 96_000  # embedding rows; at least the tokenizer's piece count
+    cfg.model.num_layers = 24  # decoder blocks
+    cfg.model.d_model = 896  # residual stream width
+    cfg.model.num_heads = 14  # query heads
+    cfg.model.num_kv_heads = 2  # key/value heads (grouped-query attention)
+    cfg.model.head_dim = 0  # per-head width; 0 = d_model / num_heads
+    cfg.model.ffn_hidden = 2560  # SwiGLU hidden width (of each expert when MoE)
+    cfg.model.max_seq_len = 8192  # longest context the model is built for
+    cfg.model.tie_embeddings = True  # LM head shares the token embedding matrix
+    cfg.model.norm_eps = 1e-5  # RMSNorm epsilon
+    cfg.model.init_std = 0.02  # std of the normal initialiser (output projections are scaled down)
+    cfg.model.dtype = "bfloat16"  # compute dtype: float32, bfloat16 or float16
+    cfg.model.param_dtype = "float32"  # dtype parameters are stored and updated in
+    cfg.model.rope = ml_collections.ConfigDict()
+    cfg.model.rope.theta = 500_000.0  # RoPE base frequency
+    cfg.model.rope.scaling = "llama3"  # none, linear (position interpolation) or llama3
+    cfg.model.rope.factor = 2.0  # context extension factor when scaling is on
+    cfg.model.rope.original_context = 4096  # llama3 scaling: the context the base was meant for
+    cfg.model.rope.low_freq_factor = 1.0  # llama3 scaling: wavelengths above ctx/this are scaled
+    cfg.model.rope.high_freq_factor = 4.0  # llama3 scaling: wavelengths below ctx/this are kept
+    cfg.model.moe = ml_collections.ConfigDict()
+    cfg.model.moe.num_experts = 8  # experts per MoE layer; 0 = dense SwiGLU model
+    cfg.model.moe.top_k = 2  # experts each token is sent to
+    cfg.model.moe.router_temperature = 1.2  # router softmax temperature
+    cfg.model.moe.aux_loss_coef = 0.01  # weight of the load-balancing loss (mean over layers)
+    cfg.model.moe.z_loss_coef = 0.001  # weight of the router z-loss (mean over layers)
+    cfg.model.moe.jitter = 0.0  # multiplicative router-input noise in training; 0 = off
+    cfg.model.moe.grouped_matmul = "blocked"  # expert matmul kernel: blocked or ragged_dot
+    cfg.model.moe.block_size = 512  # rows per block of the blocked expert matmul
+
+    cfg.data = ml_collections.ConfigDict()
+    cfg.data.sources = [  # stage A mixture: your corpora (files or globs) and their weights
+        {"path": "data/stage_a/thai/*.jsonl", "weight": 0.4},
+        {"path": "data/stage_a/english/*.jsonl", "weight": 0.5},
+        {"path": "data/stage_a/code_switch/*.jsonl", "weight": 0.1},
+    ]
+    cfg.data.tokenizer = "tokenizers/hanuman_sp96k.model"  # the 96k Unigram SentencePiece model
+    cfg.data.seq_len = 8192  # tokens per packed training row
+
+    cfg.optimizer = ml_collections.ConfigDict()
+    cfg.optimizer.peak_lr = 3e-4  # learning rate after warmup
+    cfg.optimizer.min_lr_ratio = 0.1  # final learning rate as a fraction of the peak
+    cfg.optimizer.warmup_fraction = 0.02  # share of the steps spent warming up linearly
+    cfg.optimizer.b1 = 0.9  # AdamW beta1
+    cfg.optimizer.b2 = 0.95  # AdamW beta2
+    cfg.optimizer.eps = 1e-8  # AdamW epsilon
+    cfg.optimizer.weight_decay = 0.1  # decoupled weight decay on matrices only
+    cfg.optimizer.grad_clip = 1.0  # global-norm gradient clipping; 0 = off
+
+    cfg.train = ml_collections.ConfigDict()
+    cfg.train.steps = 152_600  # optimizer steps: 80B tokens (stage A) at 64 x 8192 per step
+    cfg.train.batch_size = 64  # global sequences per step
+    cfg.train.seed = 0  # seeds initialisation, data order and training noise
+    cfg.train.log_every = 50  # steps between metrics.jsonl rows
+    cfg.train.checkpoint_every = 1000  # steps between checkpoints (and one at the end)
+    cfg.train.keep_checkpoints = 3  # newest checkpoints kept on disk
+
+    cfg.mesh = ml_collections.ConfigDict()
+    cfg.mesh.data = 1  # data-parallel replicas; -1 = all devices left over
+    cfg.mesh.fsdp = -1  # parameter/optimizer sharding (ZeRO-3) ways
+    cfg.mesh.expert = 1  # expert-parallel ways
+    cfg.mesh.tensor = 1  # tensor-parallel ways (heads and FFN hidden)
+
+    cfg.lock()
+    return cfg

@@ -1,0 +1,75 @@
+"""A small Thai/English MoE that trains on the bundled sample corpus on a 2-core CPU in minutes."""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    cfg = ml_collections.ConfigDict()
+
+    cfg.model = ml_collections.ConfigDict()
+    cfg.model.vocab_size = 4096  # embedding rows; at least the tokenizer's piece count
+    cfg.model.num_layers = 4  # decoder blocks
+    cfg.model.d_model = 128  # residual stream width
+    cfg.model.num_heads = 4  # query heads
+    cfg.model.num_kv_heads = 2  # key/value heads (grouped-query attention)
+    cfg.model.head_dim = 0  # per-head width; 0 = d_model / num_heads
+    cfg.model.ffn_hidden = 256  # SwiGLU hidden width (of each expert when MoE)
+    cfg.model.max_seq_len = 512  # longest context the model is built for
+    cfg.model.tie_embeddings = True  # LM head shares the token embedding matrix
+    cfg.model.norm_eps = 1e-5  # RMSNorm epsilon
+    cfg.model.init_std = 0.02  # std of the normal initialiser (output projections are scaled down)
+    cfg.model.dtype = "float32"  # compute dtype: float32, bfloat16 or float16
+    cfg.model.param_dtype = "float32"  # dtype parameters are stored and updated in
+    cfg.model.rope = ml_collections.ConfigDict()
+    cfg.model.rope.theta = 10_000.0  # RoPE base frequency
+    cfg.model.rope.scaling = "none"  # none, linear (position interpolation) or llama3
+    cfg.model.rope.factor = 1.0  # context extension factor when scaling is on
+    cfg.model.rope.original_context = 512  # llama3 scaling: the context the base was meant for
+    cfg.model.rope.low_freq_factor = 1.0  # llama3 scaling: wavelengths above ctx/this are scaled
+    cfg.model.rope.high_freq_factor = 4.0  # llama3 scaling: wavelengths below ctx/this are kept
+    cfg.model.moe = ml_collections.ConfigDict()
+    cfg.model.moe.num_experts = 4  # experts per MoE layer; 0 = dense SwiGLU model
+    cfg.model.moe.top_k = 2  # experts each token is sent to
+    cfg.model.moe.router_temperature = 1.2  # router softmax temperature
+    cfg.model.moe.aux_loss_coef = 0.01  # weight of the load-balancing loss (mean over layers)
+    cfg.model.moe.z_loss_coef = 0.001  # weight of the router z-loss (mean over layers)
+    cfg.model.moe.jitter = 0.0  # multiplicative router-input noise in training; 0 = off
+    cfg.model.moe.grouped_matmul = "blocked"  # expert matmul kernel: blocked or ragged_dot
+    cfg.model.moe.block_size = 128  # rows per block of the blocked expert matmul
+
+    cfg.data = ml_collections.ConfigDict()
+    cfg.data.sources = [  # files or globs (bundled: = the package's sample corpus) and weights
+        {"path": "bundled:english.txt", "weight": 0.35},
+        {"path": "bundled:thai.txt", "weight": 0.35},
+        {"path": "bundled:mixed.txt", "weight": 0.2},
+        {"path": "bundled:chat.jsonl", "weight": 0.1},
+    ]
+    cfg.data.tokenizer = "bundled:tokenizer.model"  # SentencePiece model
+    cfg.data.seq_len = 128  # tokens per packed training row
+
+    cfg.optimizer = ml_collections.ConfigDict()
+    cfg.optimizer.peak_lr = 3e-3  # learning rate after warmup
+    cfg.optimizer.min_lr_ratio = 0.1  # final learning rate as a fraction of the peak
+    cfg.optimizer.warmup_fraction = 0.05  # share of the steps spent warming up linearly
+    cfg.optimizer.b1 = 0.9  # AdamW beta1
+    cfg.optimizer.b2 = 0.95  # AdamW beta2
+    cfg.optimizer.eps = 1e-8  # AdamW epsilon
+    cfg.optimizer.weight_decay = 0.1  # decoupled weight decay on matrices only
+    cfg.optimizer.grad_clip = 1.0  # global-norm gradient clipping; 0 = off
+
+    cfg.train = ml_collections.ConfigDict()
+    cfg.train.steps = 400  # optimizer steps
+    cfg.train.batch_size = 16  # global sequences per step
+    cfg.train.seed = 0  # seeds initialisation, data order and training noise
+    cfg.train.log_every = 10  # steps between metrics.jsonl rows
+    cfg.train.checkpoint_every = 200  # steps between checkpoints (and one at the end)
+    cfg.train.keep_checkpoints = 2  # newest checkpoints kept on disk
+
+    cfg.mesh = ml_collections.ConfigDict()
+    cfg.mesh.data = -1  # data-parallel replicas; -1 = all devices left over
+    cfg.mesh.fsdp = 1  # parameter/optimizer sharding (ZeRO-3) ways
+    cfg.mesh.expert = 1  # expert-parallel ways
+    cfg.mesh.tensor = 1  # tensor-parallel ways (heads and FFN hidden)
+
+    cfg.lock()
+    return cfg

@@ -1,0 +1,357 @@
+"""Loading, overriding and validating `configs/*.py` files."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib.util
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import ml_collections
+
+DTYPES = ("float32", "bfloat16", "float16")
+PARAM_DTYPES = ("float32", "bfloat16")
+ROPE_SCALINGS = ("none", "linear", "llama3")
+GROUPED_MATMULS = ("blocked", "ragged_dot")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config or an override; the message is one actionable line."""
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """Loads `get_config()` from a file, applies `--config.a.b=value` overrides, validates."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    spec = importlib.util.spec_from_file_location(f"_hanuman_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"--config {path}: the file defines no get_config()")
+    cfg = module.get_config()
+    if not isinstance(cfg, ml_collections.ConfigDict):
+        raise ConfigError(f"--config {path}: get_config() must return an ml_collections.ConfigDict")
+    for item in overrides:
+        apply_override(cfg, item)
+    validate(cfg)
+    return cfg
+
+
+def apply_override(cfg: ml_collections.ConfigDict, item: str) -> None:
+    """Applies one `[--config.]a.b=value` override, converting the value to the field's type."""
+    text = item.removeprefix("--").removeprefix("config.")
+    if "=" not in text:
+        raise ConfigError(f"override {item!r}: expected --config.section.key=value")
+    key, raw = text.split("=", 1)
+    *parents, leaf = key.split(".")
+    node = cfg
+    for i, part in enumerate(parents):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            raise ConfigError(_unknown_key(".".join(parents[: i + 1]), node))
+        node = node[part]
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+        raise ConfigError(_unknown_key(key, node))
+    current = node[leaf]
+    if isinstance(current, ml_collections.ConfigDict):
+        raise ConfigError(f"config {key} is a section; set one of its keys: {', '.join(current)}")
+    with node.unlocked():
+        node[leaf] = _parse_value(key, raw, current)
+
+
+def _unknown_key(key: str, node) -> str:
+    valid = ", ".join(sorted(node)) if isinstance(node, ml_collections.ConfigDict) else "none"
+    return f"config {key} does not exist; valid keys here: {valid}"
+
+
+def _parse_value(key: str, raw: str, current):
+    if isinstance(current, bool):
+        lowered = raw.strip().lower()
+        if lowered in ("true", "1", "yes"):
+            return True
+        if lowered in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"config {key}={raw!r}: expected a bool (true/false)")
+    if isinstance(current, int):
+        try:
+            return int(raw)
+        except ValueError:
+            raise ConfigError(f"config {key}={raw!r}: expected an integer") from None
+    if isinstance(current, float):
+        try:
+            return float(raw)
+        except ValueError:
+            raise ConfigError(f"config {key}={raw!r}: expected a number") from None
+    if isinstance(current, str):
+        return raw
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        raise ConfigError(
+            f"config {key}={raw!r}: expected a Python literal like {current!r}"
+        ) from None
+    if isinstance(current, (list, tuple)) and not isinstance(value, (list, tuple)):
+        raise ConfigError(f"config {key}={raw!r}: expected a list like {current!r}")
+    return type(current)(value) if isinstance(current, (list, tuple)) else value
+
+
+def _check(ok: bool, key: str, value, valid: str) -> None:
+    if not ok:
+        raise ConfigError(f"config {key}={value!r} is invalid: {valid}")
+
+
+def _positive_ints(cfg, section: str, keys: Sequence[str]) -> None:
+    for k in keys:
+        v = cfg[section][k]
+        _check(isinstance(v, int) and v >= 1, f"{section}.{k}", v, "must be an integer >= 1")
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+    """Checks every field and combination; raises ConfigError naming the first bad one."""
+    for section in ("model", "data", "optimizer", "train", "mesh"):
+        if section not in cfg:
+            raise ConfigError(f"config has no section {section!r}; sections: {', '.join(cfg)}")
+    m, d, o, t = cfg.model, cfg.data, cfg.optimizer, cfg.train
+    _positive_ints(cfg, "model", ("vocab_size", "num_layers", "d_model", "num_heads"))
+    _positive_ints(cfg, "model", ("num_kv_heads", "ffn_hidden", "max_seq_len"))
+    _check(
+        m.num_heads % m.num_kv_heads == 0,
+        "model.num_kv_heads",
+        m.num_kv_heads,
+        f"must divide model.num_heads ({m.num_heads})",
+    )
+    _check(
+        isinstance(m.head_dim, int) and m.head_dim >= 0,
+        "model.head_dim",
+        m.head_dim,
+        "must be >= 0 (0 means d_model / num_heads)",
+    )
+    if m.head_dim == 0:
+        _check(
+            m.d_model % m.num_heads == 0,
+            "model.num_heads",
+            m.num_heads,
+            f"must divide model.d_model ({m.d_model}) when model.head_dim is 0",
+        )
+    head_dim = m.head_dim or m.d_model // m.num_heads
+    _check(head_dim % 2 == 0, "model.head_dim", head_dim, "must be even for RoPE")
+    _check(m.dtype in DTYPES, "model.dtype", m.dtype, f"one of {', '.join(DTYPES)}")
+    _check(
+        m.param_dtype in PARAM_DTYPES,
+        "model.param_dtype",
+        m.param_dtype,
+        f"one of {', '.join(PARAM_DTYPES)}",
+    )
+    _check(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "must be > 0")
+    _check(m.init_std > 0, "model.init_std", m.init_std, "must be > 0")
+    r = m.rope
+    _check(r.theta > 0, "model.rope.theta", r.theta, "must be > 0")
+    _check(
+        r.scaling in ROPE_SCALINGS,
+        "model.rope.scaling",
+        r.scaling,
+        f"one of {', '.join(ROPE_SCALINGS)}",
+    )
+    if r.scaling != "none":
+        _check(r.factor >= 1.0, "model.rope.factor", r.factor, "must be >= 1 when scaling is on")
+    if r.scaling == "llama3":
+        _check(
+            0 < r.low_freq_factor < r.high_freq_factor,
+            "model.rope.low_freq_factor",
+            r.low_freq_factor,
+            f"must be in (0, model.rope.high_freq_factor={r.high_freq_factor})",
+        )
+        _check(
+            r.original_context >= 1,
+            "model.rope.original_context",
+            r.original_context,
+            "must be >= 1",
+        )
+    e = m.moe
+    _check(
+        isinstance(e.num_experts, int) and e.num_experts >= 0,
+        "model.moe.num_experts",
+        e.num_experts,
+        "must be >= 0 (0 means a dense model)",
+    )
+    if e.num_experts:
+        _check(
+            e.num_experts >= 2, "model.moe.num_experts", e.num_experts, "must be 0 (dense) or >= 2"
+        )
+        _check(
+            1 <= e.top_k <= e.num_experts,
+            "model.moe.top_k",
+            e.top_k,
+            f"must be between 1 and model.moe.num_experts ({e.num_experts})",
+        )
+        _check(
+            e.router_temperature > 0,
+            "model.moe.router_temperature",
+            e.router_temperature,
+            "must be > 0",
+        )
+        for k in ("aux_loss_coef", "z_loss_coef", "jitter"):
+            _check(e[k] >= 0, f"model.moe.{k}", e[k], "must be >= 0")
+        _check(
+            e.grouped_matmul in GROUPED_MATMULS,
+            "model.moe.grouped_matmul",
+            e.grouped_matmul,
+            f"one of {', '.join(GROUPED_MATMULS)}",
+        )
+        _check(e.block_size >= 8, "model.moe.block_size", e.block_size, "must be >= 8")
+
+    _check(
+        isinstance(d.seq_len, int) and d.seq_len >= 2,
+        "data.seq_len",
+        d.seq_len,
+        "must be an integer >= 2",
+    )
+    _check(
+        d.seq_len <= m.max_seq_len,
+        "data.seq_len",
+        d.seq_len,
+        f"must be <= model.max_seq_len ({m.max_seq_len})",
+    )
+    _check(
+        isinstance(d.sources, (list, tuple)) and len(d.sources) > 0,
+        "data.sources",
+        d.sources,
+        "must be a non-empty list of {'path': ..., 'weight': ...}",
+    )
+    for i, src in enumerate(d.sources):
+        _check(
+            isinstance(src, dict) and isinstance(src.get("path"), str),
+            f"data.sources[{i}]",
+            src,
+            "must be a dict with a string 'path'",
+        )
+        extra = set(src) - {"path", "weight"}
+        _check(
+            not extra,
+            f"data.sources[{i}]",
+            src,
+            f"unknown keys {sorted(extra)}; valid: path, weight",
+        )
+        _check(
+            float(src.get("weight", 1.0)) > 0,
+            f"data.sources[{i}].weight",
+            src.get("weight"),
+            "must be > 0",
+        )
+    _check(bool(d.tokenizer), "data.tokenizer", d.tokenizer, "path to a SentencePiece .model")
+
+    _check(o.peak_lr > 0, "optimizer.peak_lr", o.peak_lr, "must be > 0")
+    _check(0 <= o.min_lr_ratio <= 1, "optimizer.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
+    _check(
+        0 <= o.warmup_fraction < 1,
+        "optimizer.warmup_fraction",
+        o.warmup_fraction,
+        "must be in [0, 1)",
+    )
+    for k in ("b1", "b2"):
+        _check(0 <= o[k] < 1, f"optimizer.{k}", o[k], "must be in [0, 1)")
+    _check(o.eps > 0, "optimizer.eps", o.eps, "must be > 0")
+    _check(o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, "must be >= 0")
+    _check(o.grad_clip >= 0, "optimizer.grad_clip", o.grad_clip, "must be >= 0 (0 = no clipping)")
+
+    _positive_ints(cfg, "train", ("steps", "batch_size", "log_every", "checkpoint_every"))
+    _positive_ints(cfg, "train", ("keep_checkpoints",))
+    _check(isinstance(t.seed, int), "train.seed", t.seed, "must be an integer")
+
+    sizes = [cfg.mesh[a] for a in MESH_AXES]
+    for a, v in zip(MESH_AXES, sizes, strict=True):
+        _check(
+            isinstance(v, int) and (v >= 1 or v == -1),
+            f"mesh.{a}",
+            v,
+            "must be >= 1, or -1 for 'all remaining devices'",
+        )
+    _check(
+        sizes.count(-1) <= 1,
+        "mesh",
+        dict(zip(MESH_AXES, sizes, strict=True)),
+        "at most one axis may be -1",
+    )
+    fixed_batch = cfg.mesh.data * cfg.mesh.fsdp
+    if fixed_batch > 0:
+        _check(
+            t.batch_size % fixed_batch == 0,
+            "train.batch_size",
+            t.batch_size,
+            f"must be divisible by mesh.data * mesh.fsdp ({fixed_batch})",
+        )
+    if e.num_experts and cfg.mesh.expert > 0:
+        _check(
+            e.num_experts % cfg.mesh.expert == 0,
+            "mesh.expert",
+            cfg.mesh.expert,
+            f"must divide model.moe.num_experts ({e.num_experts})",
+        )
+    if cfg.mesh.tensor > 0:
+        _check(
+            m.num_kv_heads % cfg.mesh.tensor == 0,
+            "mesh.tensor",
+            cfg.mesh.tensor,
+            f"must divide model.num_kv_heads ({m.num_kv_heads})",
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+    theta: float = 10_000.0
+    scaling: str = "none"
+    factor: float = 1.0
+    original_context: int = 4096
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeConfig:
+    num_experts: int = 0
+    top_k: int = 2
+    router_temperature: float = 1.0
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.001
+    jitter: float = 0.0
+    grouped_matmul: str = "blocked"
+    block_size: int = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The architecture, frozen: what `model.Transformer` is built from."""
+
+    vocab_size: int
+    num_layers: int
+    d_model: int
+    num_heads: int
+    num_kv_heads: int
+    ffn_hidden: int
+    max_seq_len: int
+    head_dim: int = 0
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    rope: RopeConfig = RopeConfig()
+    moe: MoeConfig = MoeConfig()
+
+    @property
+    def hd(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+    @classmethod
+    def from_config(cls, model_cfg: ml_collections.ConfigDict) -> ModelConfig:
+        raw = model_cfg.to_dict()
+        rope = RopeConfig(**raw.pop("rope"))
+        moe = MoeConfig(**raw.pop("moe"))
+        return cls(**raw, rope=rope, moe=moe)
+
+
+def lr_warmup_steps(cfg: ml_collections.ConfigDict) -> int:
+    return math.ceil(cfg.optimizer.warmup_fraction * cfg.train.steps)

@@ -1,0 +1,137 @@
+"""Grain input pipeline: text / JSONL files -> token ids -> packed fixed-length rows -> batches."""
+
+from __future__ import annotations
+
+import glob
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import grain
+import ml_collections
+import numpy as np
+
+from hanuman_jax.tokenizer import Tokenizer
+
+BUNDLED_DIR = Path(__file__).parent / "assets" / "sample"
+BUNDLED_PREFIX = "bundled:"
+TEXT_FIELDS = ("text", "content")
+
+
+def resolve_paths(pattern: str) -> list[Path]:
+    """`bundled:GLOB` names files shipped in the package; anything else is a path or glob."""
+    if pattern.startswith(BUNDLED_PREFIX):
+        pattern = str(BUNDLED_DIR / pattern[len(BUNDLED_PREFIX) :])
+    paths = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
+    if not paths:
+        raise FileNotFoundError(f"data source {pattern!r} matches no file")
+    return paths
+
+
+def resolve_file(path: str) -> Path:
+    return resolve_paths(path)[0]
+
+
+@dataclass(frozen=True)
+class Document:
+    text: str | None = None
+    messages: tuple | None = None
+
+
+def _json_document(row, where: str) -> Document:
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if isinstance(row.get("messages"), list) and row["messages"]:
+        return Document(messages=tuple(row["messages"]))
+    for field in TEXT_FIELDS:
+        if isinstance(row.get(field), str):
+            title = row.get("title")
+            text = f"{title}\n{row[field]}" if isinstance(title, str) and title else row[field]
+            return Document(text=text)
+    raise ValueError(
+        f"{where}: no text found; keys are {sorted(row)}, expected one of "
+        f"{', '.join(TEXT_FIELDS)} (optionally with title) or messages"
+    )
+
+
+def read_documents(path: Path) -> list[Document]:
+    """Plain text: one document per non-empty line. JSONL: one object per line."""
+    docs = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if path.suffix == ".jsonl":
+                where = f"{path}:{lineno}"
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
+                docs.append(_json_document(row, where))
+            else:
+                docs.append(Document(text=line.rstrip("\n")))
+    return docs
+
+
+class Tokenize(grain.transforms.Map):
+    """Document -> {'tokens', 'loss_mask'}; a chat trains only on the assistant's tokens."""
+
+    def __init__(self, tokenizer_path: str | Path):
+        self.tokenizer_path = str(tokenizer_path)
+        self._tokenizer = None
+
+    def __getstate__(self):
+        return {"tokenizer_path": self.tokenizer_path, "_tokenizer": None}
+
+    def map(self, doc: Document) -> dict[str, np.ndarray]:
+        if self._tokenizer is None:
+            self._tokenizer = Tokenizer(self.tokenizer_path)
+        if doc.messages is not None:
+            ids, mask = self._tokenizer.encode_chat(doc.messages)
+        else:
+            ids = self._tokenizer.encode_document(doc.text)
+            mask = [1] * len(ids)
+        return {"tokens": np.asarray(ids, np.int32), "loss_mask": np.asarray(mask, np.int32)}
+
+
+def _rename(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {
+        "tokens": row["tokens"],
+        "segment_ids": row["tokens_segment_ids"].astype(np.int32),
+        "positions": row["tokens_positions"].astype(np.int32),
+        "loss_mask": row["loss_mask"],
+    }
+
+
+def make_dataset(
+    cfg: ml_collections.ConfigDict,
+    tokenizer_path: str | Path,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.IterDataset:
+    """An endless, deterministic stream of this process's batches of packed rows.
+
+    Each batch holds `tokens`, `segment_ids` (0 = padding, documents numbered from 1 per row),
+    `positions` (within the document) and `loss_mask`, all int32 of shape [local_batch, seq_len].
+    """
+    seq_len = cfg.data.seq_len
+    if cfg.train.batch_size % process_count:
+        raise ValueError(
+            f"train.batch_size={cfg.train.batch_size} must be divisible by the "
+            f"{process_count} processes"
+        )
+    sources, weights = [], []
+    for i, src in enumerate(cfg.data.sources):
+        docs = [d for p in resolve_paths(src["path"]) for d in read_documents(p)]
+        if not docs:
+            raise ValueError(f"data.sources[{i}] {src['path']!r} holds no documents")
+        sources.append(grain.MapDataset.source(docs).shuffle(seed=cfg.train.seed + i).repeat())
+        weights.append(float(src.get("weight", 1.0)))
+    ds = sources[0] if len(sources) == 1 else grain.MapDataset.mix(sources, weights)
+    ds = ds[process_index::process_count].map(Tokenize(tokenizer_path)).to_iter_dataset()
+    ds = grain.experimental.ConcatThenSplitIterDataset(
+        ds, length_struct={"tokens": seq_len, "loss_mask": seq_len}
+    )
+    ds = ds.map(_rename).batch(cfg.train.batch_size // process_count, drop_remainder=True)
+    return grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=4)

@@ -1,0 +1,32 @@
+"""Parameter creation and normalisation shared by the dense and MoE layers."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+
+
+def param(rngs: nnx.Rngs, shape, axes, std: float, dtype) -> nnx.Param:
+    """A normal(0, std) parameter tagged with logical axis names.
+
+    Eager sharding is off: `sharding.py` maps the names to the mesh when the state is created.
+    """
+    value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
+    return nnx.Param(value.astype(dtype), out_sharding=axes, eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, *, eps: float, param_dtype, rngs: nnx.Rngs):
+        del rngs
+        self.eps = eps
+        self.scale = nnx.Param(
+            jnp.ones((dim,), param_dtype), out_sharding=("embed",), eager_sharding=False
+        )
+
+    def __call__(self, x_BTD: Array) -> Array:
+        x32 = x_BTD.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(x_BTD.dtype) * y.astype(x_BTD.dtype)

@@ -1,0 +1,65 @@
+"""Run logging: `metrics.jsonl`, TensorBoard event files and the console progress bar."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import tqdm
+from tensorboardX import SummaryWriter
+
+
+def _plain(value):
+    value = np.asarray(value).item() if np.ndim(value) == 0 else value
+    return float(value) if isinstance(value, (float, np.floating)) else value
+
+
+class MetricsWriter:
+    """Appends one JSON object per logged step and mirrors scalars to TensorBoard."""
+
+    def __init__(self, workdir: Path, *, resume_step: int = 0):
+        self.path = workdir / "metrics.jsonl"
+        _truncate_after(self.path, resume_step)
+        self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        self.tb = SummaryWriter(str(workdir / "tensorboard"))
+
+    def write(self, step: int, metrics: dict) -> None:
+        row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                self.tb.add_scalar(f"train/{key}", value, step)
+
+    def close(self) -> None:
+        self.file.close()
+        self.tb.close()
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """On resume, drop rows logged after the restored checkpoint: they are about to be redone."""
+    if not path.exists():
+        return
+    rows = path.read_text(encoding="utf-8").splitlines()
+    kept = [r for r in rows if r.strip() and json.loads(r).get("step", 0) <= step]
+    if len(kept) != len(rows):
+        path.write_text("".join(r + "\n" for r in kept), encoding="utf-8")
+
+
+class ProgressBar:
+    """tqdm bar showing step, loss, tokens/s and the ETA."""
+
+    def __init__(self, total: int, initial: int, enabled: bool = True):
+        self.bar = tqdm.tqdm(
+            total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True
+        )
+
+    def update(self, step: int, loss: float | None = None, tokens_per_s: float | None = None):
+        self.bar.update(step - self.bar.n)
+        if loss is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()

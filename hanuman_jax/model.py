@@ -1,0 +1,195 @@
+"""Decoder-only transformer in flax.nnx: RMSNorm, GQA with RoPE, SwiGLU or MoE feed-forward."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from hanuman_jax.config import ModelConfig, RopeConfig
+from hanuman_jax.layers import RMSNorm, param
+from hanuman_jax.moe import MoEFeedForward
+
+Array = jax.Array
+
+
+def rope_inv_freq(head_dim: int, rope: RopeConfig) -> np.ndarray:
+    """Inverse frequencies after the configured scaling (same definitions as Hugging Face)."""
+    inv = 1.0 / (rope.theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    if rope.scaling == "linear":
+        inv = inv / rope.factor
+    elif rope.scaling == "llama3":
+        low_wavelen = rope.original_context / rope.low_freq_factor
+        high_wavelen = rope.original_context / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > low_wavelen, inv / rope.factor, inv)
+        smooth = (rope.original_context / wavelen - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv = np.where(medium, smoothed, scaled)
+    return inv.astype(np.float32)
+
+
+def apply_rope(x_BTNH: Array, positions_BT: Array, inv_freq: np.ndarray) -> Array:
+    """Rotates the two halves of each head (the `rotate_half` convention)."""
+    angles_BTF = positions_BT[..., None].astype(jnp.float32) * inv_freq
+    cos = jnp.cos(angles_BTF)[:, :, None, :]
+    sin = jnp.sin(angles_BTF)[:, :, None, :]
+    x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BTNH.dtype)
+
+
+class Attention(nnx.Module):
+    """Grouped-query causal self-attention; tokens attend only within their packed document."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.hd
+        pdt = jnp.dtype(cfg.param_dtype)
+        out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+        self.wq = param(rngs, (d, n, h), ("embed", "heads", "head_dim"), cfg.init_std, pdt)
+        self.wk = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg.init_std, pdt)
+        self.wv = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg.init_std, pdt)
+        self.wo = param(rngs, (n, h, d), ("heads", "head_dim", "embed"), out_std, pdt)
+        self.rope = cfg.rope
+        self.num_kv_heads = k
+        self.dtype = jnp.dtype(cfg.dtype)
+
+    def __call__(self, x_BTD: Array, segment_ids_BT: Array, positions_BT: Array) -> Array:
+        dt = self.dtype
+        q_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.wq[...].astype(dt))
+        k_BSKH = jnp.einsum("BSD,DKH->BSKH", x_BTD, self.wk[...].astype(dt))
+        v_BSKH = jnp.einsum("BSD,DKH->BSKH", x_BTD, self.wv[...].astype(dt))
+        inv_freq = rope_inv_freq(q_BTNH.shape[-1], self.rope)
+        q_BTNH = apply_rope(q_BTNH, positions_BT, inv_freq)
+        k_BSKH = apply_rope(k_BSKH, positions_BT, inv_freq)
+        b, t, n, h = q_BTNH.shape
+        q_BTKGH = q_BTNH.reshape(b, t, self.num_kv_heads, n // self.num_kv_heads, h)
+        logits_BKGTS = jnp.einsum(
+            "BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32
+        ) / math.sqrt(h)
+        causal_TS = jnp.tril(jnp.ones((t, t), dtype=bool))
+        same_doc_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+        mask_B11TS = (causal_TS[None] & same_doc_BTS)[:, None, None]
+        logits_BKGTS = jnp.where(mask_B11TS, logits_BKGTS, jnp.finfo(jnp.float32).min)
+        probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(dt)
+        out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH)
+        out_BTNH = out_BTKGH.reshape(b, t, n, h)
+        return jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.wo[...].astype(dt))
+
+
+class FeedForward(nnx.Module):
+    """SwiGLU: down(silu(x @ gate) * (x @ up))."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, f = cfg.d_model, cfg.ffn_hidden
+        pdt = jnp.dtype(cfg.param_dtype)
+        out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+        self.w_gate = param(rngs, (d, f), ("embed", "mlp"), cfg.init_std, pdt)
+        self.w_up = param(rngs, (d, f), ("embed", "mlp"), cfg.init_std, pdt)
+        self.w_down = param(rngs, (f, d), ("mlp", "embed"), out_std, pdt)
+        self.dtype = jnp.dtype(cfg.dtype)
+
+    def __call__(self, x_BTD: Array) -> Array:
+        dt = self.dtype
+        gate_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, self.w_gate[...].astype(dt))
+        up_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, self.w_up[...].astype(dt))
+        return jnp.einsum(
+            "BTF,FD->BTD", jax.nn.silu(gate_BTF) * up_BTF, self.w_down[...].astype(dt)
+        )
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        pdt = jnp.dtype(cfg.param_dtype)
+        self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pdt, rngs=rngs)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.ffn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pdt, rngs=rngs)
+        if cfg.moe.num_experts:
+            self.moe = MoEFeedForward(cfg, rngs=rngs)
+        else:
+            self.mlp = FeedForward(cfg, rngs=rngs)
+
+    def __call__(self, x_BTD, segment_ids_BT, positions_BT, rng=None):
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), segment_ids_BT, positions_BT)
+        h_BTD = self.ffn_norm(x_BTD)
+        if hasattr(self, "moe"):
+            out_BTD, aux = self.moe(h_BTD, valid_BT=segment_ids_BT != 0, rng=rng)
+        else:
+            out_BTD, aux = self.mlp(h_BTD), {}
+        return x_BTD + out_BTD, aux
+
+
+class Transformer(nnx.Module):
+    """Token embedding, `num_layers` pre-norm blocks, final RMSNorm, LM head (tied or not)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        pdt = jnp.dtype(cfg.param_dtype)
+        self.cfg = cfg
+        self.embed = param(
+            rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std, pdt
+        )
+        self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pdt, rngs=rngs)
+        if not cfg.tie_embeddings:
+            self.lm_head = param(
+                rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std, pdt
+            )
+
+    def __call__(
+        self,
+        tokens_BT: Array,
+        segment_ids_BT: Array | None = None,
+        positions_BT: Array | None = None,
+        rng: Array | None = None,
+    ) -> tuple[Array, dict[str, Array]]:
+        """Returns logits (in the compute dtype) and the summed auxiliary MoE losses."""
+        dt = jnp.dtype(self.cfg.dtype)
+        if segment_ids_BT is None:
+            segment_ids_BT = jnp.ones_like(tokens_BT)
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
+        x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0).astype(dt)
+        totals: dict[str, Array] = {}
+        for i, block in enumerate(self.layers):
+            layer_rng = None if rng is None else jax.random.fold_in(rng, i)
+            x_BTD, aux = block(x_BTD, segment_ids_BT, positions_BT, layer_rng)
+            for name, value in aux.items():
+                totals[name] = totals.get(name, 0.0) + value
+        x_BTD = self.final_norm(x_BTD)
+        if self.cfg.tie_embeddings:
+            logits_BTV = jnp.einsum("BTD,VD->BTV", x_BTD, self.embed[...].astype(dt))
+        else:
+            logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, self.lm_head[...].astype(dt))
+        return logits_BTV, totals
+
+
+def count_params(cfg: ModelConfig) -> dict[str, int]:
+    """Total and active (per-token) parameter counts from the abstract model (nothing allocated)."""
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    flat = nnx.to_flat_state(nnx.state(abstract, nnx.Param))
+    total = expert = 0
+    for path, var in flat:
+        size = int(np.prod(var.value.shape))
+        total += size
+        if "moe" in path and path[-1] in ("w_gate", "w_up", "w_down"):
+            expert += size
+    e = cfg.moe
+    inactive = expert * (e.num_experts - e.top_k) // e.num_experts if e.num_experts else 0
+    return {"total": total, "active": total - inactive, "embedding": cfg.vocab_size * cfg.d_model}
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token as PaLM counts them: 6 x active matmul params + attention."""
+    counts = count_params(cfg)
+    matmul = counts["active"] - counts["embedding"]  # the lookup is free ...
+    if cfg.tie_embeddings:
+        matmul += counts["embedding"]  # ... but the tied LM head is a matmul
+    norms = (2 * cfg.num_layers + 1) * cfg.d_model
+    attention = 12 * cfg.num_layers * cfg.num_heads * cfg.hd * seq_len
+    return 6.0 * (matmul - norms) + attention

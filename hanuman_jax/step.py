@@ -1,0 +1,144 @@
+"""The train state, its sharded creation, and the pure jitted train step."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+from hanuman_jax import sharding
+from hanuman_jax.config import ModelConfig
+from hanuman_jax.model import Transformer
+from hanuman_jax.optim import make_optimizer
+
+# state = {"step": int32[], "params": pure dict, "opt_state": optax state, "rng": uint32[2]}
+TrainState = dict[str, Any]
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything static about a run: model graph, optimizer, mesh and state layout."""
+
+    model_cfg: ModelConfig
+    graphdef: nnx.GraphDef
+    param_template: nnx.State  # abstract Params: turns a pure dict back into a model
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    mesh: jax.sharding.Mesh
+    abstract_state: TrainState
+    state_shardings: TrainState
+    aux_loss_coef: float
+    z_loss_coef: float
+    seed: int
+
+    def model(self, params: dict) -> Transformer:
+        state = jax.tree.map(lambda v: v, self.param_template)
+        nnx.replace_by_pure_dict(state, params)
+        return nnx.merge(self.graphdef, state)
+
+
+def build_setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
+    """Derives the abstract state and its shardings without allocating anything."""
+    model_cfg = ModelConfig.from_config(cfg.model)
+    abstract_model = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
+    graphdef, param_template = nnx.split(abstract_model, nnx.Param)
+    tx, schedule = make_optimizer(cfg)
+    param_shardings = sharding.param_shardings(param_template, mesh)
+    setup = Setup(
+        model_cfg=model_cfg,
+        graphdef=graphdef,
+        param_template=param_template,
+        tx=tx,
+        schedule=schedule,
+        mesh=mesh,
+        abstract_state={},
+        state_shardings={},
+        aux_loss_coef=cfg.model.moe.aux_loss_coef if model_cfg.moe.num_experts else 0.0,
+        z_loss_coef=cfg.model.moe.z_loss_coef if model_cfg.moe.num_experts else 0.0,
+        seed=cfg.train.seed,
+    )
+    setup.abstract_state = jax.eval_shape(lambda: _init_state(setup))
+    replicated = sharding.replicated(mesh)
+    opt_shardings = optax.tree_map_params(
+        tx,
+        lambda _, s: s,
+        setup.abstract_state["opt_state"],
+        param_shardings,
+        transform_non_params=lambda _: replicated,
+    )
+    setup.state_shardings = {
+        "step": replicated,
+        "params": param_shardings,
+        "opt_state": opt_shardings,
+        "rng": replicated,
+    }
+    return setup
+
+
+def _init_state(setup: Setup) -> TrainState:
+    key = jax.random.key(setup.seed)
+    init_key, train_key = jax.random.split(key)
+    model = Transformer(setup.model_cfg, rngs=nnx.Rngs(params=init_key))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "opt_state": setup.tx.init(params),
+        "rng": jax.random.key_data(train_key),
+    }
+
+
+def init_state(setup: Setup) -> TrainState:
+    """Creates parameters and optimizer state directly in their sharded layout."""
+    return jax.jit(lambda: _init_state(setup), out_shardings=setup.state_shardings)()
+
+
+def loss_fn(setup: Setup, params: dict, batch: dict, rng: jax.Array | None):
+    """Mean next-token cross-entropy over trained targets, plus the MoE auxiliary losses."""
+    tokens, seg = batch["tokens"], batch["segment_ids"]
+    logits_BTV, aux = setup.model(params)(tokens, seg, batch["positions"], rng)
+    logits_BTV = logits_BTV[:, :-1].astype(jnp.float32)
+    targets_BT = tokens[:, 1:]
+    # A target counts if it continues the same document and the data marks it as trained on.
+    mask_BT = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != 0) & (batch["loss_mask"][:, 1:] != 0)
+    log_z_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+    target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+    num_targets = jnp.sum(mask_BT)
+    ce = jnp.sum((log_z_BT - target_logit_BT) * mask_BT) / jnp.maximum(num_targets, 1)
+    n_moe = setup.model_cfg.num_layers if setup.model_cfg.moe.num_experts else 1
+    aux_loss = aux.get("aux_loss", 0.0) / n_moe
+    z_loss = aux.get("z_loss", 0.0) / n_moe
+    total = ce + setup.aux_loss_coef * aux_loss + setup.z_loss_coef * z_loss
+    metrics = {"loss": ce, "aux_loss": aux_loss, "z_loss": z_loss, "tokens": num_targets}
+    return total, metrics
+
+
+def train_step(setup: Setup, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    step_rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+    grad_fn = jax.value_and_grad(lambda p: loss_fn(setup, p, batch, step_rng), has_aux=True)
+    (total, metrics), grads = grad_fn(state["params"])
+    updates, opt_state = setup.tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics |= {
+        "total_loss": total,
+        "grad_norm": optax.global_norm(grads),
+        "lr": setup.schedule(state["step"]),
+    }
+    new_state = {**state, "step": state["step"] + 1, "params": params, "opt_state": opt_state}
+    return new_state, metrics
+
+
+def jit_train_step(setup: Setup):
+    """The compiled step: state donated and kept in its sharding, batch sharded over batch axes."""
+    batch_sharding = sharding.batch_sharding(setup.mesh)
+    return jax.jit(
+        lambda state, batch: train_step(setup, state, batch),
+        in_shardings=(setup.state_shardings, batch_sharding),
+        out_shardings=(setup.state_shardings, sharding.replicated(setup.mesh)),
+        donate_argnums=(0,),
+    )

@@ -1,0 +1,73 @@
+"""CLI: python -m hanuman_jax.train --config configs/NAME.py [--config.a.b=value] [--workdir DIR]"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from hanuman_jax.config import ConfigError, ModelConfig, load_config
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(
+        prog="python -m hanuman_jax.train",
+        description="Train a hanuman_jax model. Override any config field with "
+        "--config.section.key=value.",
+    )
+    parser.add_argument("--config", required=True, help="path to a configs/*.py file")
+    parser.add_argument("--workdir", help="run directory (default: runs/<config name>)")
+    parser.add_argument(
+        "--dry_run",
+        action="store_true",
+        help="build the model abstractly and print parameter counts and FLOPs; no training",
+    )
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    args, rest = parser.parse_known_args(argv)
+    overrides = []
+    for item in rest:
+        if not item.startswith("--config."):
+            parser.error(f"unrecognized argument {item!r}")
+        overrides.append(item)
+    return args, overrides
+
+
+def dry_run(cfg) -> None:
+    from hanuman_jax.model import count_params, train_flops_per_token
+
+    model_cfg = ModelConfig.from_config(cfg.model)
+    counts = count_params(model_cfg)
+    flops = train_flops_per_token(model_cfg, cfg.data.seq_len)
+    print(f"total parameters:  {counts['total']:,}")
+    print(f"active parameters: {counts['active']:,} per token")
+    print(f"training FLOPs per token: {flops:.4g} (seq_len {cfg.data.seq_len})")
+    tokens = cfg.train.steps * cfg.train.batch_size * cfg.data.seq_len
+    print(
+        f"run: {cfg.train.steps:,} steps x {cfg.train.batch_size * cfg.data.seq_len:,} tokens "
+        f"= {tokens:.4g} tokens, {tokens * flops:.4g} FLOPs"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    for noisy in ("absl", "orbax", "jax"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        cfg = load_config(args.config, overrides)
+        if args.dry_run:
+            dry_run(cfg)
+            return 0
+        from hanuman_jax.trainer import train
+
+        workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)
+        train(cfg, workdir, progress=not args.no_progress)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

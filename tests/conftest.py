@@ -1,0 +1,42 @@
+"""Shared fixtures: small odd-sized model configs and the bundled sample assets."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from hanuman_jax.config import ModelConfig, MoeConfig  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def small_model_cfg(**overrides) -> ModelConfig:
+    """Odd sizes so that a transposed axis cannot pass by accident."""
+    moe = overrides.pop("moe", MoeConfig(num_experts=5, top_k=2, router_temperature=1.2))
+    base = dict(
+        vocab_size=103,
+        num_layers=2,
+        d_model=48,
+        num_heads=6,
+        num_kv_heads=2,
+        ffn_hidden=40,
+        max_seq_len=64,
+        moe=moe,
+    )
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+@pytest.fixture
+def model_cfg() -> ModelConfig:
+    return small_model_cfg()
+
+
+@pytest.fixture
+def root() -> Path:
+    return ROOT

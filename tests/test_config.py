@@ -1,0 +1,144 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hanuman_jax.config import ConfigError, ModelConfig, load_config
+from hanuman_jax.model import count_params, train_flops_per_token
+from hanuman_jax.train import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_config_loads_locked_and_commented(path):
+    cfg = load_config(path)
+    assert cfg.is_locked
+    for key in (
+        "train.steps",
+        "train.batch_size",
+        "train.seed",
+        "train.log_every",
+        "train.checkpoint_every",
+        "data.seq_len",
+        "model.dtype",
+        "model.param_dtype",
+        "model.moe.num_experts",
+        "model.moe.top_k",
+        "model.moe.router_temperature",
+        "model.moe.aux_loss_coef",
+        "model.moe.z_loss_coef",
+        "mesh.data",
+        "mesh.fsdp",
+        "mesh.expert",
+        "mesh.tensor",
+    ):
+        node = cfg
+        for part in key.split("."):
+            node = node[part]
+    # every assignment line carries a comment
+    for line in path.read_text().splitlines():
+        if line.strip().startswith("cfg.") and "ConfigDict()" not in line and "lock()" not in line:
+            assert "#" in line, f"{path.name}: uncommented field: {line.strip()}"
+
+
+def test_recipe_config_is_the_recipe():
+    cfg = load_config(ROOT / "configs" / "hanuman_1b_moe.py")
+    m = cfg.model
+    assert (m.num_layers, m.d_model, m.num_heads, m.num_kv_heads) == (24, 896, 14, 2)
+    assert (m.ffn_hidden, m.max_seq_len, m.vocab_size) == (2560, 8192, 96_000)
+    assert (m.moe.num_experts, m.moe.top_k, m.moe.router_temperature) == (8, 2, 1.2)
+    assert m.moe.aux_loss_coef == 0.01 and m.dtype == "bfloat16" and m.rope.scaling != "none"
+    o = cfg.optimizer
+    assert (o.b1, o.b2, o.weight_decay, o.peak_lr, o.warmup_fraction) == (
+        0.9,
+        0.95,
+        0.1,
+        3e-4,
+        0.02,
+    )
+
+
+def test_recipe_parameter_counts_match_hand_count(capsys):
+    d, layers, vocab, experts, top_k, hidden = 896, 24, 96_000, 8, 2, 2560
+    head_dim, kv = d // 14, 2
+    attention = 2 * d * d + 2 * d * kv * head_dim  # q, o; k, v
+    expert = 3 * d * hidden  # gate, up, down
+    per_layer_fixed = attention + d * experts + 2 * d  # + router + two RMSNorm scales
+    total = layers * (per_layer_fixed + experts * expert) + vocab * d + d  # tied head, final norm
+    active = layers * (per_layer_fixed + top_k * expert) + vocab * d + d
+    assert (total, active) == (1_451_477_888, 460_573_568)
+
+    assert main(["--config", str(ROOT / "configs" / "hanuman_1b_moe.py"), "--dry_run"]) == 0
+    out = capsys.readouterr().out
+    assert f"total parameters:  {total:,}" in out
+    assert f"active parameters: {active:,} per token" in out
+
+    model_cfg = ModelConfig.from_config(load_config(ROOT / "configs" / "hanuman_1b_moe.py").model)
+    assert count_params(model_cfg) == {"total": total, "active": active, "embedding": vocab * d}
+    flops = train_flops_per_token(model_cfg, 8192)
+    assert flops == 6 * (active - 2 * layers * d - d) + 12 * layers * 14 * head_dim * 8192
+
+
+BAD = [
+    ("--config.model.moe.topk=3", "model.moe.topk does not exist"),
+    ("--config.train.steps=ten", "train.steps='ten': expected an integer"),
+    ("--config.model.moe.top_k=5", "model.moe.top_k=5 is invalid"),
+    ("--config.model.num_kv_heads=3", "model.num_kv_heads=3 is invalid: must divide"),
+    ("--config.data.seq_len=4096", "data.seq_len=4096 is invalid: must be <= model.max_seq_len"),
+    ("--config.model.dtype=fp8", "model.dtype='fp8' is invalid: one of float32"),
+    ("--config.mesh.fsdp=-1", "at most one axis may be -1"),
+    ("--config.train.batch_size=0", "train.batch_size=0 is invalid"),
+    ("--config.model.rope.scaling=yarn", "model.rope.scaling='yarn' is invalid"),
+    ("--config.data.sources=[{'pth': 'x'}]", "data.sources[0]"),
+    ("--config.model=3", "config model is a section"),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD, ids=[b[0] for b in BAD])
+def test_bad_values_name_the_field(override, message):
+    with pytest.raises(ConfigError, match=None) as err:
+        load_config(ROOT / "configs" / "tiny.py", [override])
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_cli_bad_value_is_one_line_before_compiling():
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hanuman_jax.train",
+            "--config",
+            "configs/tiny.py",
+            "--config.model.moe.top_k=7",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines == [
+        "error: config model.moe.top_k=7 is invalid: must be between 1 and "
+        "model.moe.num_experts (4)"
+    ]
+
+
+def test_overrides_convert_types():
+    cfg = load_config(
+        ROOT / "configs" / "tiny.py",
+        [
+            "--config.train.steps=7",
+            "--config.optimizer.peak_lr=1e-3",
+            "--config.model.tie_embeddings=false",
+            "--config.mesh.data=1",
+            "--config.data.sources=[{'path': 'a.txt', 'weight': 2}]",
+        ],
+    )
+    assert cfg.train.steps == 7 and cfg.optimizer.peak_lr == 1e-3
+    assert cfg.model.tie_embeddings is False
+    assert cfg.data.sources == [{"path": "a.txt", "weight": 2}]

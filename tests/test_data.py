@@ -1,0 +1,133 @@
+import json
+
+import ml_collections
+import numpy as np
+import pytest
+
+from hanuman_jax.data import make_dataset, read_documents, resolve_file
+from hanuman_jax.tokenizer import Tokenizer
+
+TOKENIZER = "bundled:tokenizer.model"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer(resolve_file(TOKENIZER))
+
+
+def _cfg(sources, seq_len=32, batch=4, seed=0):
+    return ml_collections.ConfigDict(
+        {
+            "data": {"sources": sources, "seq_len": seq_len, "tokenizer": TOKENIZER},
+            "train": {"batch_size": batch, "seed": seed},
+        }
+    )
+
+
+def _take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    text = tmp_path / "docs.txt"
+    docs = [f"document {i} says สวัสดีครับ number {i * 7}" + " and more" * (i % 5) for i in range(40)]
+    text.write_text("\n".join(docs[:20]) + "\n\n" + "\n".join(docs[20:]) + "\n")
+    chat = tmp_path / "chat.jsonl"
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"คำถาม {i}?"},
+                {"role": "assistant", "content": f"answer {i}"},
+            ]
+        }
+        for i in range(10)
+    ]
+    chat.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
+    return text, chat, docs
+
+
+def test_read_documents_text_and_jsonl(tmp_path, corpus):
+    text, chat, docs = corpus
+    assert [d.text for d in read_documents(text)] == docs  # blank lines skipped
+    assert read_documents(chat)[3].messages[1] == {"role": "assistant", "content": "answer 3"}
+    j = tmp_path / "t.jsonl"
+    j.write_text('{"title": "หัวข้อ", "text": "เนื้อหา"}\n{"content": "c"}\n')
+    assert [d.text for d in read_documents(j)] == ["หัวข้อ\nเนื้อหา", "c"]
+
+
+def test_bad_rows_name_file_and_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n\n{"text": broken}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:3: invalid JSON"):
+        read_documents(bad)
+    odd = tmp_path / "odd.jsonl"
+    odd.write_text('{"question": "q", "answer_th": "a"}\n')
+    with pytest.raises(
+        ValueError,
+        match=r"odd.jsonl:1: no text found; keys are \['answer_th', "
+        r"'question'\]",
+    ):
+        read_documents(odd)
+    with pytest.raises(FileNotFoundError, match="matches no file"):
+        make_dataset(_cfg([{"path": str(tmp_path / "missing*.txt")}]), resolve_file(TOKENIZER))
+
+
+def test_packed_batches_hold_whole_documents(corpus, tokenizer):
+    text, _, docs = corpus
+    it = iter(make_dataset(_cfg([{"path": str(text)}], seq_len=37, batch=3), tokenizer.path))
+    seen = set()
+    for batch in _take(it, 6):
+        assert batch["tokens"].shape == (3, 37) and batch["tokens"].dtype == np.int32
+        for row in range(3):
+            seg, pos, tok = (batch[k][row] for k in ("segment_ids", "positions", "tokens"))
+            assert seg[0] == 1 and np.all(np.diff(seg) >= 0)
+            for s in np.unique(seg):
+                where = np.flatnonzero(seg == s)
+                assert np.array_equal(pos[where], pos[where[0]] + np.arange(len(where)))
+                ids = tok[where]
+                if pos[where[0]] == 0 and ids[-1] == tokenizer.eos_id:  # a whole document
+                    assert ids[0] == tokenizer.bos_id
+                    seen.add(tokenizer.decode(ids[1:-1]))
+    assert seen and seen <= set(docs)
+
+
+def test_chat_trains_only_on_assistant_tokens(corpus, tokenizer):
+    _, chat, _ = corpus
+    batch = next(
+        iter(make_dataset(_cfg([{"path": str(chat)}], seq_len=64, batch=2), tokenizer.path))
+    )
+    tok, mask = batch["tokens"][0], batch["loss_mask"][0]
+    trained = tokenizer.decode(tok[mask == 1])
+    assert "answer" in trained and "คำถาม" not in trained and "user" not in trained
+    assert 0 < mask.sum() < len(mask)
+
+
+def test_deterministic_and_resumable(corpus, tokenizer):
+    text, chat, _ = corpus
+    cfg = _cfg([{"path": str(text), "weight": 3.0}, {"path": str(chat), "weight": 1.0}])
+    a = iter(make_dataset(cfg, tokenizer.path))
+    b = iter(make_dataset(cfg, tokenizer.path))
+    first = _take(a, 4)
+    for x, y in zip(first, _take(b, 4), strict=True):
+        np.testing.assert_array_equal(x["tokens"], y["tokens"])
+    state = json.loads(json.dumps(a.get_state()))  # survives JSON (it goes into checkpoints)
+    expected = _take(a, 5)
+    resumed = iter(make_dataset(cfg, tokenizer.path))
+    resumed.set_state(state)
+    for x, y in zip(expected, _take(resumed, 5), strict=True):
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+    other = iter(make_dataset(_cfg(cfg.data.sources, seed=1), tokenizer.path))
+    assert not np.array_equal(next(other)["tokens"], first[0]["tokens"])
+
+
+def test_processes_read_disjoint_shards(corpus, tokenizer):
+    text, _, _ = corpus
+    cfg = _cfg([{"path": str(text)}], seq_len=16, batch=4)
+    parts = [
+        next(iter(make_dataset(cfg, tokenizer.path, process_index=i, process_count=2)))
+        for i in range(2)
+    ]
+    assert parts[0]["tokens"].shape == (2, 16)
+    assert not np.array_equal(parts[0]["tokens"], parts[1]["tokens"])

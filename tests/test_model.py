@@ -1,0 +1,114 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import small_model_cfg
+from flax import nnx
+
+from hanuman_jax.config import MoeConfig, RopeConfig
+from hanuman_jax.model import Transformer, apply_rope, rope_inv_freq
+
+
+def _tokens(b=3, t=17, vocab=103, seed=1):
+    return jax.random.randint(jax.random.PRNGKey(seed), (b, t), 0, vocab)
+
+
+@pytest.mark.parametrize("moe", [MoeConfig(num_experts=0), MoeConfig(num_experts=5, top_k=2)])
+@pytest.mark.parametrize("tie", [True, False])
+def test_shapes_and_finite(moe, tie):
+    cfg = small_model_cfg(moe=moe, tie_embeddings=tie)
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    logits, aux = model(_tokens())
+    assert logits.shape == (3, 17, 103)
+    assert bool(jnp.all(jnp.isfinite(logits)))
+    assert set(aux) == ({"aux_loss", "z_loss"} if moe.num_experts else set())
+
+
+def test_jit_equals_no_jit(model_cfg):
+    model = Transformer(model_cfg, rngs=nnx.Rngs(0))
+    tokens = _tokens()
+    eager, _ = model(tokens)
+    jitted, _ = nnx.jit(lambda m, t: m(t))(model, tokens)
+    np.testing.assert_allclose(eager, jitted, atol=1e-5, rtol=1e-5)
+
+
+def test_causal(model_cfg):
+    """Changing token t never changes the logits before t."""
+    model = Transformer(model_cfg, rngs=nnx.Rngs(0))
+    tokens = _tokens(b=2, t=19)
+    base, _ = model(tokens)
+    for t in (0, 7, 18):
+        changed = tokens.at[:, t].set((tokens[:, t] + 11) % 103)
+        out, _ = model(changed)
+        np.testing.assert_allclose(out[:, :t], base[:, :t], atol=1e-5)
+        assert not np.allclose(out[:, t], base[:, t], atol=1e-4)
+
+
+def test_packed_documents_do_not_attend_to_each_other(model_cfg):
+    """A document's logits are the same packed with others as alone."""
+    model = Transformer(model_cfg, rngs=nnx.Rngs(0))
+    a, b, c = _tokens(1, 7, seed=2), _tokens(1, 5, seed=3), _tokens(1, 9, seed=4)
+    packed = jnp.concatenate([a, b, c], axis=1)
+    seg = jnp.array([[1] * 7 + [2] * 5 + [3] * 9])
+    pos = jnp.array([list(range(7)) + list(range(5)) + list(range(9))])
+    out, _ = model(packed, seg, pos)
+    for doc, sl in ((a, slice(0, 7)), (b, slice(7, 12)), (c, slice(12, 21))):
+        alone, _ = model(doc)
+        np.testing.assert_allclose(out[:, sl], alone, atol=2e-5, rtol=1e-5)
+
+
+def test_gqa_matches_repeated_kv_heads():
+    """num_kv_heads < num_heads equals full MHA with each KV head repeated for its group."""
+    gqa_cfg = small_model_cfg(moe=MoeConfig(num_experts=0))
+    mha_cfg = small_model_cfg(moe=MoeConfig(num_experts=0), num_kv_heads=6)
+    gqa = Transformer(gqa_cfg, rngs=nnx.Rngs(0))
+    mha = Transformer(mha_cfg, rngs=nnx.Rngs(0))
+    for g, m in zip(gqa.layers, mha.layers, strict=True):
+        m.attn.wk[...] = jnp.repeat(g.attn.wk[...], 3, axis=1)
+        m.attn.wv[...] = jnp.repeat(g.attn.wv[...], 3, axis=1)
+        for name in ("wq", "wo"):
+            getattr(m.attn, name)[...] = getattr(g.attn, name)[...]
+        for name in ("w_gate", "w_up", "w_down"):
+            getattr(m.mlp, name)[...] = getattr(g.mlp, name)[...]
+    mha.embed[...] = gqa.embed[...]
+    tokens = _tokens()
+    np.testing.assert_allclose(gqa(tokens)[0], mha(tokens)[0], atol=1e-5)
+
+
+def test_rope_is_relative():
+    """q.k after RoPE depends only on the position difference."""
+    inv = rope_inv_freq(8, RopeConfig())
+    q = jax.random.normal(jax.random.PRNGKey(0), (1, 1, 1, 8))
+    k = jax.random.normal(jax.random.PRNGKey(1), (1, 1, 1, 8))
+
+    def score(pq, pk):
+        rq = apply_rope(q, jnp.array([[pq]]), inv)
+        rk = apply_rope(k, jnp.array([[pk]]), inv)
+        return float(jnp.sum(rq * rk))
+
+    assert score(3, 1) == pytest.approx(score(12, 10), abs=1e-5)
+    assert score(3, 1) != pytest.approx(score(3, 2), abs=1e-3)
+
+
+def test_rope_scaling_matches_hugging_face_definitions():
+    base = RopeConfig(theta=10_000.0)
+    inv = rope_inv_freq(64, base)
+    np.testing.assert_allclose(rope_inv_freq(64, RopeConfig(scaling="linear", factor=4.0)), inv / 4)
+    llama3 = rope_inv_freq(64, RopeConfig(scaling="llama3", factor=8.0, original_context=8192))
+    wavelen = 2 * np.pi / inv
+    high = wavelen < 8192 / 4.0  # short wavelengths are kept
+    low = wavelen > 8192 / 1.0  # long ones are divided by the factor
+    np.testing.assert_allclose(llama3[high], inv[high], rtol=1e-6)
+    np.testing.assert_allclose(llama3[low], inv[low] / 8.0, rtol=1e-6)
+    mid = ~high & ~low
+    assert mid.any()
+    assert np.all((llama3[mid] < inv[mid]) & (llama3[mid] > inv[mid] / 8.0))
+
+
+def test_bfloat16_compute_keeps_float32_params():
+    cfg = small_model_cfg(dtype="bfloat16")
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    logits, _ = model(_tokens())
+    assert logits.dtype == jnp.bfloat16
+    params = nnx.state(model, nnx.Param)
+    assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype("float32")}

@@ -1,0 +1,115 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import small_model_cfg
+from flax import nnx
+
+from hanuman_jax.config import MoeConfig
+from hanuman_jax.moe import MoEFeedForward, grouped_swiglu, route
+
+
+def _moe(impl="blocked", block_size=8, num_experts=5, top_k=2):
+    cfg = small_model_cfg(
+        moe=MoeConfig(
+            num_experts=num_experts,
+            top_k=top_k,
+            router_temperature=1.2,
+            grouped_matmul=impl,
+            block_size=block_size,
+        )
+    )
+    return MoEFeedForward(cfg, rngs=nnx.Rngs(3)), cfg
+
+
+def _reference(moe: MoEFeedForward, x_BTD):
+    """Every expert on every token, then the top-k combination: the definition, slowly."""
+    m = moe.moe
+    x_TD = x_BTD.reshape(-1, x_BTD.shape[-1])
+    probs = jax.nn.softmax((x_TD @ moe.router[...]) / m.router_temperature, axis=-1)
+    top_w, top_e = jax.lax.top_k(probs, m.top_k)
+    top_w = top_w / top_w.sum(-1, keepdims=True)
+    out = jnp.zeros_like(x_TD)
+    for e in range(m.num_experts):
+        h = jax.nn.silu(x_TD @ moe.w_gate[e]) * (x_TD @ moe.w_up[e])
+        y = h @ moe.w_down[e]
+        w = jnp.sum(jnp.where(top_e == e, top_w, 0.0), axis=-1)
+        out = out + w[:, None] * y
+    return out.reshape(x_BTD.shape)
+
+
+@pytest.mark.parametrize("impl", ["blocked", "ragged_dot"])
+def test_matches_loop_over_experts_forward_and_grad(impl):
+    moe, _ = _moe(impl)
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 11, 48))
+    valid = jnp.ones((3, 11), bool)
+    out, _ = moe(x, valid_BT=valid)
+    np.testing.assert_allclose(out, _reference(moe, x), atol=1e-5, rtol=1e-5)
+
+    graphdef, params = nnx.split(moe, nnx.Param)
+
+    def loss(params, fn):
+        m = nnx.merge(graphdef, params)
+        return jnp.sum(jnp.sin(fn(m, x)))
+
+    got = jax.grad(loss)(params, lambda m, x: m(x, valid_BT=valid)[0])
+    want = jax.grad(loss)(params, _reference)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-4)
+
+
+def test_only_selected_experts_compute_each_token():
+    """Perturbing the experts a token did not select leaves that token's output unchanged."""
+    moe, _ = _moe()
+    x = jax.random.normal(jax.random.PRNGKey(1), (1, 6, 48))
+    valid = jnp.ones((1, 6), bool)
+    base, _ = moe(x, valid_BT=valid)
+    logits = x.reshape(6, 48) @ moe.router[...]
+    _, chosen = jax.lax.top_k(logits, 2)
+    for t in range(6):
+        other = [e for e in range(5) if e not in set(np.asarray(chosen[t]).tolist())]
+        perturbed, _ = _moe()
+        for name in ("w_gate", "w_up", "w_down"):
+            w = getattr(perturbed, name)
+            w[...] = w[...].at[jnp.array(other)].add(1.0)
+        out, _ = perturbed(x, valid_BT=valid)
+        np.testing.assert_array_equal(out[0, t], base[0, t])
+        assert not np.allclose(out, base)  # the perturbation is real for the other tokens
+
+
+def test_blocked_equals_ragged_with_empty_and_skewed_groups():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(37, 16)), jnp.float32)
+    wg, wu = (jnp.asarray(rng.normal(size=(6, 16, 24)), jnp.float32) for _ in range(2))
+    wd = jnp.asarray(rng.normal(size=(6, 24, 16)), jnp.float32)
+    for sizes in ([37, 0, 0, 0, 0, 0], [0, 0, 20, 0, 17, 0], [1, 9, 3, 0, 15, 9]):
+        gs = jnp.array(sizes, jnp.int32)
+        ragged = grouped_swiglu(x, gs, wg, wu, wd, impl="ragged_dot", block_size=8)
+        for block in (8, 16, 64):
+            blocked = grouped_swiglu(x, gs, wg, wu, wd, impl="blocked", block_size=block)
+            np.testing.assert_allclose(blocked, ragged, atol=1e-4, rtol=1e-5)
+
+
+def test_router_losses_and_weights():
+    logits = jnp.zeros((10, 4))
+    r = route(logits, jnp.ones(10, bool), top_k=2, temperature=1.2)
+    assert float(r.aux["aux_loss"]) == pytest.approx(1.0, abs=1e-6)  # uniform: balanced
+    assert float(r.aux["z_loss"]) == pytest.approx(np.log(4) ** 2, rel=1e-6)
+    logits = jax.random.normal(jax.random.PRNGKey(0), (10, 4)) * 3
+    r = route(logits, jnp.ones(10, bool), top_k=2, temperature=1.2)
+    np.testing.assert_allclose(r.weights_TK.sum(-1), 1.0, rtol=1e-6)
+    probs = jax.nn.softmax(logits / 1.2)
+    np.testing.assert_array_equal(r.experts_TK, jax.lax.top_k(probs, 2)[1])
+    # all tokens sent to one expert is maximally unbalanced: loss E * 1 * P_e > 1
+    skewed = jnp.zeros((10, 4)).at[:, 0].set(10.0)
+    r = route(skewed, jnp.ones(10, bool), top_k=1, temperature=1.0)
+    assert float(r.aux["aux_loss"]) > 3.9
+
+
+def test_padding_tokens_do_not_count_in_router_losses():
+    logits = jax.random.normal(jax.random.PRNGKey(0), (8, 4))
+    valid = jnp.array([1, 1, 1, 1, 1, 0, 0, 0], bool)
+    masked = route(logits, valid, top_k=2, temperature=1.0)
+    real = route(logits[:5], jnp.ones(5, bool), top_k=2, temperature=1.0)
+    for k in ("aux_loss", "z_loss"):
+        assert float(masked.aux[k]) == pytest.approx(float(real.aux[k]), rel=1e-6)
