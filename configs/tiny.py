@@ -58,11 +58,11 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.optimizer.grad_clip = 1.0  # global-norm gradient clipping; 0 = off
 
     cfg.train = ml_collections.ConfigDict()
-    cfg.train.steps = 400  # optimizer steps
+    cfg.train.steps = 300  # optimizer steps
     cfg.train.batch_size = 16  # global sequences per step
     cfg.train.seed = 0  # seeds initialisation, data order and training noise
     cfg.train.log_every = 10  # steps between metrics.jsonl rows
-    cfg.train.checkpoint_every = 200  # steps between checkpoints (and one at the end)
+    cfg.train.checkpoint_every = 150  # steps between checkpoints (and one at the end)
     cfg.train.keep_checkpoints = 2  # newest checkpoints kept on disk
 
     cfg.mesh = ml_collections.ConfigDict()

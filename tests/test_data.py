@@ -86,8 +86,8 @@ def test_packed_batches_hold_whole_documents(corpus, tokenizer):
                 where = np.flatnonzero(seg == s)
                 assert np.array_equal(pos[where], pos[where[0]] + np.arange(len(where)))
                 ids = tok[where]
-                if pos[where[0]] == 0 and ids[-1] == tokenizer.eos_id:  # a whole document
-                    assert ids[0] == tokenizer.bos_id
+                assert pos[where[0]] == 0  # a split document's tail restarts: RoPE is relative
+                if ids[0] == tokenizer.bos_id and ids[-1] == tokenizer.eos_id:  # a whole document
                     seen.add(tokenizer.decode(ids[1:-1]))
     assert seen and seen <= set(docs)
 
