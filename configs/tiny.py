@@ -34,7 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.model.moe.aux_loss_coef = 0.01  # weight of the load-balancing loss (mean over layers)
     cfg.model.moe.z_loss_coef = 0.001  # weight of the router z-loss (mean over layers)
     cfg.model.moe.jitter = 0.0  # multiplicative router-input noise in training; 0 = off
-    cfg.model.moe.grouped_matmul = "blocked"  # expert matmul kernel: blocked or ragged_dot
+    cfg.model.moe.grouped_matmul = "blocked"  # expert kernel: blocked, or ragged_dot (GPU/TPU only)
     cfg.model.moe.block_size = 128  # rows per block of the blocked expert matmul
 
     cfg.data = ml_collections.ConfigDict()

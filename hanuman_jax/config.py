@@ -5,7 +5,6 @@ from __future__ import annotations
 import ast
 import dataclasses
 import importlib.util
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -235,11 +234,12 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
             src,
             f"unknown keys {sorted(extra)}; valid: path, weight",
         )
+        weight = src.get("weight", 1.0)
         _check(
-            float(src.get("weight", 1.0)) > 0,
+            isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight > 0,
             f"data.sources[{i}].weight",
-            src.get("weight"),
-            "must be > 0",
+            weight,
+            "must be a number > 0",
         )
     _check(bool(d.tokenizer), "data.tokenizer", d.tokenizer, "path to a SentencePiece .model")
 
@@ -351,7 +351,3 @@ class ModelConfig:
         rope = RopeConfig(**raw.pop("rope"))
         moe = MoeConfig(**raw.pop("moe"))
         return cls(**raw, rope=rope, moe=moe)
-
-
-def lr_warmup_steps(cfg: ml_collections.ConfigDict) -> int:
-    return math.ceil(cfg.optimizer.warmup_fraction * cfg.train.steps)

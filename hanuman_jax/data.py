@@ -11,11 +11,16 @@ import grain
 import ml_collections
 import numpy as np
 
-from hanuman_jax.tokenizer import Tokenizer
+from hanuman_jax.packing import PackedRows
+from hanuman_jax.tokenizer import ROLES, Tokenizer
 
 BUNDLED_DIR = Path(__file__).parent / "assets" / "sample"
 BUNDLED_PREFIX = "bundled:"
 TEXT_FIELDS = ("text", "content")
+
+
+class DataError(ValueError):
+    """Unusable input data; the message names the file (and line) and what to change."""
 
 
 def resolve_paths(pattern: str) -> list[Path]:
@@ -24,7 +29,7 @@ def resolve_paths(pattern: str) -> list[Path]:
         pattern = str(BUNDLED_DIR / pattern[len(BUNDLED_PREFIX) :])
     paths = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
     if not paths:
-        raise FileNotFoundError(f"data source {pattern!r} matches no file")
+        raise DataError(f"{pattern!r} matches no file")
     return paths
 
 
@@ -40,15 +45,22 @@ class Document:
 
 def _json_document(row, where: str) -> Document:
     if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
     if isinstance(row.get("messages"), list) and row["messages"]:
+        for i, m in enumerate(row["messages"]):
+            ok = isinstance(m, dict) and m.get("role") in ROLES
+            if not (ok and isinstance(m.get("content"), str)):
+                raise DataError(
+                    f"{where}: messages[{i}] must be {{'role': one of {', '.join(ROLES)}, "
+                    f"'content': str}}, got {json.dumps(m, ensure_ascii=False)[:120]}"
+                )
         return Document(messages=tuple(row["messages"]))
     for field in TEXT_FIELDS:
         if isinstance(row.get(field), str):
             title = row.get("title")
             text = f"{title}\n{row[field]}" if isinstance(title, str) and title else row[field]
             return Document(text=text)
-    raise ValueError(
+    raise DataError(
         f"{where}: no text found; keys are {sorted(row)}, expected one of "
         f"{', '.join(TEXT_FIELDS)} (optionally with title) or messages"
     )
@@ -56,6 +68,15 @@ def _json_document(row, where: str) -> Document:
 
 def read_documents(path: Path) -> list[Document]:
     """Plain text: one document per non-empty line. JSONL: one object per line."""
+    try:
+        return _read_documents(path)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror})") from None
+
+
+def _read_documents(path: Path) -> list[Document]:
     docs = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -66,7 +87,7 @@ def read_documents(path: Path) -> list[Document]:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
+                    raise DataError(f"{where}: invalid JSON ({e.msg})") from None
                 docs.append(_json_document(row, where))
             else:
                 docs.append(Document(text=line.rstrip("\n")))
@@ -94,15 +115,6 @@ class Tokenize(grain.transforms.Map):
         return {"tokens": np.asarray(ids, np.int32), "loss_mask": np.asarray(mask, np.int32)}
 
 
-def _rename(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {
-        "tokens": row["tokens"],
-        "segment_ids": row["tokens_segment_ids"].astype(np.int32),
-        "positions": row["tokens_positions"].astype(np.int32),
-        "loss_mask": row["loss_mask"],
-    }
-
-
 def make_dataset(
     cfg: ml_collections.ConfigDict,
     tokenizer_path: str | Path,
@@ -112,12 +124,12 @@ def make_dataset(
 ) -> grain.IterDataset:
     """An endless, deterministic stream of this process's batches of packed rows.
 
-    Each batch holds `tokens`, `segment_ids` (0 = padding, documents numbered from 1 per row),
+    Each batch holds `tokens`, `segment_ids` (document pieces numbered from 1 in each row),
     `positions` (within the document) and `loss_mask`, all int32 of shape [local_batch, seq_len].
     """
     seq_len = cfg.data.seq_len
     if cfg.train.batch_size % process_count:
-        raise ValueError(
+        raise DataError(
             f"train.batch_size={cfg.train.batch_size} must be divisible by the "
             f"{process_count} processes"
         )
@@ -125,13 +137,10 @@ def make_dataset(
     for i, src in enumerate(cfg.data.sources):
         docs = [d for p in resolve_paths(src["path"]) for d in read_documents(p)]
         if not docs:
-            raise ValueError(f"data.sources[{i}] {src['path']!r} holds no documents")
+            raise DataError(f"data.sources[{i}] {src['path']!r} holds no documents")
         sources.append(grain.MapDataset.source(docs).shuffle(seed=cfg.train.seed + i).repeat())
         weights.append(float(src.get("weight", 1.0)))
     ds = sources[0] if len(sources) == 1 else grain.MapDataset.mix(sources, weights)
     ds = ds[process_index::process_count].map(Tokenize(tokenizer_path)).to_iter_dataset()
-    ds = grain.experimental.ConcatThenSplitIterDataset(
-        ds, length_struct={"tokens": seq_len, "loss_mask": seq_len}
-    )
-    ds = ds.map(_rename).batch(cfg.train.batch_size // process_count, drop_remainder=True)
+    ds = PackedRows(ds, seq_len).batch(cfg.train.batch_size // process_count, drop_remainder=True)
     return grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=4)

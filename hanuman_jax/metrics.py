@@ -23,7 +23,8 @@ class MetricsWriter:
         self.path = workdir / "metrics.jsonl"
         _truncate_after(self.path, resume_step)
         self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
-        self.tb = SummaryWriter(str(workdir / "tensorboard"))
+        # purge_step hides events a killed run logged after the checkpoint we resumed from
+        self.tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=resume_step + 1)
 
     def write(self, step: int, metrics: dict) -> None:
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
@@ -43,9 +44,17 @@ def _truncate_after(path: Path, step: int) -> None:
     if not path.exists():
         return
     rows = path.read_text(encoding="utf-8").splitlines()
-    kept = [r for r in rows if r.strip() and json.loads(r).get("step", 0) <= step]
+    kept = [r for r in rows if _step_of(r) is not None and _step_of(r) <= step]
     if len(kept) != len(rows):
         path.write_text("".join(r + "\n" for r in kept), encoding="utf-8")
+
+
+def _step_of(row: str) -> int | None:
+    """The step of a metrics row; None for a line a killed process left half-written."""
+    try:
+        return int(json.loads(row)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 class ProgressBar:

@@ -148,8 +148,8 @@ class Transformer(nnx.Module):
         positions_BT: Array | None = None,
         rng: Array | None = None,
     ) -> tuple[Array, dict[str, Array]]:
-        """Returns logits (in the compute dtype) and the summed auxiliary MoE losses."""
-        dt = jnp.dtype(self.cfg.dtype)
+        """Returns float32 logits and the auxiliary MoE losses summed over layers."""
+        dt, f32 = jnp.dtype(self.cfg.dtype), jnp.float32
         if segment_ids_BT is None:
             segment_ids_BT = jnp.ones_like(tokens_BT)
         if positions_BT is None:
@@ -163,9 +163,13 @@ class Transformer(nnx.Module):
                 totals[name] = totals.get(name, 0.0) + value
         x_BTD = self.final_norm(x_BTD)
         if self.cfg.tie_embeddings:
-            logits_BTV = jnp.einsum("BTD,VD->BTV", x_BTD, self.embed[...].astype(dt))
+            logits_BTV = jnp.einsum(
+                "BTD,VD->BTV", x_BTD, self.embed[...].astype(dt), preferred_element_type=f32
+            )
         else:
-            logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, self.lm_head[...].astype(dt))
+            logits_BTV = jnp.einsum(
+                "BTD,DV->BTV", x_BTD, self.lm_head[...].astype(dt), preferred_element_type=f32
+            )
         return logits_BTV, totals
 
 

@@ -146,6 +146,9 @@ class MoEFeedForward(nnx.Module):
             impl=self.moe.grouped_matmul,
             block_size=self.moe.block_size,
         )
-        weight_R = routing.weights_TK.reshape(-1)[order_R].astype(dt)
-        y_TD = jnp.zeros_like(x_TD).at[token_R].add(y_RD * weight_R[:, None])
+        # Undo the sort with a permutation (unique indices) and sum each token's k outputs: no
+        # scatter-add with repeated indices, so the result is deterministic on every backend.
+        y_TKD = jnp.zeros_like(y_RD).at[order_R].set(y_RD).reshape(b * t, k, d)
+        weights_TK = routing.weights_TK.astype(dt)
+        y_TD = jnp.einsum("TKD,TK->TD", y_TKD, weights_TK)
         return y_TD.reshape(b, t, d), routing.aux

@@ -87,6 +87,11 @@ def param_shardings(abstract_params: nnx.State, mesh: jax.sharding.Mesh) -> dict
     return nnx.to_pure_dict(nnx.from_flat_state(flat))
 
 
+def batch_shards(mesh: jax.sharding.Mesh) -> int:
+    """How many ways the batch is split over the mesh."""
+    return math.prod(mesh.shape[a] for a in LOGICAL_RULES["batch"])
+
+
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(LOGICAL_RULES["batch"]))
 

@@ -12,7 +12,7 @@ import optax
 from flax import nnx
 
 from hanuman_jax import sharding
-from hanuman_jax.config import ModelConfig
+from hanuman_jax.config import ConfigError, ModelConfig
 from hanuman_jax.model import Transformer
 from hanuman_jax.optim import make_optimizer
 
@@ -45,6 +45,18 @@ class Setup:
 def build_setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
     """Derives the abstract state and its shardings without allocating anything."""
     model_cfg = ModelConfig.from_config(cfg.model)
+    shards = sharding.batch_shards(mesh)
+    if cfg.train.batch_size % shards:
+        raise ConfigError(
+            f"config train.batch_size={cfg.train.batch_size} is invalid: the mesh splits the "
+            f"batch {shards} ways ({dict(mesh.shape)}); use a multiple of {shards}"
+        )
+    moe = model_cfg.moe
+    if moe.num_experts and moe.grouped_matmul == "ragged_dot" and jax.default_backend() == "cpu":
+        raise ConfigError(
+            "config model.moe.grouped_matmul='ragged_dot' is invalid on CPU: XLA:CPU lowers "
+            "it to a dense product over every expert; use 'blocked'"
+        )
     abstract_model = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
     graphdef, param_template = nnx.split(abstract_model, nnx.Param)
     tx, schedule = make_optimizer(cfg)
@@ -102,7 +114,7 @@ def loss_fn(setup: Setup, params: dict, batch: dict, rng: jax.Array | None):
     """Mean next-token cross-entropy over trained targets, plus the MoE auxiliary losses."""
     tokens, seg = batch["tokens"], batch["segment_ids"]
     logits_BTV, aux = setup.model(params)(tokens, seg, batch["positions"], rng)
-    logits_BTV = logits_BTV[:, :-1].astype(jnp.float32)
+    logits_BTV = logits_BTV[:, :-1]
     targets_BT = tokens[:, 1:]
     # A target counts if it continues the same document and the data marks it as trained on.
     mask_BT = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != 0) & (batch["loss_mask"][:, 1:] != 0)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from hanuman_jax.config import ConfigError, ModelConfig, load_config
+from hanuman_jax.data import DataError
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -51,7 +52,9 @@ def dry_run(cfg) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True
+    )
     for noisy in ("absl", "orbax", "jax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
@@ -63,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
         workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)
         train(cfg, workdir, progress=not args.no_progress)
-    except ConfigError as e:
+    except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

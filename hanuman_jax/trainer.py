@@ -13,7 +13,7 @@ import ml_collections
 from hanuman_jax import sharding
 from hanuman_jax.checkpoint import Checkpointer, abstract_with_shardings
 from hanuman_jax.config import ConfigError
-from hanuman_jax.data import make_dataset, resolve_file
+from hanuman_jax.data import DataError, make_dataset, resolve_file
 from hanuman_jax.metrics import MetricsWriter, ProgressBar
 from hanuman_jax.model import count_params
 from hanuman_jax.step import build_setup, init_state, jit_train_step
@@ -36,14 +36,45 @@ def prepare_workdir(workdir: Path) -> None:
 def load_tokenizer(cfg: ml_collections.ConfigDict) -> Tokenizer:
     try:
         tokenizer = Tokenizer(resolve_file(cfg.data.tokenizer))
-    except (FileNotFoundError, ValueError) as e:
-        raise ConfigError(f"config data.tokenizer={cfg.data.tokenizer!r} is invalid: {e}") from None
+    except (DataError, OSError, ValueError, RuntimeError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(
+            f"config data.tokenizer={cfg.data.tokenizer!r} is invalid: {reason}"
+        ) from None
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
             f"config model.vocab_size={cfg.model.vocab_size} is invalid: the tokenizer "
             f"{tokenizer.path.name} has {tokenizer.vocab_size} pieces; use at least that"
         )
     return tokenizer
+
+
+def _flatten(tree, prefix=""):
+    if isinstance(tree, dict):
+        return {k: v for key in tree for k, v in _flatten(tree[key], f"{prefix}{key}.").items()}
+    return {prefix[:-1]: list(tree) if isinstance(tree, tuple) else tree}
+
+
+def check_resumable(cfg: ml_collections.ConfigDict, saved: dict, where: Path) -> None:
+    """The checkpoint must hold this model; a changed run length only reshapes the schedule."""
+    now = _flatten(cfg.model.to_dict(), "model.")
+    then = _flatten(saved.get("model", {}), "model.")
+    diffs = [
+        f"{k}={then.get(k)!r} there, {now.get(k)!r} now"
+        for k in sorted(now | then)
+        if now.get(k) != then.get(k)
+    ]
+    if diffs:
+        raise ConfigError(
+            f"checkpoint {where} was trained with a different model ({'; '.join(diffs[:4])}); "
+            "use another --workdir or the same model config"
+        )
+    if saved.get("train", {}).get("steps") not in (None, cfg.train.steps):
+        log.warning(
+            "train.steps changed from %s to %s: the learning-rate schedule is stretched from here",
+            saved["train"]["steps"],
+            cfg.train.steps,
+        )
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: Path, *, progress: bool = True) -> dict:
@@ -60,9 +91,6 @@ def train(cfg: ml_collections.ConfigDict, workdir: Path, *, progress: bool = Tru
         f"{counts['active']:,}",
         dict(mesh.shape),
     )
-    (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2) + "\n")
-
-    ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.train.keep_checkpoints)
     batches = iter(
         make_dataset(
             cfg,
@@ -71,16 +99,32 @@ def train(cfg: ml_collections.ConfigDict, workdir: Path, *, progress: bool = Tru
             process_count=jax.process_count(),
         )
     )
-    data_key = f"data_{jax.process_index()}"
-    start = ckpt.latest_step() or 0
-    if start:
-        target = abstract_with_shardings(setup.abstract_state, setup.state_shardings)
-        state, meta = ckpt.restore(start, target)
-        batches.set_state(meta[data_key])
-        log.info("resumed from %s at step %d", ckpt.directory / str(start), start)
-    else:
-        state = init_state(setup)
+    ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.train.keep_checkpoints)
+    try:
+        start = ckpt.latest_step() or 0
+        if start:
+            check_resumable(
+                cfg, ckpt.read_meta(start).get("config", {}), ckpt.directory / str(start)
+            )
+            target = abstract_with_shardings(setup.abstract_state, setup.state_shardings)
+            state = ckpt.restore(start, target, batches)
+            log.info("resumed from %s at step %d", ckpt.directory / str(start), start)
+        else:
+            state = init_state(setup)
+        (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2) + "\n")
+        if start >= cfg.train.steps:
+            log.info(
+                "%s is already at step %d of %d: nothing to do", workdir, start, cfg.train.steps
+            )
+            return {}
+        return _loop(cfg, workdir, setup, state, batches, ckpt, start, progress)
+    finally:
+        batches.close()  # stops the prefetch thread before interpreter shutdown
+        ckpt.close()
 
+
+def _loop(cfg, workdir, setup, state, batches, ckpt, start, progress) -> dict:
+    mesh = setup.mesh
     step_fn = jit_train_step(setup)
     writer = MetricsWriter(workdir, resume_step=start)
     bar = ProgressBar(cfg.train.steps, start, enabled=progress)
@@ -103,20 +147,20 @@ def train(cfg: ml_collections.ConfigDict, workdir: Path, *, progress: bool = Tru
         bar.update(step, float(values["loss"]), values["tokens_per_s"])
         last = {"step": step, **{k: float(v) for k, v in values.items()}}
 
-    for step in range(start, cfg.train.steps):
-        batch = sharding.global_batch(next(batches), mesh)
-        state, metrics = step_fn(state, batch)
+    try:
+        for step in range(start, cfg.train.steps):
+            batch = sharding.global_batch(next(batches), mesh)
+            state, metrics = step_fn(state, batch)
+            if pending is not None:
+                report(*pending)
+            pending = (step + 1, metrics)
+            if (step + 1) % cfg.train.checkpoint_every == 0 or step + 1 == cfg.train.steps:
+                ckpt.save(step + 1, state, batches, {"config": cfg.to_dict()})
         if pending is not None:
             report(*pending)
-        pending = (step + 1, metrics)
-        if (step + 1) % cfg.train.checkpoint_every == 0 or step + 1 == cfg.train.steps:
-            ckpt.save(step + 1, state, {data_key: batches.get_state(), "config": cfg.to_dict()})
-    if pending is not None:
-        report(*pending)
-    batches.close()  # stops the prefetch thread before interpreter shutdown
-    ckpt.close()
-    writer.close()
-    bar.close()
+    finally:
+        writer.close()
+        bar.close()
     if last:
         log.info("finished at step %d: %s", last["step"], json.dumps(last))
     return last

@@ -4,7 +4,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from hanuman_jax.data import make_dataset, read_documents, resolve_file
+from hanuman_jax.data import DataError, make_dataset, read_documents, resolve_file
 from hanuman_jax.tokenizer import Tokenizer
 
 TOKENIZER = "bundled:tokenizer.model"
@@ -69,7 +69,11 @@ def test_bad_rows_name_file_and_line(tmp_path):
         r"'question'\]",
     ):
         read_documents(odd)
-    with pytest.raises(FileNotFoundError, match="matches no file"):
+    chat = tmp_path / "roles.jsonl"
+    chat.write_text('{"messages": [{"role": "human", "content": "hi"}]}\n')
+    with pytest.raises(DataError, match=r"roles.jsonl:1: messages\[0\] must be .*\"human\""):
+        read_documents(chat)
+    with pytest.raises(DataError, match="matches no file"):
         make_dataset(_cfg([{"path": str(tmp_path / "missing*.txt")}]), resolve_file(TOKENIZER))
 
 

@@ -90,25 +90,57 @@ def test_rope_is_relative():
     assert score(3, 1) != pytest.approx(score(3, 2), abs=1e-3)
 
 
-def test_rope_scaling_matches_hugging_face_definitions():
-    base = RopeConfig(theta=10_000.0)
-    inv = rope_inv_freq(64, base)
-    np.testing.assert_allclose(rope_inv_freq(64, RopeConfig(scaling="linear", factor=4.0)), inv / 4)
-    llama3 = rope_inv_freq(64, RopeConfig(scaling="llama3", factor=8.0, original_context=8192))
-    wavelen = 2 * np.pi / inv
-    high = wavelen < 8192 / 4.0  # short wavelengths are kept
-    low = wavelen > 8192 / 1.0  # long ones are divided by the factor
-    np.testing.assert_allclose(llama3[high], inv[high], rtol=1e-6)
-    np.testing.assert_allclose(llama3[low], inv[low] / 8.0, rtol=1e-6)
-    mid = ~high & ~low
-    assert mid.any()
-    assert np.all((llama3[mid] < inv[mid]) & (llama3[mid] > inv[mid] / 8.0))
+@pytest.mark.parametrize(
+    "rope",
+    [
+        RopeConfig(theta=10_000.0),
+        RopeConfig(theta=10_000.0, scaling="linear", factor=4.0),
+        RopeConfig(theta=500_000.0, scaling="llama3", factor=8.0, original_context=8192),
+        RopeConfig(
+            theta=500_000.0,
+            scaling="llama3",
+            factor=2.0,
+            original_context=4096,
+            low_freq_factor=2.0,
+            high_freq_factor=8.0,
+        ),
+    ],
+    ids=["none", "linear", "llama3", "llama3-factors"],
+)
+def test_rope_frequencies_equal_transformers(rope):
+    pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params = {
+        "rope_type": "default" if rope.scaling == "none" else rope.scaling,
+        "rope_theta": rope.theta,
+    }
+    if rope.scaling != "none":
+        params["factor"] = rope.factor
+    if rope.scaling == "llama3":
+        params |= {
+            "low_freq_factor": rope.low_freq_factor,
+            "high_freq_factor": rope.high_freq_factor,
+            "original_max_position_embeddings": rope.original_context,
+        }
+    hf = transformers.LlamaConfig(
+        hidden_size=64 * 4,
+        num_attention_heads=4,
+        max_position_embeddings=16384,
+        rope_parameters=params,
+    )
+    if rope.scaling == "none":
+        want = 1.0 / rope.theta ** (np.arange(0, 64, 2) / 64)
+    else:
+        want = ROPE_INIT_FUNCTIONS[rope.scaling](hf, "cpu")[0].numpy()
+    np.testing.assert_allclose(rope_inv_freq(64, rope), want, rtol=1e-6)
 
 
 def test_bfloat16_compute_keeps_float32_params():
     cfg = small_model_cfg(dtype="bfloat16")
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     logits, _ = model(_tokens())
-    assert logits.dtype == jnp.bfloat16
+    assert logits.dtype == jnp.float32  # the LM head accumulates in fp32 for the loss
     params = nnx.state(model, nnx.Param)
     assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype("float32")}

@@ -59,22 +59,24 @@ def test_matches_loop_over_experts_forward_and_grad(impl):
 
 
 def test_only_selected_experts_compute_each_token():
-    """Perturbing the experts a token did not select leaves that token's output unchanged."""
+    """NaN weights in the experts a token did not select leave its output finite and unchanged:
+    a dense implementation (0 x NaN = NaN) cannot pass this."""
     moe, _ = _moe()
     x = jax.random.normal(jax.random.PRNGKey(1), (1, 6, 48))
     valid = jnp.ones((1, 6), bool)
     base, _ = moe(x, valid_BT=valid)
-    logits = x.reshape(6, 48) @ moe.router[...]
-    _, chosen = jax.lax.top_k(logits, 2)
+    probs = jax.nn.softmax(x.reshape(6, 48) @ moe.router[...] / 1.2)
+    chosen = np.asarray(jax.lax.top_k(probs, 2)[1])
     for t in range(6):
-        other = [e for e in range(5) if e not in set(np.asarray(chosen[t]).tolist())]
-        perturbed, _ = _moe()
+        other = jnp.array([e for e in range(5) if e not in chosen[t]])
+        poisoned, _ = _moe()
         for name in ("w_gate", "w_up", "w_down"):
-            w = getattr(perturbed, name)
-            w[...] = w[...].at[jnp.array(other)].add(1.0)
-        out, _ = perturbed(x, valid_BT=valid)
+            w = getattr(poisoned, name)
+            w[...] = w[...].at[other].set(jnp.nan)
+        out, _ = poisoned(x, valid_BT=valid)
         np.testing.assert_array_equal(out[0, t], base[0, t])
-        assert not np.allclose(out, base)  # the perturbation is real for the other tokens
+        users = [s for s in range(6) if set(chosen[s]) & set(np.asarray(other).tolist())]
+        assert np.isnan(np.asarray(out[0, users])).any()  # the poison is real where it is used
 
 
 def test_blocked_equals_ragged_with_empty_and_skewed_groups():

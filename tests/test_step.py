@@ -89,6 +89,9 @@ def test_weight_decay_skips_norms_and_schedule_shape(root):
     assert float(jnp.abs(layer["attn_norm"]["scale"]).max()) == 0.0
     assert float(jnp.abs(layer["attn"]["wq"]).max()) > 0.0
     assert float(jnp.abs(updates["embed"]).max()) > 0.0
+    for name in ("router", "w_gate", "w_up", "w_down"):  # experts and router are matrices
+        assert float(jnp.abs(layer["moe"][name]).min()) > 0.0
+    assert float(jnp.abs(updates["final_norm"]["scale"]).max()) == 0.0
 
     sched = lr_schedule(cfg)  # 20 steps, 5% warmup = 1 step
     assert float(sched(0)) == pytest.approx(1e-3)

@@ -1,16 +1,21 @@
-"""End to end: the CLI trains `tiny` for a few steps, logs, checkpoints, and resumes."""
+"""End to end: the CLI trains `tiny`, logs, checkpoints, and resumes exactly where it stopped."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+EXACT = ("loss", "grad_norm", "aux_loss", "z_loss", "lr", "tokens", "total_loss")
 
 
-def _train(workdir, *overrides):
+def _train(workdir, *overrides, expect=0):
     cmd = [
         sys.executable,
         "-m",
@@ -22,30 +27,52 @@ def _train(workdir, *overrides):
         "--no_progress",
         "--config.train.log_every=2",
         "--config.train.checkpoint_every=4",
+        "--config.train.steps=8",
         *overrides,
     ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == expect, proc.stderr[-3000:]
     return proc
 
 
 def _metrics(workdir):
-    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows}, [r["step"] for r in rows]
+
+
+def _params(step_dir):
+    return ocp.StandardCheckpointer().restore(step_dir.absolute() / "state")["params"]
 
 
 @pytest.mark.slow
-def test_cli_trains_checkpoints_and_resumes(tmp_path):
+def test_cli_trains_checkpoints_and_resumes_exactly(tmp_path):
     workdir = tmp_path / "run"
-    _train(workdir, "--config.train.steps=6")
-    rows = _metrics(workdir)
-    assert [r["step"] for r in rows] == [1, 2, 4, 6]
-    for r in rows:
-        assert {"loss", "lr", "tokens_per_s", "grad_norm", "aux_loss", "z_loss"} <= set(r)
-    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["4", "6"]
+    _train(workdir)
+    first, steps = _metrics(workdir)
+    assert steps == [1, 2, 4, 6, 8]
+    for row in first.values():
+        assert {"loss", "lr", "tokens_per_s", "grad_norm", "aux_loss", "z_loss"} <= set(row)
+    ckpts = workdir / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["4", "8"]
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    assert json.loads((workdir / "config.json").read_text())["train"]["steps"] == 8
 
-    proc = _train(workdir, "--config.train.steps=8")
-    assert "resumed from" in proc.stderr and "at step 6" in proc.stderr
-    rows = _metrics(workdir)
-    assert [r["step"] for r in rows] == [1, 2, 4, 6, 7, 8]
-    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["6", "8"]
+    # Lose the last checkpoint: the rerun must resume from step 4 and redo 5-8 identically,
+    # which needs the parameters, optimizer state, step, RNG and data position all restored.
+    shutil.move(ckpts / "8", tmp_path / "uninterrupted_8")
+    proc = _train(workdir)
+    assert "resumed from" in proc.stderr and "at step 4" in proc.stderr
+    again, steps = _metrics(workdir)
+    assert steps == [1, 2, 4, 5, 6, 8]  # rows after step 4 were replaced, none duplicated
+    for step in (6, 8):
+        assert {k: again[step][k] for k in EXACT} == {k: first[step][k] for k in EXACT}
+    want, got = _params(tmp_path / "uninterrupted_8"), _params(ckpts / "8")
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+    proc = _train(workdir)
+    assert "already at step 8 of 8: nothing to do" in proc.stderr
+
+    proc = _train(workdir, "--config.model.d_model=64", expect=2)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "different model (model.d_model=128 there, 64 now" in lines[0]

@@ -1,0 +1,116 @@
+"""The logical-axis table on 8 simulated CPU devices (a subprocess: XLA_FLAGS must precede jax)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from hanuman_jax.config import ConfigError, load_config
+from hanuman_jax.sharding import logical_to_spec, mesh_shape
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import jax, numpy as np
+    from hanuman_jax import sharding
+    from hanuman_jax.config import load_config
+    from hanuman_jax.step import build_setup, init_state, jit_train_step
+
+    def run(mesh_overrides):
+        cfg = load_config("configs/tiny.py", ["--config.model.num_layers=2",
+            "--config.data.seq_len=32", "--config.train.batch_size=8",
+            "--config.mesh.data=1", *mesh_overrides])
+        mesh = sharding.make_mesh(cfg.mesh)
+        setup = build_setup(cfg, mesh)
+        state = init_state(setup)
+        step = jit_train_step(setup)
+        rng = np.random.default_rng(0)
+        batch = {"tokens": rng.integers(0, 4096, (8, 32)).astype(np.int32),
+                 "segment_ids": np.ones((8, 32), np.int32),
+                 "positions": np.tile(np.arange(32, dtype=np.int32), (8, 1)),
+                 "loss_mask": np.ones((8, 32), np.int32)}
+        losses = []
+        for _ in range(3):
+            state, metrics = step(state, sharding.global_batch(batch, mesh))
+            losses.append(float(metrics["loss"]))
+        layer = state["params"]["layers"][0]
+        specs = {
+            "w_gate": list(layer["moe"]["w_gate"].sharding.spec),
+            "wq": list(layer["attn"]["wq"].sharding.spec),
+            "embed": list(state["params"]["embed"].sharding.spec),
+            "mu_w_gate": list(state["opt_state"][1][0].mu["layers"][0]["moe"]["w_gate"]
+                              .sharding.spec),
+            "w_gate_shard": list(layer["moe"]["w_gate"].addressable_shards[0].data.shape),
+        }
+        return {"losses": losses, "specs": specs, "devices": jax.device_count()}
+
+    out = {name: run(ov) for name, ov in [
+        ("data", ["--config.mesh.data=-1"]),
+        ("fsdp_expert_tensor", ["--config.mesh.fsdp=2", "--config.mesh.expert=2",
+                                "--config.mesh.tensor=2"]),
+        ("fsdp", ["--config.mesh.fsdp=-1"]),
+    ]}
+    print("RESULT" + json.dumps(out))
+    """
+)
+
+
+@pytest.mark.slow
+def test_sharded_training_matches_data_parallel_on_8_devices():
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "JAX_PLATFORMS": "cpu",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.split("RESULT", 1)[1])
+    assert out["data"]["devices"] == 8
+    base = out["data"]["losses"]
+    for name in ("fsdp_expert_tensor", "fsdp"):
+        for a, b in zip(out[name]["losses"], base, strict=True):
+            assert a == pytest.approx(b, rel=1e-5), name
+    specs = out["fsdp_expert_tensor"]["specs"]
+    assert specs["w_gate"] == ["expert", "fsdp", "tensor"]
+    assert specs["wq"] == ["fsdp", "tensor", None]
+    assert specs["embed"] == ["tensor", "fsdp"]
+    assert specs["mu_w_gate"] == specs["w_gate"]  # Adam moments are sharded like the params
+    assert out["fsdp_expert_tensor"]["specs"]["w_gate_shard"] == [2, 64, 128]
+    assert out["fsdp"]["specs"]["w_gate_shard"] == [4, 16, 256]
+
+
+def test_mesh_shape_resolves_and_rejects():
+    cfg = load_config(ROOT / "configs" / "tiny.py", ["--config.mesh.data=2"])
+    cfg.mesh.unlock()
+    cfg.mesh.fsdp = -1
+    assert mesh_shape(cfg.mesh, 8) == {"data": 2, "fsdp": 4, "expert": 1, "tensor": 1}
+    with pytest.raises(ConfigError, match="do not divide the 3 devices"):
+        mesh_shape(cfg.mesh, 3)
+    cfg.mesh.fsdp = 2
+    with pytest.raises(ConfigError, match="multiply to 4 but there are 8 devices"):
+        mesh_shape(cfg.mesh, 8)
+
+
+def test_indivisible_parameter_dimension_is_one_clear_error():
+    class FakeMesh:
+        shape = {"data": 1, "fsdp": 3, "expert": 1, "tensor": 1}
+
+    with pytest.raises(
+        ConfigError,
+        match=r"layers/0/w dimension 0 \(embed=128\) cannot be split over mesh "
+        "fsdp=3",
+    ):
+        logical_to_spec(("embed", "mlp"), (128, 256), FakeMesh(), "layers/0/w")
