@@ -1,0 +1,108 @@
+"""CLI: python -m hanuman_jax.tokenizer {train, evaluate, export-hf} ..."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from hanuman_jax.data import DataError
+
+
+def _train(args) -> None:
+    from hanuman_jax.tokenizer.train import corpus_texts, train_tokenizer
+
+    start = time.perf_counter()
+    texts = corpus_texts(args.input, args.field, args.thai_digits)
+    path = train_tokenizer(
+        texts,
+        args.model_prefix,
+        args.vocab_size,
+        thai_digits=args.thai_digits,
+        character_coverage=args.character_coverage,
+        max_sentences=args.max_sentences,
+        seed=args.seed,
+    )
+    print(f"wrote {path} and {path.with_suffix('.vocab')} "
+          f"({args.vocab_size} pieces) in {time.perf_counter() - start:.1f} s")  # fmt: skip
+
+
+def _evaluate(args) -> None:
+    from hanuman_jax.tokenizer.evaluate import format_table, measure, tokens_per_word
+    from hanuman_jax.tokenizer.train import iter_documents
+
+    tokenizer = _load(args.model)
+    lines = [line for doc in iter_documents(args.input, args.field) for line in doc.splitlines()]
+    start = time.perf_counter()
+    results = measure(tokenizer, lines)
+    seconds = time.perf_counter() - start
+    print(format_table(results))
+    summary = results["all"].summary()
+    summary |= {f"{name}_{k}": v for name, c in results.items() if name != "all"
+                for k, v in c.summary().items() if k in ("lines", "chars_per_token")}  # fmt: skip
+    if args.words:
+        with open(args.words, encoding="utf-8") as f:
+            summary["tokens_per_word"] = tokens_per_word(tokenizer, f)
+        print(f"tokens per word ({args.words}): {summary['tokens_per_word']:.3f}")
+    summary["seconds"] = seconds
+    print(json.dumps(summary))
+
+
+def _export_hf(args) -> None:
+    from hanuman_jax.tokenizer.hf import export_hf
+
+    out = export_hf(_load(args.model).path, args.out)
+    print(f"wrote a Hugging Face tokenizer to {out}")
+
+
+def _load(path):
+    from hanuman_jax.tokenizer.core import Tokenizer
+
+    try:
+        return Tokenizer(path)
+    except (OSError, ValueError) as e:
+        raise DataError(f"--model {path}: {e}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hanuman_jax.tokenizer")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train the Unigram SentencePiece model")
+    t.add_argument("--input", nargs="+", required=True, help="files or globs: .txt or .jsonl")
+    t.add_argument("--model-prefix", required=True, help="writes PREFIX.model and PREFIX.vocab")
+    t.add_argument("--vocab-size", type=int, default=96_000)
+    t.add_argument("--field", help="JSONL key holding the text (default: known schemas)")
+    t.add_argument("--thai-digits", choices=("keep", "to-arabic"), default="keep")
+    t.add_argument("--max-sentences", type=int, default=2_000_000,
+                   help="sample at most this many lines (uniformly, streaming)")  # fmt: skip
+    t.add_argument("--character-coverage", type=float, default=0.99995)
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(run=_train)
+
+    e = sub.add_parser("evaluate", help="compression, unknowns and round trip on some text")
+    e.add_argument("--model", required=True)
+    e.add_argument("--input", nargs="+", required=True)
+    e.add_argument("--field", help="JSONL key holding the text (default: known schemas)")
+    e.add_argument("--words", help="a word-segmented file ('|' between words)")
+    e.set_defaults(run=_evaluate)
+
+    x = sub.add_parser("export-hf", help="write a transformers AutoTokenizer directory")
+    x.add_argument("--model", required=True)
+    x.add_argument("--out", required=True)
+    x.set_defaults(run=_export_hf)
+
+    args = parser.parse_args(argv)
+    if getattr(args, "vocab_size", 1) < 1:
+        parser.error("--vocab-size must be >= 1")
+    try:
+        args.run(args)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""The `Tokenizer` every module uses, the fixed special ids, and the normalization table.
+
+Normalization lives inside the SentencePiece model (`normalization_rule_tsv` at training), so
+SentencePiece itself, our `Tokenizer`, and the exported Hugging Face tokenizers (slow and fast)
+normalize identically. The table:
+
+- NFC: every precomposed BMP character from its canonical decomposition, plus the canonical
+  reordering of Thai marks (a tone mark typed before a below vowel, e.g. ก + ่ + ุ -> กุ่).
+  `Tokenizer.encode` also applies Python's full NFC first, for sequences the table lacks.
+- Quotes and dashes folded to ASCII: see `FOLD`.
+- Thai digits ๐-๙ kept (default) or mapped to 0-9 (`thai_digits="to-arabic"`).
+- A newline (LF, CR or CRLF) becomes the `<nl>` symbol, so it survives SentencePiece.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Sequence
+from pathlib import Path
+
+import sentencepiece as spm
+
+UNK, BOS, EOS, PAD = "<unk>", "<bos>", "<eos>", "<pad>"
+NEWLINE = "<nl>"
+LANG_TAGS = {"en": "<lang_en>", "th": "<lang_th>", "xx": "<lang_xx>"}
+USER_SYMBOLS = (NEWLINE, *LANG_TAGS.values(), "<translate>", "<copy>", "<sep>")
+THAI_DIGITS = "๐๑๒๓๔๕๖๗๘๙"
+ARABIC_DIGITS = "0123456789"
+# Fixed ids: <unk> 0, <bos> 1, <eos> 2, <pad> 3, then USER_SYMBOLS 4-10, then the 256 byte
+# pieces <0x00>-<0xFF> (11-266). The digits 0-9 and ๐-๙ are always pieces (required_chars).
+SPECIAL_IDS = {UNK: 0, BOS: 1, EOS: 2, PAD: 3} | {s: 4 + i for i, s in enumerate(USER_SYMBOLS)}
+ROLES = ("system", "user", "assistant")
+
+FOLD = {
+    "\u2018": "'", "\u2019": "'", "\u201a": "'", "\u201b": "'", "\u2032": "'",  # ‘ ’ ‚ ‛ ′
+    "\u201c": '"', "\u201d": '"', "\u201e": '"', "\u201f": '"', "\u2033": '"',  # “ ” „ ‟ ″
+    "\u00ab": '"', "\u00bb": '"',  # « »
+    "\u2010": "-", "\u2011": "-", "\u2012": "-", "\u2013": "-", "\u2014": "-",  # ‐ ‑ ‒ – —
+    "\u2015": "-", "\u2212": "-", "\ufe63": "-", "\uff0d": "-",  # ― − ﹣ －
+}  # fmt: skip
+NEWLINES = {"\r\n": NEWLINE, "\r": NEWLINE, "\n": NEWLINE}
+_THAI_MARKS = [chr(c) for c in (0x0E31, *range(0x0E34, 0x0E3B), *range(0x0E47, 0x0E4F))]
+
+
+def normalization_rules(thai_digits: str = "keep") -> dict[str, str]:
+    """Source string -> replacement, as compiled into the SentencePiece model."""
+    if thai_digits not in ("keep", "to-arabic"):
+        raise ValueError(f"thai_digits={thai_digits!r}: expected keep or to-arabic")
+    rules: dict[str, str] = {}
+    for code in range(0x10000):
+        if 0xD800 <= code <= 0xDFFF:
+            continue
+        char = chr(code)
+        decomposed = unicodedata.normalize("NFD", char)
+        if decomposed != char and unicodedata.normalize("NFC", decomposed) == char:
+            rules[decomposed] = char
+    for a in _THAI_MARKS:
+        for b in _THAI_MARKS:
+            if unicodedata.normalize("NFC", a + b) != a + b:
+                rules[a + b] = unicodedata.normalize("NFC", a + b)
+    rules |= FOLD | NEWLINES
+    if thai_digits == "to-arabic":
+        rules |= dict(zip(THAI_DIGITS, ARABIC_DIGITS, strict=True))
+    return rules
+
+
+def rules_tsv(rules: dict[str, str]) -> str:
+    """SentencePiece's normalization TSV: hex code points of source and target."""
+
+    def hexes(s: str) -> str:
+        return " ".join(f"{ord(c):X}" for c in s)
+
+    return "".join(f"{hexes(src)}\t{hexes(dst)}\n" for src, dst in rules.items())
+
+
+def normalize(text: str, thai_digits: str = "keep") -> str:
+    """The text the model sees, with newlines kept as newlines (for round-trip checks)."""
+    text = unicodedata.normalize("NFC", text)
+    table = FOLD | (dict(zip(THAI_DIGITS, ARABIC_DIGITS, strict=True))
+                    if thai_digits == "to-arabic" else {})  # fmt: skip
+    text = text.translate(str.maketrans(table))
+    # A literal "<nl>" in the text is the newline symbol too: the model cannot tell them apart.
+    return text.replace("\r\n", "\n").replace("\r", "\n").replace(NEWLINE, "\n")
+
+
+class Tokenizer:
+    """Encode/decode text and chats; the special ids every other module uses."""
+
+    def __init__(self, model_file: str | Path):
+        self.path = Path(model_file)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"tokenizer model {self.path} does not exist")
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        except (RuntimeError, OSError) as e:
+            raise ValueError(f"{self.path} is not a SentencePiece model ({e})") from None
+        found = {p: self.sp.piece_to_id(p) for p in SPECIAL_IDS}
+        if found != SPECIAL_IDS:
+            wrong = {p: i for p, i in found.items() if SPECIAL_IDS[p] != i}
+            raise ValueError(
+                f"tokenizer model {self.path} does not have the fixed special ids (got {wrong}); "
+                "train it with `python -m hanuman_jax.tokenizer train`"
+            )
+        self.unk_id, self.bos_id, self.eos_id, self.pad_id = 0, 1, 2, 3
+        self.nl_id = SPECIAL_IDS[NEWLINE]
+        self.sep_id = SPECIAL_IDS["<sep>"]
+        self.thai_digits = "to-arabic" if self.sp.encode("๑") == self.sp.encode("1") else "keep"
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    def lang_id(self, lang: str) -> int:
+        """The id of a language tag: en, th or xx."""
+        return SPECIAL_IDS[LANG_TAGS[lang]]
+
+    def normalize(self, text: str) -> str:
+        return normalize(text, self.thai_digits)
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(unicodedata.normalize("NFC", text))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.sp.decode([int(i) for i in ids]).replace(NEWLINE, "\n")
+
+    def encode_document(self, text: str) -> list[int]:
+        """`<bos>` + text + `<eos>`: the unit that the data pipeline packs."""
+        return [self.bos_id, *self.encode(text), self.eos_id]
+
+    def encode_chat(self, messages: Sequence[dict]) -> tuple[list[int], list[int]]:
+        """Chat template: per turn `<sep>` role `<nl>` content, then `<eos>`.
+
+        Returns ids and the loss mask: 1 on an assistant reply and on the token that ends it (the
+        next turn's `<sep>` or the final `<eos>`), so the model learns to stop.
+        """
+        ids, mask = [self.bos_id], [0]
+        previous = None
+        for i, message in enumerate(messages):
+            role, content = message.get("role"), message.get("content")
+            if role not in ROLES or not isinstance(content, str):
+                raise ValueError(
+                    f"chat message {i} must have role in {ROLES} and string content, got "
+                    f"{ {k: type(v).__name__ for k, v in message.items()} }"
+                )
+            header = [self.sep_id, *self.encode(role), self.nl_id]
+            body = self.encode(content)
+            ids += header + body
+            mask += [int(previous == "assistant")] + [0] * (len(header) - 1)
+            mask += [int(role == "assistant")] * len(body)
+            previous = role
+        ids.append(self.eos_id)
+        mask.append(int(previous == "assistant"))
+        return ids, mask

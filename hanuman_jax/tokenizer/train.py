@@ -1,0 +1,205 @@
+"""Training the Unigram model: stream the corpus, sample lines, split long documents, train."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import re
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import sentencepiece as spm
+import tqdm
+
+from hanuman_jax.data import DataError, resolve_paths
+from hanuman_jax.tokenizer.core import (
+    ARABIC_DIGITS,
+    BOS,
+    EOS,
+    PAD,
+    THAI_DIGITS,
+    UNK,
+    USER_SYMBOLS,
+    normalization_rules,
+    normalize,
+    rules_tsv,
+)
+
+MAX_PIECE_BYTES = 4000  # SentencePiece skips sentences over max_sentence_length (4192 bytes)
+MAX_PIECE_CHARS = 20  # longest piece; SentencePiece defaults to 16, short for Thai words
+# Keys whose string values are text, in the schemas the data pipeline reads: plain text, title +
+# body, instruction / input / output, prompt / response; chats under messages or conversations.
+TEXT_KEYS = ("title", "text", "content", "instruction", "input", "output", "prompt", "response")
+CHAT_KEYS = {"messages": "content", "conversations": "value"}
+_SENTENCE_END = re.compile(
+    r"(?<=[.!?。])\s+|(?<=\S)\s{2,}|(?<=[\u0E00-\u0E7F])\s(?=[\u0E00-\u0E7F])"
+)
+
+
+def row_texts(row, where: str, field: str | None = None) -> list[str]:
+    """The strings a JSONL row contributes to the tokenizer corpus."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if field is not None:
+        if not isinstance(row.get(field), str):
+            raise DataError(f"{where}: --field {field!r} is not a string here; keys: {sorted(row)}")
+        return [row[field]]
+    texts = [row[k] for k in TEXT_KEYS if isinstance(row.get(k), str) and row[k]]
+    for key, value_key in CHAT_KEYS.items():
+        for turn in row.get(key) or []:
+            if isinstance(turn, dict) and isinstance(turn.get(value_key), str):
+                texts.append(turn[value_key])
+    if not texts:
+        raise DataError(
+            f"{where}: no text found; keys are {sorted(row)}; expected one of "
+            f"{', '.join(TEXT_KEYS + tuple(CHAT_KEYS))}, or name one with --field"
+        )
+    return texts
+
+
+def iter_documents(inputs: Iterable[str], field: str | None = None) -> Iterator[str]:
+    """Every document of every input file (plain text: a line; JSONL: a row's strings)."""
+    paths = [p for pattern in inputs for p in resolve_paths(pattern)]
+    with tqdm.tqdm(total=sum(p.stat().st_size for p in paths), unit="B", unit_scale=True,
+                   desc="reading", disable=None) as bar:  # fmt: skip
+        for path in paths:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    for lineno, line in enumerate(f, 1):
+                        bar.update(len(line.encode("utf-8")))
+                        if not line.strip():
+                            continue
+                        if path.suffix == ".jsonl":
+                            where = f"{path}:{lineno}"
+                            try:
+                                row = json.loads(line)
+                            except json.JSONDecodeError as e:
+                                raise DataError(f"{where}: invalid JSON ({e.msg})") from None
+                            yield from row_texts(row, where, field)
+                        else:
+                            yield line.rstrip("\n")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+            except OSError as e:
+                raise DataError(f"{path}: cannot be read ({e.strerror})") from None
+
+
+def split_document(text: str, max_bytes: int = MAX_PIECE_BYTES) -> list[str]:
+    """Lines, then sentences, then hard cuts, so that every piece fits SentencePiece's limit."""
+    pieces = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        if len(line.encode("utf-8")) <= max_bytes:
+            pieces.append(line)
+            continue
+        current = ""
+        for sentence in _SENTENCE_END.split(line):
+            candidate = f"{current} {sentence}" if current else sentence
+            if len(candidate.encode("utf-8")) <= max_bytes:
+                current = candidate
+                continue
+            if current:
+                pieces.append(current)
+            while len(sentence.encode("utf-8")) > max_bytes:
+                cut = len(sentence.encode("utf-8")[:max_bytes].decode("utf-8", "ignore"))
+                pieces.append(sentence[:cut])
+                sentence = sentence[cut:]
+            current = sentence
+        if current:
+            pieces.append(current)
+    return pieces
+
+
+def sample_sentences(documents: Iterable[str], max_sentences: int, seed: int = 0) -> list[str]:
+    """A uniform sample (reservoir) of at most `max_sentences` pieces, in bounded memory."""
+    rng = random.Random(seed)
+    sample: list[str] = []
+    seen = 0
+    for doc in documents:
+        for piece in split_document(doc):
+            seen += 1
+            if len(sample) < max_sentences:
+                sample.append(piece)
+            else:
+                j = rng.randrange(seen)
+                if j < max_sentences:
+                    sample[j] = piece
+    return sample
+
+
+def train_tokenizer(
+    sentences: Iterable[str],
+    model_prefix: str | Path,
+    vocab_size: int,
+    *,
+    thai_digits: str = "keep",
+    character_coverage: float = 0.99995,
+    max_sentences: int = 2_000_000,
+    seed: int = 0,
+) -> Path:
+    """Trains the Unigram model with byte fallback and the project's symbols and normalization;
+    writes PREFIX.model and PREFIX.vocab and returns the .model path."""
+    sample = sample_sentences(sentences, max_sentences, seed)
+    if not sample:
+        raise DataError("the tokenizer corpus is empty: give --input files with some text")
+    model = io.BytesIO()
+    with tempfile.TemporaryDirectory() as tmp:
+        tsv = Path(tmp) / "rules.tsv"
+        tsv.write_text(rules_tsv(normalization_rules(thai_digits)), encoding="utf-8")
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(sample),
+                model_writer=model,
+                model_type="unigram",
+                vocab_size=vocab_size,
+                byte_fallback=True,
+                character_coverage=character_coverage,
+                normalization_rule_tsv=str(tsv),
+                remove_extra_whitespaces=False,
+                required_chars=ARABIC_DIGITS + THAI_DIGITS,
+                allow_whitespace_only_pieces=True,
+                max_sentencepiece_length=MAX_PIECE_CHARS,
+                unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+                unk_piece=UNK, bos_piece=BOS, eos_piece=EOS, pad_piece=PAD,
+                user_defined_symbols=list(USER_SYMBOLS),
+                max_sentence_length=MAX_PIECE_BYTES + 192,
+                input_sentence_size=0,
+                shuffle_input_sentence=False,
+                num_threads=os.cpu_count() or 1,
+                minloglevel=2,
+            )  # fmt: skip
+        except RuntimeError as e:
+            raise DataError(_explain(str(e), vocab_size)) from None
+    path = Path(f"{model_prefix}.model")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(model.getvalue())
+    _write_vocab(path)
+    return path
+
+
+def _explain(message: str, vocab_size: int) -> str:
+    found = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)",
+                      message)  # fmt: skip
+    if found:
+        return (
+            f"--vocab-size {vocab_size} is too large for this corpus: it supports at most "
+            f"{found.group(2)} pieces; lower --vocab-size or add text"
+        )
+    return f"SentencePiece could not train: {message.strip().splitlines()[-1]}"
+
+
+def _write_vocab(model_path: Path) -> None:
+    sp = spm.SentencePieceProcessor(model_file=str(model_path))
+    lines = (f"{sp.id_to_piece(i)}\t{sp.get_score(i)}\n" for i in range(sp.get_piece_size()))
+    model_path.with_suffix(".vocab").write_text("".join(lines), encoding="utf-8")
+
+
+def corpus_texts(inputs: Iterable[str], field: str | None, thai_digits: str) -> Iterator[str]:
+    """Documents, normalized as at encode time (SentencePiece would do it too; doing it first
+    keeps sentence splitting and sampling on the text the model really sees)."""
+    for doc in iter_documents(inputs, field):
+        yield normalize(doc, thai_digits)

@@ -1,0 +1,108 @@
+"""Our tokenizer pipeline vs plain SentencePiece (default options) on ../shared/data.
+
+    python scripts/bench_tokenizer.py [--data ../shared/data] [--vocab-size 32000]
+
+Every 10th document is held out; both tokenizers train on the other nine tenths (the same lines)
+with the same vocabulary size, then are measured on the held-out Thai and English lines and on the
+human word segmentation of wisesight-1000 (not trained on). Also times our `Tokenizer.encode`
+against the raw `SentencePieceProcessor.encode` of the same model. Last line: one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+import unicodedata
+from pathlib import Path
+
+import sentencepiece as spm
+
+from hanuman_jax.tokenizer import Tokenizer
+from hanuman_jax.tokenizer.evaluate import script_of, tokens_per_word
+from hanuman_jax.tokenizer.train import corpus_texts, iter_documents, train_tokenizer
+
+
+def split_corpus(data: Path) -> tuple[list[str], list[str]]:
+    inputs = [str(data / "thai_news" / "thaigov_train.jsonl"),
+              *(str(data / "thai_social" / f"{n}.txt") for n in ("pos", "neg", "q")),
+              str(data / "english" / "tinyshakespeare.txt")]  # fmt: skip
+    train, held = [], []
+    for i, doc in enumerate(iter_documents(inputs)):
+        lines = [line for line in doc.splitlines() if line.strip()]
+        (held if i % 10 == 9 else train).extend(lines)
+    return train, held
+
+
+def chars_per_token(encode, lines: list[str]) -> float:
+    chars = sum(len(unicodedata.normalize("NFC", line)) for line in lines)
+    return chars / sum(len(encode(line)) for line in lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--data", default=str(Path(__file__).resolve().parents[1].parent / "shared/data")
+    )
+    p.add_argument("--vocab-size", type=int, default=32_000)
+    p.add_argument("--character-coverage", type=float, default=0.99995)
+    a = p.parse_args()
+    data = Path(a.data)
+    train, held = split_corpus(data)
+    held_th = [x for x in held if script_of(x) in ("thai", "mixed")]
+    held_en = [x for x in held if script_of(x) == "latin"]
+    words = (data / "thai_social" / "wisesight-1000-samples-tokenised.label").read_text()
+    words = words.splitlines()
+    result = {"train_lines": len(train), "heldout_thai_lines": len(held_th),
+              "heldout_english_lines": len(held_en), "vocab_size": a.vocab_size}  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "train.txt"
+        corpus.write_text("\n".join(train) + "\n", encoding="utf-8")
+
+        start = time.perf_counter()
+        texts = corpus_texts([str(corpus)], None, "keep")
+        ours = Tokenizer(train_tokenizer(texts, Path(tmp) / "ours", a.vocab_size,
+                                         character_coverage=a.character_coverage))  # fmt: skip
+        ours_s = time.perf_counter() - start
+
+        start = time.perf_counter()
+        spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(Path(tmp) / "plain"),
+                                       vocab_size=a.vocab_size, minloglevel=2)  # fmt: skip
+        plain_s = time.perf_counter() - start
+        plain = spm.SentencePieceProcessor(model_file=str(Path(tmp) / "plain.model"))
+
+        class Plain:  # tokens_per_word wants an object with .encode
+            encode = staticmethod(plain.encode)
+
+        for name, enc, secs, tpw in (
+            ("ours", ours.encode, ours_s, tokens_per_word(ours, words)),
+            ("plain_sentencepiece", plain.encode, plain_s, tokens_per_word(Plain, words)),
+        ):
+            result[name] = {
+                "train_s": round(secs, 1),
+                "thai_chars_per_token": round(chars_per_token(enc, held_th), 4),
+                "english_chars_per_token": round(chars_per_token(enc, held_en), 4),
+                "thai_tokens_per_word": round(tpw, 4),
+                "unk_thai": sum(enc(x).count(0) for x in held_th),
+            }
+            print(name, json.dumps(result[name]), flush=True)
+
+        lines = held_th + held_en
+        best = {}
+        for name, fn in (("tokenizer_encode", ours.encode), ("raw_sp_encode", ours.sp.encode)):
+            times = []
+            for _ in range(3):
+                start = time.perf_counter()
+                for line in lines:
+                    fn(line)
+                times.append(time.perf_counter() - start)
+            best[name] = min(times)
+        chars = sum(len(x) for x in lines)
+        result["encode_chars_per_s"] = {k: round(chars / v) for k, v in best.items()}
+        result["encode_ratio"] = round(best["raw_sp_encode"] / best["tokenizer_encode"], 3)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+import json
+import unicodedata
+from pathlib import Path
+
+import pytest
+
+from hanuman_jax.data import resolve_file
+from hanuman_jax.tokenizer import SPECIAL_IDS, Tokenizer, normalize
+from hanuman_jax.tokenizer.__main__ import main
+from hanuman_jax.tokenizer.evaluate import measure, script_of, tokens_per_word
+from hanuman_jax.tokenizer.train import (
+    iter_documents,
+    row_texts,
+    sample_sentences,
+    split_document,
+    train_tokenizer,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+SAMPLE = ROOT / "hanuman_jax" / "assets" / "sample"
+LINES = [
+    "สวัสดีครับ วันนี้อากาศดีมาก",
+    "The quick brown fox jumps over the lazy dog.",
+    "deadlineครับ ส่ง report ก่อน 5 โมงนะ",
+    "อร่อยมากกกก 555 😰😰😰 🇹🇭",
+    "ก\u0e48\u0e38ง",  # a tone mark typed before the below vowel: NFC reorders it
+    "e\u0301cole “quoted” — dashed ‘single’",
+    "ราคา ๑๒๓ บาท หรือ 123 บาท",
+    "two  spaces,\ttab, trailing ",
+    "line one\nline two\r\nline three",
+    "ελληνικά, русский, हिन्दी, 中文, 日本語",
+    "literal <nl> and <sep> in text",
+]
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    return Tokenizer(resolve_file("bundled:tokenizer.model"))
+
+
+def test_fixed_special_ids_and_digit_pieces(bundled):
+    sp = bundled.sp
+    assert {p: sp.piece_to_id(p) for p in SPECIAL_IDS} == SPECIAL_IDS
+    assert (bundled.bos_id, bundled.eos_id, bundled.pad_id, bundled.unk_id) == (1, 2, 3, 0)
+    assert [sp.id_to_piece(i) for i in (11, 266)] == ["<0x00>", "<0xFF>"]
+    assert bundled.lang_id("th") == SPECIAL_IDS["<lang_th>"]
+    for digit in "0123456789๐๑๒๓๔๕๖๗๘๙":
+        assert sp.piece_to_id(digit) != 0, digit
+
+
+def test_round_trip_and_no_unk(bundled):
+    for line in LINES:
+        ids = bundled.encode(line)
+        assert bundled.unk_id not in ids, line
+        assert bundled.decode(ids) == normalize(line), line
+    assert normalize(LINES[4]) == unicodedata.normalize("NFC", LINES[4])
+    assert normalize(LINES[5]) == "école \"quoted\" - dashed 'single'"
+    assert bundled.encode("a\nb").count(SPECIAL_IDS["<nl>"]) == 1
+    assert "deadline" in bundled.decode(bundled.encode("deadlineครับ"))
+
+
+def test_to_arabic_digits_and_chat_template(tmp_path):
+    texts = [line for p in sorted(SAMPLE.glob("*.txt")) for line in p.read_text().splitlines()]
+    path = train_tokenizer(texts, tmp_path / "arabic", 1500, thai_digits="to-arabic")
+    tok = Tokenizer(path)
+    assert tok.thai_digits == "to-arabic"
+    assert tok.encode("ราคา ๑๒๓") == tok.encode("ราคา 123")
+    assert tok.decode(tok.encode("๑๒๓")) == "123"
+    ids, mask = tok.encode_chat(
+        [{"role": "user", "content": "ถาม"}, {"role": "assistant", "content": "ตอบ"}]
+    )
+    assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id and ids.count(tok.sep_id) == 2
+    assert tok.decode([i for i, m in zip(ids, mask, strict=True) if m][:-1]) == "ตอบ"
+
+
+def test_corpus_reading_schemas_and_splitting(tmp_path):
+    rows = [
+        {"title": "หัวข้อ", "text": "เนื้อหา"},
+        {"instruction": "แปล", "input": "hello", "output": "<think>x</think>สวัสดี"},
+        {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+        {"messages": [{"role": "user", "content": "m"}]},
+    ]
+    f = tmp_path / "c.jsonl"
+    f.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
+    assert list(iter_documents([str(f)])) == [
+        "หัวข้อ",
+        "เนื้อหา",
+        "แปล",
+        "hello",
+        "<think>x</think>สวัสดี",
+        "q",
+        "a",
+        "m",
+    ]
+    assert row_texts({"body": "x"}, "f:1", field="body") == ["x"]
+    with pytest.raises(ValueError, match=r"f:1: no text found; keys are \['answer', 'q'\]"):
+        row_texts({"q": 1, "answer": 2}, "f:1")
+
+    long = " ".join(["ประโยคยาวมาก"] * 800) + ". " + "x" * 9000
+    pieces = split_document("short line\n" + long)
+    assert pieces[0] == "short line"
+    assert all(len(p.encode()) <= 4000 for p in pieces)
+    assert "".join(pieces[1:]).replace(" ", "") == long.replace(" ", "")
+
+    sample = sample_sentences((str(i) for i in range(10_000)), 100, seed=1)
+    assert len(sample) == 100 and sample == sample_sentences(
+        (str(i) for i in range(10_000)), 100, seed=1
+    )
+    assert 2_000 < sum(int(s) for s in sample) / 100 < 8_000  # spread over the whole stream
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    small = tmp_path / "small.txt"
+    small.write_text("สวัสดี hello\n" * 20)
+    for argv, message in [
+        (
+            [
+                "train",
+                "--input",
+                str(small),
+                "--model-prefix",
+                str(tmp_path / "m"),
+                "--vocab-size",
+                "5000",
+            ],
+            "--vocab-size 5000 is too large for this corpus",
+        ),
+        (
+            ["train", "--input", str(tmp_path / "none*.txt"), "--model-prefix", "x"],
+            "matches no file",
+        ),
+        (["evaluate", "--model", str(small), "--input", str(small)], "not a SentencePiece"),
+    ]:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and message in err and "\n" not in err
+
+
+def test_cli_train_and_evaluate(tmp_path, capsys):
+    prefix = tmp_path / "tok"
+    assert (
+        main(
+            [
+                "train",
+                "--input",
+                str(SAMPLE / "*.txt"),
+                str(SAMPLE / "chat.jsonl"),
+                "--model-prefix",
+                str(prefix),
+                "--vocab-size",
+                "2000",
+            ]
+        )
+        == 0
+    )
+    assert (tmp_path / "tok.model").exists() and (tmp_path / "tok.vocab").exists()
+    words = tmp_path / "w.txt"
+    words.write_text("สวัสดี|ครับ| |hello\nไป|กิน|ข้าว\n")
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(prefix) + ".model",
+                "--input",
+                str(SAMPLE / "mixed.txt"),
+                "--words",
+                str(words),
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out.strip().splitlines()
+    summary = json.loads(out[-1])
+    for key in (
+        "chars_per_token",
+        "bytes_per_token",
+        "unk_rate",
+        "byte_fallback_rate",
+        "roundtrip_rate",
+        "tokens_per_word",
+        "thai_lines",
+        "latin_lines",
+        "mixed_lines",
+    ):
+        assert key in summary
+    assert summary["unk_rate"] == 0 and summary["roundtrip_rate"] == 1.0
+    assert summary["tokens_per_word"] > 0.5
+    assert any(line.startswith("mixed") for line in out)
+    assert script_of("deadlineครับ") == "mixed" and script_of("ครับ") == "thai"
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is absent")
+def test_shared_corpora_round_trip_without_unk(bundled):
+    """Every line of the real Thai and English text, incl. the 8 social lines NFC changes."""
+    inputs = [
+        str(SHARED / "thai_social" / "*.txt"),
+        str(SHARED / "english" / "*.txt"),
+        str(SHARED / "thai_news" / "*.jsonl"),
+    ]
+    lines = [x for doc in iter_documents(inputs) for x in doc.splitlines()]
+    assert sum(unicodedata.normalize("NFC", x) != x for x in lines) >= 8
+    result = measure(bundled, lines)["all"]
+    assert result.unk == 0
+    assert result.roundtrip == result.lines, result.failures
+    segmented = (SHARED / "thai_social" / "wisesight-1000-samples-tokenised.label").read_text()
+    assert 1.0 < tokens_per_word(bundled, segmented.splitlines()) < 4.0
