@@ -7,7 +7,7 @@ def get_config() -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict()
 
     cfg.model = ml_collections.ConfigDict()
-    cfg.model.vocab_size = 96_000  # embedding rows; at least the tokenizer's piece count
+    cfg.model.vocab_size = 96_000  # embedding rows (>= the tokenizer's pieces); 0 = its count
     cfg.model.num_layers = 24  # decoder blocks
     cfg.model.d_model = 896  # residual stream width
     cfg.model.num_heads = 14  # query heads

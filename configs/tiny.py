@@ -7,7 +7,7 @@ def get_config() -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict()
 
     cfg.model = ml_collections.ConfigDict()
-    cfg.model.vocab_size = 4096  # embedding rows; at least the tokenizer's piece count
+    cfg.model.vocab_size = 0  # embedding rows; 0 = the tokenizer's piece count
     cfg.model.num_layers = 4  # decoder blocks
     cfg.model.d_model = 128  # residual stream width
     cfg.model.num_heads = 4  # query heads

@@ -114,7 +114,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         if section not in cfg:
             raise ConfigError(f"config has no section {section!r}; sections: {', '.join(cfg)}")
     m, d, o, t = cfg.model, cfg.data, cfg.optimizer, cfg.train
-    _positive_ints(cfg, "model", ("vocab_size", "num_layers", "d_model", "num_heads"))
+    _check(isinstance(m.vocab_size, int) and m.vocab_size >= 0, "model.vocab_size", m.vocab_size,
+           "must be >= 0 (0 = the tokenizer's piece count)")  # fmt: skip
+    _positive_ints(cfg, "model", ("num_layers", "d_model", "num_heads"))
     _positive_ints(cfg, "model", ("num_kv_heads", "ffn_hidden", "max_seq_len"))
     _check(
         m.num_heads % m.num_kv_heads == 0,

@@ -44,6 +44,8 @@ class Setup:
 
 def build_setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
     """Derives the abstract state and its shardings without allocating anything."""
+    if cfg.model.vocab_size == 0:
+        raise ConfigError("config model.vocab_size=0 must be resolved from the tokenizer first")
     model_cfg = ModelConfig.from_config(cfg.model)
     shards = sharding.batch_shards(mesh)
     if cfg.train.batch_size % shards:

@@ -60,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, overrides)
         if args.dry_run:
+            if cfg.model.vocab_size == 0:
+                from hanuman_jax.trainer import load_tokenizer
+
+                load_tokenizer(cfg)
             dry_run(cfg)
             return 0
         from hanuman_jax.trainer import train

@@ -34,6 +34,7 @@ def prepare_workdir(workdir: Path) -> None:
 
 
 def load_tokenizer(cfg: ml_collections.ConfigDict) -> Tokenizer:
+    """Loads `data.tokenizer`; sets `model.vocab_size` from it when the config says 0."""
     try:
         tokenizer = Tokenizer(resolve_file(cfg.data.tokenizer))
     except (DataError, OSError, ValueError, RuntimeError) as e:
@@ -41,6 +42,9 @@ def load_tokenizer(cfg: ml_collections.ConfigDict) -> Tokenizer:
         raise ConfigError(
             f"config data.tokenizer={cfg.data.tokenizer!r} is invalid: {reason}"
         ) from None
+    if cfg.model.vocab_size == 0:
+        with cfg.model.unlocked():
+            cfg.model.vocab_size = tokenizer.vocab_size
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
             f"config model.vocab_size={cfg.model.vocab_size} is invalid: the tokenizer "

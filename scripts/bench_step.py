@@ -20,6 +20,7 @@ from hanuman_jax import sharding
 from hanuman_jax.config import ModelConfig, load_config
 from hanuman_jax.model import train_flops_per_token
 from hanuman_jax.step import build_setup, init_state, jit_train_step
+from hanuman_jax.trainer import load_tokenizer
 
 
 def time_steps(cfg, steps: int) -> tuple[float, float]:
@@ -55,12 +56,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     args, overrides = p.parse_known_args()
     cfg = load_config(args.config, overrides)
+    load_tokenizer(cfg)  # resolves model.vocab_size=0
     moe = cfg.model.moe
     hidden = cfg.model.ffn_hidden * (moe.top_k if moe.num_experts else 1)
     dense = load_config(
         args.config,
         [
             *overrides,
+            f"--config.model.vocab_size={cfg.model.vocab_size}",
             "--config.model.moe.num_experts=0",
             f"--config.model.ffn_hidden={hidden}",
         ],

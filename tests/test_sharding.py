@@ -24,6 +24,7 @@ SCRIPT = textwrap.dedent(
 
     def run(mesh_overrides):
         cfg = load_config("configs/tiny.py", ["--config.model.num_layers=2",
+            "--config.model.vocab_size=4096",
             "--config.data.seq_len=32", "--config.train.batch_size=8",
             "--config.mesh.data=1", *mesh_overrides])
         mesh = sharding.make_mesh(cfg.mesh)

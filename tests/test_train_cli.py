@@ -55,7 +55,9 @@ def test_cli_trains_checkpoints_and_resumes_exactly(tmp_path):
     ckpts = workdir / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["4", "8"]
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
-    assert json.loads((workdir / "config.json").read_text())["train"]["steps"] == 8
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["train"]["steps"] == 8
+    assert saved["model"]["vocab_size"] == 4096  # tiny says 0: taken from its tokenizer
 
     # Lose the last checkpoint: the rerun must resume from step 4 and redo 5-8 identically,
     # which needs the parameters, optimizer state, step, RNG and data position all restored.
