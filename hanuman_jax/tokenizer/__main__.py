@@ -52,7 +52,10 @@ def _evaluate(args) -> None:
 def _export_hf(args) -> None:
     from hanuman_jax.tokenizer.hf import export_hf
 
-    out = export_hf(_load(args.model).path, args.out)
+    try:
+        out = export_hf(_load(args.model).path, args.out)
+    except ValueError as e:  # a model of ours with settings a tokenizer.json cannot replay
+        raise DataError(f"--model {args.model}: {e}") from None
     print(f"wrote a Hugging Face tokenizer to {out}")
 
 

@@ -1,0 +1,188 @@
+"""Export to Hugging Face: a `tokenizer.json` that replays our SentencePiece model.
+
+The format is a plain `PreTrainedTokenizerFast`. transformers 5 always loads the Rust backend (it
+ignores `use_fast=False`), and its `LlamaTokenizer` rebuilds a BPE model from the vocabulary,
+which would wreck a Unigram model; `PreTrainedTokenizerFast` loads `tokenizer.json` verbatim in
+transformers 4.x and 5.x. The pipeline mirrors SentencePiece step by step:
+
+- normalizer: NFC (as `Tokenizer.encode`), then the rules of the model's own `precompiled_charsmap`
+  that NFC does not imply (quotes, dashes, newlines -> `<nl>`, ...), then spaces -> `▁` and the
+  dummy-prefix `▁` once at the start;
+- model: Unigram with SentencePiece's scores, user symbols at the score SentencePiece gives them
+  in its lattice, and the byte fallback;
+- decoder: SentencePiece's decode, then `<nl>` -> newline, as `Tokenizer.decode`.
+
+What no `tokenizer.json` can replay: SentencePiece keeps its Viterbi scores in float32, so where
+two segmentations score the same (a run of one repeated letter: `-----|---` vs `---|-----`) or
+within float32 rounding (a long document), its rounding picks one and the Rust Unigram, in
+float64, the exact best. On ../shared/data: 1 line in 1000 (the same pieces in another order) and
+2 of 1807 whole news articles. `tokenizer.model` is copied too, for exact SentencePiece use.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import struct
+import unicodedata
+from pathlib import Path
+
+from sentencepiece import sentencepiece_model_pb2
+
+try:
+    from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers.models import Unigram
+except ImportError as e:
+    raise ImportError(
+        f"the Hugging Face export needs `tokenizers` ({e}): pip install 'hanuman-jax[export]'"
+    ) from None
+
+from hanuman_jax.tokenizer.core import BOS, EOS, NEWLINE, PAD, UNK, Tokenizer
+
+_Piece = sentencepiece_model_pb2.ModelProto.SentencePiece
+_LATTICE = (_Piece.NORMAL, _Piece.USER_DEFINED)  # the piece types SentencePiece matches in text
+_FLT_MIN = struct.unpack("<f", struct.pack("<I", 0x00800000))[0]
+
+
+def _f32(x: float) -> float:
+    return struct.unpack("<f", struct.pack("<f", x))[0]
+
+
+def charsmap_rules(charsmap: bytes) -> dict[str, str]:
+    """Source -> replacement of every rule in a SentencePiece `precompiled_charsmap`."""
+    if not charsmap:
+        return {}
+    # Layout: uint32 trie size, a darts-clone double array of uint32 units, then the
+    # NUL-terminated replacements that the leaves point into.
+    (size,) = struct.unpack_from("<I", charsmap)
+    units = struct.unpack_from(f"<{size // 4}I", charsmap, 4)
+    replacements = charsmap[4 + size :]
+
+    def offset(unit: int) -> int:
+        return (unit >> 10) << ((unit & (1 << 9)) >> 6)
+
+    rules, stack = {}, [(b"", offset(units[0]))]
+    while stack:
+        key, node = stack.pop()
+        for byte in range(1, 256):
+            child = node ^ byte
+            if child >= len(units) or units[child] & ((1 << 31) | 0xFF) != byte:
+                continue
+            nxt = child ^ offset(units[child])
+            if units[child] >> 8 & 1:
+                start = units[nxt] & ((1 << 31) - 1)
+                end = replacements.index(b"\0", start)
+                rules[(key + bytes([byte])).decode()] = replacements[start:end].decode()
+            stack.append((key + bytes([byte]), nxt))
+    return rules
+
+
+def _check_ours(proto, path: Path) -> None:
+    spec, norm = proto.trainer_spec, proto.normalizer_spec
+    expected = {
+        "model_type": (spec.model_type, spec.UNIGRAM),
+        "byte_fallback": (spec.byte_fallback, True),
+        "add_dummy_prefix": (norm.add_dummy_prefix, True),
+        "remove_extra_whitespaces": (norm.remove_extra_whitespaces, False),
+        "escape_whitespaces": (norm.escape_whitespaces, True),
+        "treat_whitespace_as_suffix": (spec.treat_whitespace_as_suffix, False),
+        "denormalizer rules": (bool(proto.denormalizer_spec.precompiled_charsmap), False),
+    }
+    wrong = {k: got for k, (got, want) in expected.items() if got != want}
+    if wrong:
+        raise ValueError(
+            f"tokenizer model {path} was not trained by `python -m hanuman_jax.tokenizer train` "
+            f"(got {wrong}); only those models can be exported"
+        )
+
+
+def _normalizer(proto, users: list[str]) -> normalizers.Normalizer:
+    rules = charsmap_rules(proto.normalizer_spec.precompiled_charsmap)
+    # The compositions in the table are NFC's; the Rust Precompiled normalizer would replay them
+    # too, but it replaces whole graphemes (e.g. "—" + U+0301 loses the accent), so the other
+    # rules go in as plain replacements. SentencePiece leaves a user symbol unnormalized.
+    extra = {
+        src: dst
+        for src, dst in rules.items()
+        if unicodedata.normalize("NFC", src) != dst and not src.startswith(tuple(users))
+    }
+    if any(src in dst for src in extra for dst in extra.values()):
+        raise ValueError(f"normalization rules feed each other, cannot export: {extra}")
+    steps = [normalizers.NFC()]
+    steps += [normalizers.Replace(s, extra[s]) for s in sorted(extra, key=len, reverse=True)]
+    return normalizers.Sequence([*steps, normalizers.Replace(" ", "▁"), normalizers.Prepend("▁")])
+
+
+def build_tokenizer(proto) -> RustTokenizer:
+    """The `tokenizers.Tokenizer` equivalent to a SentencePiece `ModelProto` of ours."""
+    pieces = list(proto.pieces)
+    normal = [p.score for p in pieces if p.type == _Piece.NORMAL]
+    users = [p.piece for p in pieces if p.type == _Piece.USER_DEFINED]
+    reserved = [p.piece for p in pieces if p.type not in _LATTICE]
+    # unigram_model.cc: a user symbol scores length_in_bytes * max_score - 0.1, with max_score
+    # starting at FLT_MIN, so in practice -0.1: it always wins.
+    max_score = max([_FLT_MIN, *normal])
+    # Control, byte and unused pieces are not in SentencePiece's lattice, but the Rust one matches
+    # every vocabulary entry, so they get a score below any spelling of them in single letters.
+    floor = min(normal) * (1 + max(len(p) for p in reserved))
+    vocab = [
+        (p.piece, p.score if p.type == _Piece.NORMAL
+         else _f32(len(p.piece.encode()) * max_score) - 0.1 if p.type == _Piece.USER_DEFINED
+         else floor)
+        for p in pieces
+    ]  # fmt: skip
+    tok = RustTokenizer(Unigram(vocab, unk_id=proto.trainer_spec.unk_id, byte_fallback=True))
+    tok.normalizer = _normalizer(proto, users)
+
+    # A reserved name with a letter the model lacks ("<bos>" where "<" is unknown) would beat the
+    # unknown-letter path whatever its score; cutting the text at such letters keeps it out. Each
+    # cut is a forced boundary in SentencePiece too: no piece but a user symbol holds the letter,
+    # and a user symbol holding one is always chosen, so it goes out whole.
+    singles = {p.piece for p in pieces if p.type in _LATTICE and len(p.piece) == 1}
+    in_normal = {c for p in pieces if p.type == _Piece.NORMAL for c in p.piece}
+    cut = sorted({c for name in reserved for c in name} - singles - in_normal)
+    if cut:
+        whole = sorted((u for u in users if any(c in u for c in cut)), key=len, reverse=True)
+        pattern = "|".join([*map(re.escape, whole), f"[{''.join(map(re.escape, cut))}]"])
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
+
+    tok.decoder = decoders.Sequence([
+        decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+        decoders.Strip(" ", 1, 0), decoders.Replace(NEWLINE, "\n"),
+    ])  # fmt: skip
+    bos = proto.trainer_spec.bos_id
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS}:0 $A:0", pair=f"{BOS}:0 $A:0 {BOS}:1 $B:1", special_tokens=[(BOS, bos)]
+    )
+    tok.add_special_tokens(
+        [AddedToken(s, special=True, normalized=False) for s in (UNK, BOS, EOS, PAD)]
+    )
+    return tok
+
+
+def export_hf(model_file: str | Path, out_dir: str | Path) -> Path:
+    """Writes `tokenizer.json`, its configs and `tokenizer.model` for `AutoTokenizer`."""
+    path = Path(model_file)
+    Tokenizer(path)  # refuses a model without our fixed special ids
+    proto = sentencepiece_model_pb2.ModelProto.FromString(path.read_bytes())
+    _check_ours(proto, path)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    build_tokenizer(proto).save(str(out / "tokenizer.json"))
+    specials = {"bos_token": BOS, "eos_token": EOS, "unk_token": UNK, "pad_token": PAD}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **specials,
+        "add_bos_token": True,
+        "add_eos_token": False,
+        # transformers 4 defaults to True, which deletes spaces before punctuation on decode.
+        "clean_up_tokenization_spaces": False,
+        # SentencePiece reads a literal "<bos>" in text as letters, not as the control token.
+        "split_special_tokens": True,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
+    shutil.copyfile(path, out / "tokenizer.model")
+    return out

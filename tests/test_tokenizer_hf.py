@@ -1,0 +1,190 @@
+"""Hugging Face export: AutoTokenizer (slow and fast) gives our `Tokenizer`'s ids and text back."""
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+
+import sentencepiece as spm  # noqa: E402
+from sentencepiece import sentencepiece_model_pb2  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+
+from hanuman_jax.tokenizer.core import Tokenizer, normalization_rules, normalize  # noqa: E402
+from hanuman_jax.tokenizer.hf import charsmap_rules, export_hf  # noqa: E402
+from hanuman_jax.tokenizer.train import corpus_texts, train_tokenizer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "hanuman_jax" / "assets" / "sample"
+SHARED_DATA = ROOT.parent / "shared" / "data"
+_Piece = sentencepiece_model_pb2.ModelProto.SentencePiece
+CRAFTED = [
+    "", " ", "   ", "\n", "\r\n", "a\rb\r\nc\n", " \n ", "\n\nสอง\n\n",
+    "ก\u0e48\u0e38", "กุ่มก\u0e49\u0e39", "cafe\u0301 \u212b",  # NFC changes all three
+    "“quoted” ‘single’ — dash – en − minus «guillemets»", "—\u0301 «\u0301",
+    "๑๒๓ ๒๕๖๗ 123 2024", "deadlineครับ", "emoji 😀🎉👍🏽 ok", "ㅠ ㅠ 中文 العربية",
+    "multiple   spaces", "  leading", "trailing  ", "\tTabs\tand\t\ttabs\t",
+    "line one\nline two\r\nline three", "literal <nl> symbol<nl>", "a<sep>b <sep> c<sep>",
+    "<lang_th>สวัสดี<translate>hello<copy><lang_en>", "<bos> <eos><pad><unk> <0x41><0xE0>",
+    "< > << >> <a> <nl", "▁already▁spaced▁", "nul\x00byte", "zero\u200bwidth\u200djoin",
+    "ﬁ ligature ① ｆｕｌｌ width", "x" * 3000,
+]  # fmt: skip
+
+
+def sample_lines() -> list[str]:
+    return [
+        line for f in sorted(SAMPLE.glob("*.txt")) for line in f.read_text("utf-8").splitlines()
+    ]
+
+
+def load_both(out: Path) -> list:
+    """AutoTokenizer with use_fast=True and False (transformers 5 ignores the flag)."""
+    return [AutoTokenizer.from_pretrained(out, use_fast=fast) for fast in (True, False)]
+
+
+def lattice_score(proto, ids: list[int]) -> float:
+    """The score SentencePiece's Viterbi maximizes, of one segmentation, in exact arithmetic."""
+    normal = min(p.score for p in proto.pieces if p.type == _Piece.NORMAL)
+    terms = []
+    for i in ids:
+        piece = proto.pieces[i]
+        if piece.type == _Piece.NORMAL:
+            terms.append(piece.score)
+        elif piece.type == _Piece.USER_DEFINED:
+            terms.append(-0.1)
+        elif piece.type == _Piece.BYTE and not 0x80 <= int(piece.piece[3:5], 16) < 0xC0:
+            terms.append(normal - 10.0)  # one unknown piece per character, at its first byte
+    return math.fsum(terms)
+
+
+def assert_parity(tok: Tokenizer, hf, texts: list[str], max_ties: float) -> None:
+    """SentencePiece's ids for every text, up to float32 ties, and the same text back from them.
+
+    SentencePiece sums scores in float32; where two segmentations score the same within that
+    rounding it may pick either, and the export the exact best (see `hanuman_jax.tokenizer.hf`).
+    Allows that on at most `max_ties` of the texts.
+    """
+    proto = sentencepiece_model_pb2.ModelProto.FromString(tok.path.read_bytes())
+    expected = [tok.encode(t) for t in texts]
+    got = hf(texts, add_special_tokens=False)["input_ids"]
+    ties = 0
+    for text, want, ids in zip(texts, expected, got, strict=True):
+        assert hf.decode(ids) == tok.decode(want), text
+        if ids == want:
+            continue
+        ties += 1
+        gain = lattice_score(proto, ids) - lattice_score(proto, want)
+        changed = (Counter(ids) - Counter(want)).total() + (Counter(want) - Counter(ids)).total()
+        ulp = 2.0 ** (math.frexp(lattice_score(proto, want))[1] - 24)
+        assert 0 <= gain <= changed * ulp, (
+            text[:200],
+            hf.convert_ids_to_tokens(ids)[:50],
+            want[:50],
+        )
+    assert ties <= max_ties * len(texts), f"{ties} ties in {len(texts)} texts"
+
+
+@pytest.fixture(scope="module")
+def sample_model(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("tok")
+    files = [str(f) for f in sorted(SAMPLE.glob("*.txt"))]
+    return train_tokenizer(corpus_texts(files, None, "keep"), tmp / "sample", 3000)
+
+
+@pytest.fixture(scope="module")
+def sample_hf(sample_model, tmp_path_factory) -> Path:
+    return export_hf(sample_model, tmp_path_factory.mktemp("hf"))
+
+
+def test_files(sample_hf):
+    names = {p.name for p in sample_hf.iterdir()}
+    assert {"tokenizer.json", "tokenizer_config.json", "tokenizer.model"} <= names
+    config = json.loads((sample_hf / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
+
+
+def test_ids_match_sentencepiece(sample_model, sample_hf):
+    tok = Tokenizer(sample_model)
+    lines = sample_lines()
+    assert len(lines) > 800
+    for hf in load_both(sample_hf):
+        assert_parity(tok, hf, lines + CRAFTED, max_ties=0.01)
+
+
+def test_ids_match_when_brackets_are_known(tmp_path):
+    # Here "<" and ">" are pieces, so no cut of the text keeps "<bos>" out: only its low score.
+    html = [f"<p>{line[:40]}</p> if a < b and b > c: <br>" for line in sample_lines()[:300]]
+    texts = [normalize(line) for line in [*sample_lines(), *html]]
+    model = train_tokenizer(texts, tmp_path / "html", 3000)
+    out = export_hf(model, tmp_path / "hf")
+    assert json.loads((out / "tokenizer.json").read_text())["pre_tokenizer"] is None
+    assert_parity(Tokenizer(model), load_both(out)[0], html + CRAFTED, max_ties=0.01)
+
+
+def test_special_tokens_and_bos(sample_model, sample_hf):
+    tok = Tokenizer(sample_model)
+    for hf in load_both(sample_hf):
+        names = (hf.unk_token, hf.bos_token, hf.eos_token, hf.pad_token)
+        assert names == ("<unk>", "<bos>", "<eos>", "<pad>")
+        ids = (hf.unk_token_id, hf.bos_token_id, hf.eos_token_id, hf.pad_token_id)
+        assert ids == (0, 1, 2, 3)
+        assert len(hf) == tok.vocab_size
+        for text in ["สวัสดีครับ hello", "a\nb", "", "<bos>"]:
+            assert hf(text)["input_ids"] == [1, *tok.encode(text)]
+        assert hf("x", "y")["input_ids"] == [1, *tok.encode("x"), 1, *tok.encode("y")]
+        batch = hf(["ก", "ข้อความยาวกว่า"], padding=True)["input_ids"]
+        assert batch[0][-1] == 3 and batch[0][0] == 1
+
+
+def test_decode_gives_the_text_back(sample_model, sample_hf):
+    tok = Tokenizer(sample_model)
+    hf = load_both(sample_hf)[0]
+    for text in [*sample_lines()[:200], "line one\nline two\r\nthree", " two  spaces ", "ไทย\n"]:
+        ids = hf(text)["input_ids"]
+        assert hf.decode(ids, skip_special_tokens=True) == normalize(text)
+    assert hf.decode(hf("“hi” — x")["input_ids"][1:]) == '"hi" - x'
+    assert hf.decode([1, *tok.encode("a\nb"), 2], skip_special_tokens=True) == "a\nb"
+
+
+def test_charsmap_rules_read_back(sample_model):
+    proto = sentencepiece_model_pb2.ModelProto.FromString(sample_model.read_bytes())
+    assert charsmap_rules(proto.normalizer_spec.precompiled_charsmap) == normalization_rules("keep")
+
+
+def test_refuses_other_models(tmp_path):
+    lines = sample_lines()[:300]
+    prefix = str(tmp_path / "plain")  # SentencePiece's defaults: no <pad>, no user symbols
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=prefix, vocab_size=200, minloglevel=2
+    )
+    with pytest.raises(ValueError, match="fixed special ids") as err:
+        export_hf(tmp_path / "plain.model", tmp_path / "hf")
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"needs the shared corpora at {SHARED_DATA}")
+def test_ids_match_on_shared_data(tmp_path):
+    files = sorted((SHARED_DATA / "thai_social").glob("*.txt"))
+    social = [line for f in files for line in f.read_text("utf-8").splitlines()]
+    english = (SHARED_DATA / "english" / "tinyshakespeare.txt").read_text("utf-8").splitlines()
+    with open(SHARED_DATA / "thai_news" / "thaigov_train.jsonl", encoding="utf-8") as f:
+        news = [json.loads(next(f))["text"] for _ in range(200)]
+    # 2000 + 1000 evenly spaced lines of 40+ characters: enough text for 8000 pieces.
+    th, en = ([line for line in x if len(line) >= 40] for x in (social, english))
+    subset = th[:: len(th) // 2000][:2000] + en[:: len(en) // 1000][:1000]
+    model = train_tokenizer([normalize(line) for line in subset], tmp_path / "shared", 8000)
+    out = export_hf(model, tmp_path / "hf")
+    tok = Tokenizer(model)
+    fast, slow = load_both(out)
+    # Whole news articles, newlines and all. Ties: runs of one repeated letter, and long
+    # articles where float32 cannot tell two segmentations apart.
+    texts = social + english + news
+    assert_parity(tok, fast, texts, max_ties=0.002)
+    if slow.is_fast:  # transformers 5 (and 4, for this format): the same Rust tokenizer
+        assert slow.backend_tokenizer.to_str() == fast.backend_tokenizer.to_str()
+    else:
+        assert_parity(tok, slow, texts, max_ties=0.002)
