@@ -40,6 +40,23 @@ def chars_per_token(encode, lines: list[str]) -> float:
     return chars / sum(len(encode(line)) for line in lines)
 
 
+def hf_parity(ours: Tokenizer, lines: list[str], out: Path) -> dict:
+    """Lines where the exported Hugging Face tokenizer's ids differ from ours (slow and fast)."""
+    from transformers import AutoTokenizer
+
+    from hanuman_jax.tokenizer.hf import export_hf
+
+    export_hf(ours.path, out)
+    result = {"lines": len(lines)}
+    for name, use_fast in (("fast", True), ("slow", False)):
+        hf = AutoTokenizer.from_pretrained(out, use_fast=use_fast)
+        got = hf(lines, add_special_tokens=False)["input_ids"]
+        result[f"{name}_mismatches"] = sum(
+            g != ours.encode(x) for g, x in zip(got, lines, strict=True)
+        )
+    return result
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
@@ -87,6 +104,9 @@ def main() -> None:
                 "unk_thai": sum(enc(x).count(0) for x in held_th),
             }
             print(name, json.dumps(result[name]), flush=True)
+
+        result["hf_parity"] = hf_parity(ours, train + held, Path(tmp) / "hf")
+        print("hf_parity", json.dumps(result["hf_parity"]), flush=True)
 
         lines = held_th + held_en
         best = {}
