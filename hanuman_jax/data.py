@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,32 +67,38 @@ def _json_document(row, where: str) -> Document:
     )
 
 
-def read_documents(path: Path) -> list[Document]:
-    """Plain text: one document per non-empty line. JSONL: one object per line."""
+def iter_records(path: Path, progress=None) -> Iterator[tuple[str, object]]:
+    """(where, value) for each non-empty line: the parsed object of a .jsonl line, else the line.
+
+    Undecodable, unreadable or malformed input raises DataError naming the file and line.
+    """
     try:
-        return _read_documents(path)
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if progress is not None:
+                    progress(len(line.encode("utf-8")))
+                if not line.strip():
+                    continue
+                where = f"{path}:{lineno}"
+                if path.suffix != ".jsonl":
+                    yield where, line.rstrip("\n")
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{where}: invalid JSON ({e.msg})") from None
+                yield where, row
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except OSError as e:
         raise DataError(f"{path}: cannot be read ({e.strerror})") from None
 
 
-def _read_documents(path: Path) -> list[Document]:
-    docs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if path.suffix == ".jsonl":
-                where = f"{path}:{lineno}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{where}: invalid JSON ({e.msg})") from None
-                docs.append(_json_document(row, where))
-            else:
-                docs.append(Document(text=line.rstrip("\n")))
-    return docs
+def read_documents(path: Path) -> list[Document]:
+    """Plain text: one document per non-empty line. JSONL: one object per line."""
+    if path.suffix == ".jsonl":
+        return [_json_document(row, where) for where, row in iter_records(path)]
+    return [Document(text=text) for _, text in iter_records(path)]
 
 
 class Tokenize(grain.transforms.Map):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import os
 import random
 import re
@@ -14,7 +13,7 @@ from pathlib import Path
 import sentencepiece as spm
 import tqdm
 
-from hanuman_jax.data import DataError, resolve_paths
+from hanuman_jax.data import DataError, iter_records, resolve_paths
 from hanuman_jax.tokenizer.core import (
     ARABIC_DIGITS,
     BOS,
@@ -66,25 +65,11 @@ def iter_documents(inputs: Iterable[str], field: str | None = None) -> Iterator[
     with tqdm.tqdm(total=sum(p.stat().st_size for p in paths), unit="B", unit_scale=True,
                    desc="reading", disable=None) as bar:  # fmt: skip
         for path in paths:
-            try:
-                with open(path, encoding="utf-8") as f:
-                    for lineno, line in enumerate(f, 1):
-                        bar.update(len(line.encode("utf-8")))
-                        if not line.strip():
-                            continue
-                        if path.suffix == ".jsonl":
-                            where = f"{path}:{lineno}"
-                            try:
-                                row = json.loads(line)
-                            except json.JSONDecodeError as e:
-                                raise DataError(f"{where}: invalid JSON ({e.msg})") from None
-                            yield from row_texts(row, where, field)
-                        else:
-                            yield line.rstrip("\n")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-            except OSError as e:
-                raise DataError(f"{path}: cannot be read ({e.strerror})") from None
+            for where, value in iter_records(path, bar.update):
+                if path.suffix == ".jsonl":
+                    yield from row_texts(value, where, field)
+                else:
+                    yield value
 
 
 def split_document(text: str, max_bytes: int = MAX_PIECE_BYTES) -> list[str]:
