@@ -6,8 +6,11 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
-from hanuman_jax.data import DataError
+from hanuman_jax.data import DataError, iter_records
+
+MIN_VOCAB = 320  # 4 control + 7 user symbols + 256 bytes + 20 digits, and some real pieces
 
 
 def _train(args) -> None:
@@ -29,21 +32,22 @@ def _train(args) -> None:
 
 
 def _evaluate(args) -> None:
-    from hanuman_jax.tokenizer.evaluate import format_table, measure, tokens_per_word
+    from hanuman_jax.tokenizer.evaluate import format_table, measure, summarize, tokens_per_word
     from hanuman_jax.tokenizer.train import iter_documents
 
     tokenizer = _load(args.model)
-    lines = [line for doc in iter_documents(args.input, args.field) for line in doc.splitlines()]
+    lines = [x for doc in iter_documents(args.input, args.field) for x in doc.splitlines()]
+    lines = [x for x in lines if x.strip()]
+    if not lines:
+        raise DataError(f"--input {' '.join(args.input)}: no text to evaluate")
+    words = [x for _, x in iter_records(Path(args.words))] if args.words else None
     start = time.perf_counter()
     results = measure(tokenizer, lines)
     seconds = time.perf_counter() - start
     print(format_table(results))
-    summary = results["all"].summary()
-    summary |= {f"{name}_{k}": v for name, c in results.items() if name != "all"
-                for k, v in c.summary().items() if k in ("lines", "chars_per_token")}  # fmt: skip
-    if args.words:
-        with open(args.words, encoding="utf-8") as f:
-            summary["tokens_per_word"] = tokens_per_word(tokenizer, f)
+    summary = summarize(results)
+    if words is not None:
+        summary["tokens_per_word"] = tokens_per_word(tokenizer, words)
         print(f"tokens per word ({args.words}): {summary['tokens_per_word']:.3f}")
     summary["seconds"] = seconds
     print(json.dumps(summary))
@@ -56,6 +60,8 @@ def _export_hf(args) -> None:
         out = export_hf(_load(args.model).path, args.out)
     except ValueError as e:  # a model of ours with settings a tokenizer.json cannot replay
         raise DataError(f"--model {args.model}: {e}") from None
+    except OSError as e:
+        raise DataError(f"--out {args.out}: cannot write there ({e.strerror})") from None
     print(f"wrote a Hugging Face tokenizer to {out}")
 
 
@@ -97,8 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     x.set_defaults(run=_export_hf)
 
     args = parser.parse_args(argv)
-    if getattr(args, "vocab_size", 1) < 1:
-        parser.error("--vocab-size must be >= 1")
+    if args.command == "train":
+        if args.vocab_size < MIN_VOCAB:
+            parser.error(f"--vocab-size must be at least {MIN_VOCAB} (special, byte and digit "
+                         "pieces take 287)")  # fmt: skip
+        if args.max_sentences < 1:
+            parser.error("--max-sentences must be >= 1")
+        if not 0 < args.character_coverage <= 1:
+            parser.error("--character-coverage must be in (0, 1]")
     try:
         args.run(args)
     except DataError as err:

@@ -14,6 +14,7 @@ normalize identically. The table:
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +30,7 @@ ARABIC_DIGITS = "0123456789"
 # Fixed ids: <unk> 0, <bos> 1, <eos> 2, <pad> 3, then USER_SYMBOLS 4-10, then the 256 byte
 # pieces <0x00>-<0xFF> (11-266). The digits 0-9 and ๐-๙ are always pieces (required_chars).
 SPECIAL_IDS = {UNK: 0, BOS: 1, EOS: 2, PAD: 3} | {s: 4 + i for i, s in enumerate(USER_SYMBOLS)}
+BYTE_OFFSET = 4 + len(USER_SYMBOLS)  # id of <0x00>
 ROLES = ("system", "user", "assistant")
 
 FOLD = {
@@ -39,6 +41,7 @@ FOLD = {
     "\u2015": "-", "\u2212": "-", "\ufe63": "-", "\uff0d": "-",  # ― − ﹣ －
 }  # fmt: skip
 NEWLINES = {"\r\n": NEWLINE, "\r": NEWLINE, "\n": NEWLINE}
+_SYMBOL_TEXT = re.compile("|".join(re.escape(s) for s in USER_SYMBOLS))
 _THAI_MARKS = [chr(c) for c in (0x0E31, *range(0x0E34, 0x0E3B), *range(0x0E47, 0x0E4F))]
 
 
@@ -120,6 +123,16 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(unicodedata.normalize("NFC", text))
 
+    def encode_literal(self, text: str) -> list[int]:
+        """Like `encode`, but a symbol's name typed in the text (e.g. "<sep>") is spelled out in
+        byte pieces, so that user content cannot forge chat structure."""
+        ids, start = [], 0
+        for match in _SYMBOL_TEXT.finditer(text):
+            ids += self.encode(text[start : match.start()]) if match.start() > start else []
+            ids += [BYTE_OFFSET + b for b in match.group().encode("utf-8")]
+            start = match.end()
+        return ids + (self.encode(text[start:]) if start < len(text) else [])
+
     def decode(self, ids: Sequence[int]) -> str:
         return self.sp.decode([int(i) for i in ids]).replace(NEWLINE, "\n")
 
@@ -143,7 +156,7 @@ class Tokenizer:
                     f"{ {k: type(v).__name__ for k, v in message.items()} }"
                 )
             header = [self.sep_id, *self.encode(role), self.nl_id]
-            body = self.encode(content)
+            body = self.encode_literal(content)
             ids += header + body
             mask += [int(previous == "assistant")] + [0] * (len(header) - 1)
             mask += [int(role == "assistant")] * len(body)

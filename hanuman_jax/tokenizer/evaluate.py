@@ -78,6 +78,19 @@ def tokens_per_word(tokenizer: Tokenizer, segmented_lines: Iterable[str]) -> flo
     return tokens / max(words, 1)
 
 
+def summarize(results: dict[str, Counts]) -> dict[str, float | int]:
+    """Overall figures plus lines and chars/token per script, for the JSON line."""
+    summary = results["all"].summary()
+    for name, counts in results.items():
+        if name != "all":
+            s = counts.summary()
+            summary |= {
+                f"{name}_lines": s["lines"],
+                f"{name}_chars_per_token": s["chars_per_token"],
+            }
+    return summary
+
+
 def format_table(results: dict[str, Counts]) -> str:
     header = (
         f"{'lines':>8} {'chars/tok':>9} {'bytes/tok':>9} {'unk':>8} {'bytefb':>8} {'roundtrip':>9}"

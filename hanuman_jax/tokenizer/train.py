@@ -28,15 +28,18 @@ from hanuman_jax.tokenizer.core import (
     rules_tsv,
 )
 
-MAX_PIECE_BYTES = 4000  # SentencePiece skips sentences over max_sentence_length (4192 bytes)
+SENTENCEPIECE_MAX_BYTES = 4192  # SentencePiece skips training sentences longer than this
+MAX_PIECE_BYTES = 4000  # so documents are split into pieces of at most this many bytes
 SCORE_QUANTUM = 1 / 64  # piece scores are rounded to this grid: see quantize_scores
 MAX_PIECE_CHARS = 20  # longest piece; SentencePiece defaults to 16, short for Thai words
 # Keys whose string values are text, in the schemas the data pipeline reads: plain text, title +
 # body, instruction / input / output, prompt / response; chats under messages or conversations.
 TEXT_KEYS = ("title", "text", "content", "instruction", "input", "output", "prompt", "response")
 CHAT_KEYS = {"messages": "content", "conversations": "value"}
+# Sentence ends: after . ! ? 。, a run of 2+ spaces, or a space between Thai letters (Thai writes
+# no full stops). The captured whitespace stays with the sentence before it.
 _SENTENCE_END = re.compile(
-    r"(?<=[.!?。])\s+|(?<=\S)\s{2,}|(?<=[\u0E00-\u0E7F])\s(?=[\u0E00-\u0E7F])"
+    r"((?<=[.!?。])\s+|(?<=\S)\s{2,}|(?<=[\u0E00-\u0E7F])\s(?=[\u0E00-\u0E7F]))"
 )
 
 
@@ -45,25 +48,27 @@ def row_texts(row, where: str, field: str | None = None) -> list[str]:
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
     if field is not None:
-        if not isinstance(row.get(field), str):
-            raise DataError(f"{where}: --field {field!r} is not a string here; keys: {sorted(row)}")
-        return [row[field]]
+        if field not in row:
+            raise DataError(f"{where}: no --field {field!r} here; keys: {sorted(row)}")
+        return [row[field]] if isinstance(row[field], str) and row[field] else []
+    if not any(k in row for k in TEXT_KEYS + tuple(CHAT_KEYS)):
+        raise DataError(
+            f"{where}: no text found; keys are {sorted(row)}; expected one of "
+            f"{', '.join(TEXT_KEYS + tuple(CHAT_KEYS))}, or name one with --field"
+        )
     texts = [row[k] for k in TEXT_KEYS if isinstance(row.get(k), str) and row[k]]
     for key, value_key in CHAT_KEYS.items():
         for turn in row.get(key) or []:
             if isinstance(turn, dict) and isinstance(turn.get(value_key), str):
                 texts.append(turn[value_key])
-    if not texts:
-        raise DataError(
-            f"{where}: no text found; keys are {sorted(row)}; expected one of "
-            f"{', '.join(TEXT_KEYS + tuple(CHAT_KEYS))}, or name one with --field"
-        )
     return texts
 
 
 def iter_documents(inputs: Iterable[str], field: str | None = None) -> Iterator[str]:
     """Every document of every input file (plain text: a line; JSONL: a row's strings)."""
-    paths = [p for pattern in inputs for p in resolve_paths(pattern)]
+    paths = [p for pattern in inputs for p in resolve_paths(pattern) if p.is_file()]
+    if not paths:
+        raise DataError(f"--input {' '.join(inputs)}: no readable files")
     with tqdm.tqdm(total=sum(p.stat().st_size for p in paths), unit="B", unit_scale=True,
                    desc="reading", disable=None) as bar:  # fmt: skip
         for path in paths:
@@ -83,9 +88,11 @@ def split_document(text: str, max_bytes: int = MAX_PIECE_BYTES) -> list[str]:
         if len(line.encode("utf-8")) <= max_bytes:
             pieces.append(line)
             continue
+        parts = _SENTENCE_END.split(line)  # text, separator, text, ...
+        sentences = ["".join(parts[i : i + 2]) for i in range(0, len(parts), 2)]
         current = ""
-        for sentence in _SENTENCE_END.split(line):
-            candidate = f"{current} {sentence}" if current else sentence
+        for sentence in sentences:
+            candidate = current + sentence
             if len(candidate.encode("utf-8")) <= max_bytes:
                 current = candidate
                 continue
@@ -130,6 +137,15 @@ def train_tokenizer(
 ) -> Path:
     """Trains the Unigram model with byte fallback and the project's symbols and normalization;
     writes PREFIX.model and PREFIX.vocab and returns the .model path."""
+    path = Path(f"{model_prefix}.model")
+    try:  # fail before reading a large corpus, not after training on it
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.with_suffix(".write_test").write_bytes(b"")
+        path.with_suffix(".write_test").unlink()
+    except OSError as e:
+        raise DataError(
+            f"--model-prefix {model_prefix}: cannot write there ({e.strerror})"
+        ) from None
     sample = sample_sentences(sentences, max_sentences, seed)
     if not sample:
         raise DataError("the tokenizer corpus is empty: give --input files with some text")
@@ -147,13 +163,13 @@ def train_tokenizer(
                 character_coverage=character_coverage,
                 normalization_rule_tsv=str(tsv),
                 remove_extra_whitespaces=False,
-                required_chars=ARABIC_DIGITS + THAI_DIGITS,
+                required_chars=ARABIC_DIGITS + (THAI_DIGITS if thai_digits == "keep" else ""),
                 allow_whitespace_only_pieces=True,
                 max_sentencepiece_length=MAX_PIECE_CHARS,
                 unk_id=0, bos_id=1, eos_id=2, pad_id=3,
                 unk_piece=UNK, bos_piece=BOS, eos_piece=EOS, pad_piece=PAD,
                 user_defined_symbols=list(USER_SYMBOLS),
-                max_sentence_length=MAX_PIECE_BYTES + 192,
+                max_sentence_length=SENTENCEPIECE_MAX_BYTES,
                 input_sentence_size=0,
                 shuffle_input_sentence=False,
                 num_threads=os.cpu_count() or 1,
@@ -161,8 +177,6 @@ def train_tokenizer(
             )  # fmt: skip
         except RuntimeError as e:
             raise DataError(_explain(str(e), vocab_size)) from None
-    path = Path(f"{model_prefix}.model")
-    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(quantize_scores(model.getvalue()))
     _write_vocab(path)
     return path
