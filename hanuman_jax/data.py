@@ -5,7 +5,6 @@ from __future__ import annotations
 import glob
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import grain
@@ -13,15 +12,13 @@ import ml_collections
 import numpy as np
 
 from hanuman_jax.packing import PackedRows
-from hanuman_jax.tokenizer import ROLES, Tokenizer
+from hanuman_jax.schemas import DataError, Document, row_to_document
+
+__all__ = ["DataError", "Document", "make_dataset", "read_documents", "resolve_file"]
+from hanuman_jax.tokenizer import Tokenizer
 
 BUNDLED_DIR = Path(__file__).parent / "assets" / "sample"
 BUNDLED_PREFIX = "bundled:"
-TEXT_FIELDS = ("text", "content")
-
-
-class DataError(ValueError):
-    """Unusable input data; the message names the file (and line) and what to change."""
 
 
 def resolve_paths(pattern: str) -> list[Path]:
@@ -36,35 +33,6 @@ def resolve_paths(pattern: str) -> list[Path]:
 
 def resolve_file(path: str) -> Path:
     return resolve_paths(path)[0]
-
-
-@dataclass(frozen=True)
-class Document:
-    text: str | None = None
-    messages: tuple | None = None
-
-
-def _json_document(row, where: str) -> Document:
-    if not isinstance(row, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    if isinstance(row.get("messages"), list) and row["messages"]:
-        for i, m in enumerate(row["messages"]):
-            ok = isinstance(m, dict) and m.get("role") in ROLES
-            if not (ok and isinstance(m.get("content"), str)):
-                raise DataError(
-                    f"{where}: messages[{i}] must be {{'role': one of {', '.join(ROLES)}, "
-                    f"'content': str}}, got {json.dumps(m, ensure_ascii=False)[:120]}"
-                )
-        return Document(messages=tuple(row["messages"]))
-    for field in TEXT_FIELDS:
-        if isinstance(row.get(field), str):
-            title = row.get("title")
-            text = f"{title}\n{row[field]}" if isinstance(title, str) and title else row[field]
-            return Document(text=text)
-    raise DataError(
-        f"{where}: no text found; keys are {sorted(row)}, expected one of "
-        f"{', '.join(TEXT_FIELDS)} (optionally with title) or messages"
-    )
 
 
 def iter_records(path: Path, progress=None) -> Iterator[tuple[str, object]]:
@@ -95,9 +63,10 @@ def iter_records(path: Path, progress=None) -> Iterator[tuple[str, object]]:
 
 
 def read_documents(path: Path) -> list[Document]:
-    """Plain text: one document per non-empty line. JSONL: one object per line."""
+    """Plain text: one document per non-empty line. JSONL: one row per line (see schemas.py)."""
     if path.suffix == ".jsonl":
-        return [_json_document(row, where) for where, row in iter_records(path)]
+        docs = (row_to_document(row, where) for where, row in iter_records(path))
+        return [doc for doc in docs if doc is not None]
     return [Document(text=text) for _, text in iter_records(path)]
 
 

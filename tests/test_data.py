@@ -65,13 +65,13 @@ def test_bad_rows_name_file_and_line(tmp_path):
     odd.write_text('{"question": "q", "answer_th": "a"}\n')
     with pytest.raises(
         ValueError,
-        match=r"odd.jsonl:1: no text found; keys are \['answer_th', "
+        match=r"odd.jsonl:1: unrecognised row; keys are \['answer_th', "
         r"'question'\]",
     ):
         read_documents(odd)
     chat = tmp_path / "roles.jsonl"
-    chat.write_text('{"messages": [{"role": "human", "content": "hi"}]}\n')
-    with pytest.raises(DataError, match=r"roles.jsonl:1: messages\[0\] must be .*\"human\""):
+    chat.write_text('{"messages": [{"role": "narrator", "content": "hi"}]}\n')
+    with pytest.raises(DataError, match=r"roles.jsonl:1: messages\[0\] must be .*'narrator'"):
         read_documents(chat)
     with pytest.raises(DataError, match="matches no file"):
         make_dataset(_cfg([{"path": str(tmp_path / "missing*.txt")}]), resolve_file(TOKENIZER))
@@ -135,3 +135,26 @@ def test_processes_read_disjoint_shards(corpus, tokenizer):
     ]
     assert parts[0]["tokens"].shape == (2, 16)
     assert not np.array_equal(parts[0]["tokens"], parts[1]["tokens"])
+
+
+def test_schemas_are_detected_per_row(tmp_path, tokenizer):
+    rows = [
+        {"instruction": "แปลเป็นไทย", "input": "hello", "output": "<think>ง่าย</think>สวัสดี"},
+        {"prompt": "2+2?", "response": "4"},
+        {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+        {"title": "t", "content": "c"},
+        {"text": None},
+    ]
+    f = tmp_path / "mixed_schemas.jsonl"
+    f.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
+    docs = read_documents(f)
+    assert len(docs) == 4  # the empty row is skipped
+    assert docs[0].messages == (
+        {"role": "user", "content": "แปลเป็นไทย\n\nhello"},
+        {"role": "assistant", "content": "<think>ง่าย</think>สวัสดี"},  # kept verbatim
+    )
+    assert [m["role"] for m in docs[2].messages] == ["user", "assistant"]
+    assert docs[3].text == "t\nc"
+    batch = next(iter(make_dataset(_cfg([{"path": str(f)}], seq_len=48, batch=2), tokenizer.path)))
+    trained = tokenizer.decode(batch["tokens"][0][batch["loss_mask"][0] == 1])
+    assert "<think>ง่าย</think>สวัสดี" in trained and "แปลเป็นไทย" not in trained

@@ -83,6 +83,7 @@ def test_to_arabic_digits_and_chat_template(tmp_path):
 def test_corpus_reading_schemas_and_splitting(tmp_path):
     rows = [
         {"title": "หัวข้อ", "text": "เนื้อหา"},
+        {"text": ""},  # recognised, empty: skipped
         {"instruction": "แปล", "input": "hello", "output": "<think>x</think>สวัสดี"},
         {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
         {"messages": [{"role": "user", "content": "m"}]},
@@ -90,17 +91,15 @@ def test_corpus_reading_schemas_and_splitting(tmp_path):
     f = tmp_path / "c.jsonl"
     f.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
     assert list(iter_documents([str(f)])) == [
-        "หัวข้อ",
-        "เนื้อหา",
-        "แปล",
-        "hello",
+        "หัวข้อ\nเนื้อหา",
+        "แปล\n\nhello",
         "<think>x</think>สวัสดี",
         "q",
         "a",
         "m",
     ]
     assert row_texts({"body": "x"}, "f:1", field="body") == ["x"]
-    with pytest.raises(ValueError, match=r"f:1: no text found; keys are \['answer', 'q'\]"):
+    with pytest.raises(ValueError, match=r"f:1: unrecognised row; keys are \['answer', 'q'\]"):
         row_texts({"q": 1, "answer": 2}, "f:1")
 
     long = " ".join(["ประโยคยาวมาก"] * 800) + ". " + "x" * 9000

@@ -15,6 +15,7 @@ import tqdm
 from sentencepiece import sentencepiece_model_pb2
 
 from hanuman_jax.data import DataError, iter_records, resolve_paths
+from hanuman_jax.schemas import row_to_document
 from hanuman_jax.tokenizer.core import (
     ARABIC_DIGITS,
     BOS,
@@ -32,10 +33,6 @@ SENTENCEPIECE_MAX_BYTES = 4192  # SentencePiece skips training sentences longer 
 MAX_PIECE_BYTES = 4000  # so documents are split into pieces of at most this many bytes
 SCORE_QUANTUM = 1 / 64  # piece scores are rounded to this grid: see quantize_scores
 MAX_PIECE_CHARS = 20  # longest piece; SentencePiece defaults to 16, short for Thai words
-# Keys whose string values are text, in the schemas the data pipeline reads: plain text, title +
-# body, instruction / input / output, prompt / response; chats under messages or conversations.
-TEXT_KEYS = ("title", "text", "content", "instruction", "input", "output", "prompt", "response")
-CHAT_KEYS = {"messages": "content", "conversations": "value"}
 # Sentence ends: after . ! ? 。, a run of 2+ spaces, or a space between Thai letters (Thai writes
 # no full stops). The captured whitespace stays with the sentence before it.
 _SENTENCE_END = re.compile(
@@ -44,24 +41,14 @@ _SENTENCE_END = re.compile(
 
 
 def row_texts(row, where: str, field: str | None = None) -> list[str]:
-    """The strings a JSONL row contributes to the tokenizer corpus."""
-    if not isinstance(row, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    if field is not None:
-        if field not in row:
-            raise DataError(f"{where}: no --field {field!r} here; keys: {sorted(row)}")
-        return [row[field]] if isinstance(row[field], str) and row[field] else []
-    if not any(k in row for k in TEXT_KEYS + tuple(CHAT_KEYS)):
-        raise DataError(
-            f"{where}: no text found; keys are {sorted(row)}; expected one of "
-            f"{', '.join(TEXT_KEYS + tuple(CHAT_KEYS))}, or name one with --field"
-        )
-    texts = [row[k] for k in TEXT_KEYS if isinstance(row.get(k), str) and row[k]]
-    for key, value_key in CHAT_KEYS.items():
-        for turn in row.get(key) or []:
-            if isinstance(turn, dict) and isinstance(turn.get(value_key), str):
-                texts.append(turn[value_key])
-    return texts
+    """The strings a JSONL row contributes to the tokenizer corpus (schemas.py, or --field)."""
+    if field is None:
+        doc = row_to_document(row, where)
+        return [] if doc is None else [t for t in doc.texts() if t]
+    if not isinstance(row, dict) or field not in row:
+        keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+        raise DataError(f"{where}: no --field {field!r} here; keys: {keys}")
+    return [row[field]] if isinstance(row[field], str) and row[field] else []
 
 
 def iter_documents(inputs: Iterable[str], field: str | None = None) -> Iterator[str]:

@@ -1,0 +1,95 @@
+"""JSONL row schemas, read one way by the data pipeline and the tokenizer trainer.
+
+- plain text: `text` or `content`, optionally with `title` (joined by a newline);
+- instruction: `instruction` (+ optional `input`) and `output`, e.g. Intermediate-Thinking-130k,
+  whose `<think>...</think>` blocks are kept verbatim;
+- prompt / response pairs;
+- chat: `messages` of `role`/`content`, or `conversations` of `from`/`value` (ShareGPT roles).
+Instruction and pair rows become a user turn and an assistant turn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ROLE_ALIASES = {
+    "system": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "bot": "assistant",
+    "model": "assistant",
+}
+CHATS = {"messages": ("role", "content"), "conversations": ("from", "value")}
+PAIRS = (("instruction", "output"), ("prompt", "response"))
+TEXTS = ("text", "content")
+EXPECTED = (
+    "text or content (+ title), instruction/input/output, prompt/response, "
+    "messages (role/content) or conversations (from/value)"
+)
+
+
+class DataError(ValueError):
+    """Unusable input data; the message names the file (and line) and what to change."""
+
+
+@dataclass(frozen=True)
+class Document:
+    text: str | None = None
+    messages: tuple[dict, ...] | None = None
+
+    def texts(self) -> list[str]:
+        """The strings in the document (what a tokenizer is trained on)."""
+        return [self.text] if self.messages is None else [m["content"] for m in self.messages]
+
+
+def _string(row: dict, key: str, where: str) -> str:
+    value = row.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f"{where}: {key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _chat(turns, key: str, where: str) -> tuple[dict, ...]:
+    role_key, text_key = CHATS[key]
+    if not isinstance(turns, list):
+        raise DataError(f"{where}: {key!r} must be a list of turns")
+    messages = []
+    for i, turn in enumerate(turns):
+        role = ROLE_ALIASES.get(turn.get(role_key)) if isinstance(turn, dict) else None
+        if role is None or not isinstance(turn.get(text_key), str):
+            raise DataError(
+                f"{where}: {key}[{i}] must be {{{role_key!r}: one of "
+                f"{', '.join(ROLE_ALIASES)}, {text_key!r}: str}}, got {str(turn)[:120]}"
+            )
+        messages.append({"role": role, "content": turn[text_key]})
+    return tuple(messages)
+
+
+def row_to_document(row, where: str) -> Document | None:
+    """The document a JSONL row holds; None when a recognised row has no text."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    for key in CHATS:
+        if key in row:
+            messages = _chat(row[key], key, where)
+            return Document(messages=messages) if messages else None
+    for prompt_key, answer_key in PAIRS:
+        if prompt_key in row and answer_key in row:
+            prompt = _string(row, prompt_key, where)
+            if prompt_key == "instruction" and _string(row, "input", where):
+                prompt = f"{prompt}\n\n{row['input']}"
+            answer = _string(row, answer_key, where)
+            return Document(
+                messages=({"role": "user", "content": prompt},
+                          {"role": "assistant", "content": answer})
+            )  # fmt: skip
+    for key in TEXTS:
+        if key in row:
+            text, title = _string(row, key, where), _string(row, "title", where)
+            text = f"{title}\n{text}" if title and text else title or text
+            return Document(text=text) if text else None
+    raise DataError(f"{where}: unrecognised row; keys are {sorted(row)}; expected {EXPECTED}")
