@@ -15,6 +15,9 @@ PARAM_DTYPES = ("float32", "bfloat16")
 ROPE_SCALINGS = ("none", "linear", "llama3")
 GROUPED_MATMULS = ("blocked", "ragged_dot")
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
+# path: file or glob; weight: mixture weight; max_examples: seeded sample of at most this many
+# documents (0 = all); field_map: our field name -> the row's (see schemas.py)
+SOURCE_KEYS = ("path", "weight", "max_examples", "field_map")
 
 
 class ConfigError(ValueError):
@@ -229,12 +232,27 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
             src,
             "must be a dict with a string 'path'",
         )
-        extra = set(src) - {"path", "weight"}
+        extra = set(src) - set(SOURCE_KEYS)
         _check(
             not extra,
             f"data.sources[{i}]",
             src,
-            f"unknown keys {sorted(extra)}; valid: path, weight",
+            f"unknown keys {sorted(extra)}; valid: {', '.join(SOURCE_KEYS)}",
+        )
+        limit = src.get("max_examples", 0)
+        _check(
+            isinstance(limit, int) and not isinstance(limit, bool) and limit >= 0,
+            f"data.sources[{i}].max_examples",
+            limit,
+            "must be an integer >= 0 (0 = all)",
+        )
+        fmap = src.get("field_map", {})
+        _check(
+            isinstance(fmap, dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in fmap.items()),
+            f"data.sources[{i}].field_map",
+            fmap,
+            "must map our field names to the row's, e.g. {'instruction': 'question'}",
         )
         weight = src.get("weight", 1.0)
         _check(

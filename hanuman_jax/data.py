@@ -62,10 +62,10 @@ def iter_records(path: Path, progress=None) -> Iterator[tuple[str, object]]:
         raise DataError(f"{path}: cannot be read ({e.strerror})") from None
 
 
-def read_documents(path: Path) -> list[Document]:
+def read_documents(path: Path, field_map: dict[str, str] | None = None) -> list[Document]:
     """Plain text: one document per non-empty line. JSONL: one row per line (see schemas.py)."""
     if path.suffix == ".jsonl":
-        docs = (row_to_document(row, where) for where, row in iter_records(path))
+        docs = (row_to_document(row, where, field_map) for where, row in iter_records(path))
         return [doc for doc in docs if doc is not None]
     return [Document(text=text) for _, text in iter_records(path)]
 
@@ -111,9 +111,14 @@ def make_dataset(
         )
     sources, weights = [], []
     for i, src in enumerate(cfg.data.sources):
-        docs = [d for p in resolve_paths(src["path"]) for d in read_documents(p)]
+        fmap = src.get("field_map")
+        docs = [d for p in resolve_paths(src["path"]) for d in read_documents(p, fmap)]
         if not docs:
             raise DataError(f"data.sources[{i}] {src['path']!r} holds no documents")
+        limit = src.get("max_examples", 0)
+        if 0 < limit < len(docs):  # a seeded sample, in file order (the seed samples 10k this way)
+            keep = np.random.default_rng(cfg.train.seed + i).choice(len(docs), limit, replace=False)
+            docs = [docs[j] for j in sorted(keep)]
         sources.append(grain.MapDataset.source(docs).shuffle(seed=cfg.train.seed + i).repeat())
         weights.append(float(src.get("weight", 1.0)))
     ds = sources[0] if len(sources) == 1 else grain.MapDataset.mix(sources, weights)

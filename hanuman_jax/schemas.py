@@ -69,10 +69,20 @@ def _chat(turns, key: str, where: str) -> tuple[dict, ...]:
     return tuple(messages)
 
 
-def row_to_document(row, where: str) -> Document | None:
-    """The document a JSONL row holds; None when a recognised row has no text."""
+def row_to_document(row, where: str, field_map: dict[str, str] | None = None) -> Document | None:
+    """The document a JSONL row holds; None when a recognised row has no text.
+
+    `field_map` (our name -> the row's name, e.g. {"instruction": "question"}) renames a row's
+    fields for datasets with their own schema; the row's other fields are then ignored.
+    """
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if field_map:
+        missing = sorted(theirs for theirs in field_map.values() if theirs not in row)
+        if missing:
+            raise DataError(f"{where}: field_map names {missing}, not in this row's keys "
+                            f"{sorted(row)}")  # fmt: skip
+        row = {ours: row[theirs] for ours, theirs in field_map.items()}
     for key in CHATS:
         if key in row:
             messages = _chat(row[key], key, where)
@@ -92,4 +102,7 @@ def row_to_document(row, where: str) -> Document | None:
             text, title = _string(row, key, where), _string(row, "title", where)
             text = f"{title}\n{text}" if title and text else title or text
             return Document(text=text) if text else None
-    raise DataError(f"{where}: unrecognised row; keys are {sorted(row)}; expected {EXPECTED}")
+    raise DataError(
+        f"{where}: unrecognised row; keys are {sorted(row)}; expected {EXPECTED}, or map the keys "
+        "with the source's field_map, e.g. {'instruction': 'question', 'output': 'answer'}"
+    )

@@ -142,3 +142,17 @@ def test_overrides_convert_types():
     assert cfg.train.steps == 7 and cfg.optimizer.peak_lr == 1e-3
     assert cfg.model.tie_embeddings is False
     assert cfg.data.sources == [{"path": "a.txt", "weight": 2}]
+
+
+def test_source_options_are_checked():
+    tiny = ROOT / "configs" / "tiny.py"
+    ok = "[{'path': 'a.jsonl', 'max_examples': 10, 'field_map': {'text': 'body'}}]"
+    assert load_config(tiny, [f"--config.data.sources={ok}"]).data.sources[0]["max_examples"] == 10
+    for bad, message in [
+        ("[{'path': 'a', 'max_examples': -1}]", "data.sources[0].max_examples=-1 is invalid"),
+        ("[{'path': 'a', 'field_map': ['x']}]", "data.sources[0].field_map=['x'] is invalid"),
+        ("[{'path': 'a', 'sample': 3}]", "unknown keys ['sample']; valid: path, weight"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            load_config(tiny, [f"--config.data.sources={bad}"])
+        assert message in str(err.value)

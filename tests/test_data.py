@@ -1,4 +1,5 @@
 import json
+import re
 
 import ml_collections
 import numpy as np
@@ -158,3 +159,31 @@ def test_schemas_are_detected_per_row(tmp_path, tokenizer):
     batch = next(iter(make_dataset(_cfg([{"path": str(f)}], seq_len=48, batch=2), tokenizer.path)))
     trained = tokenizer.decode(batch["tokens"][0][batch["loss_mask"][0] == 1])
     assert "<think>ง่าย</think>สวัสดี" in trained and "แปลเป็นไทย" not in trained
+
+
+def test_field_map_and_max_examples(tmp_path, tokenizer):
+    f = tmp_path / "own_schema.jsonl"
+    rows = [{"question": f"คำถาม {i}", "answer": f"คำตอบ {i}", "id": i} for i in range(50)]
+    f.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
+    with pytest.raises(
+        DataError,
+        match=r"unrecognised row; keys are \['answer', 'id', "
+        r"'question'\].*field_map",
+    ):
+        read_documents(f)
+    fmap = {"instruction": "question", "output": "answer"}
+    docs = read_documents(f, fmap)
+    assert docs[7].messages[1] == {"role": "assistant", "content": "คำตอบ 7"}
+    with pytest.raises(DataError, match=r"field_map names \['reply'\], not in this row"):
+        read_documents(f, {"instruction": "question", "output": "reply"})
+
+    src = {"path": str(f), "field_map": fmap, "max_examples": 10}
+
+    def sampled_ids():
+        it = iter(make_dataset(_cfg([src], seq_len=512, batch=2), tokenizer.path))
+        text = tokenizer.decode(next(it)["tokens"].reshape(-1))  # ~2.5 epochs of 10 documents
+        return {int(x) for x in re.findall(r"คำถาม (\d+)", text)}
+
+    ids = sampled_ids()
+    assert len(ids) == 10 and ids == sampled_ids()  # exactly 10 documents, the same each time
+    assert ids != set(range(10))  # a seeded sample of the 50, not the first 10
