@@ -101,7 +101,7 @@ def make_dataset(
     """An endless, deterministic stream of this process's batches of packed rows.
 
     Each batch holds `tokens`, `segment_ids` (document pieces numbered from 1 in each row),
-    `positions` (within the document) and `loss_mask`, all int32 of shape [local_batch, seq_len].
+    `positions` (from 0 in each piece) and `loss_mask`, all int32 of shape [local_batch, seq_len].
     """
     seq_len = cfg.data.seq_len
     if cfg.train.batch_size % process_count:
