@@ -13,8 +13,6 @@ import numpy as np
 
 from hanuman_jax.packing import PackedRows
 from hanuman_jax.schemas import DataError, Document, row_to_document
-
-__all__ = ["DataError", "Document", "make_dataset", "read_documents", "resolve_file"]
 from hanuman_jax.tokenizer import Tokenizer
 
 BUNDLED_DIR = Path(__file__).parent / "assets" / "sample"

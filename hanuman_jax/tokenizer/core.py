@@ -41,6 +41,8 @@ FOLD = {
     "\u2015": "-", "\u2212": "-", "\ufe63": "-", "\uff0d": "-",  # ― − ﹣ －
 }  # fmt: skip
 NEWLINES = {"\r\n": NEWLINE, "\r": NEWLINE, "\n": NEWLINE}
+DIGITS_TO_ARABIC = dict(zip(THAI_DIGITS, ARABIC_DIGITS, strict=True))
+_TRANSLATE = {"keep": str.maketrans(FOLD), "to-arabic": str.maketrans(FOLD | DIGITS_TO_ARABIC)}
 _SYMBOL_TEXT = re.compile("|".join(re.escape(s) for s in USER_SYMBOLS))
 _THAI_MARKS = [chr(c) for c in (0x0E31, *range(0x0E34, 0x0E3B), *range(0x0E47, 0x0E4F))]
 
@@ -63,7 +65,7 @@ def normalization_rules(thai_digits: str = "keep") -> dict[str, str]:
                 rules[a + b] = unicodedata.normalize("NFC", a + b)
     rules |= FOLD | NEWLINES
     if thai_digits == "to-arabic":
-        rules |= dict(zip(THAI_DIGITS, ARABIC_DIGITS, strict=True))
+        rules |= DIGITS_TO_ARABIC
     return rules
 
 
@@ -78,10 +80,7 @@ def rules_tsv(rules: dict[str, str]) -> str:
 
 def normalize(text: str, thai_digits: str = "keep") -> str:
     """The text the model sees, with newlines kept as newlines (for round-trip checks)."""
-    text = unicodedata.normalize("NFC", text)
-    table = FOLD | (dict(zip(THAI_DIGITS, ARABIC_DIGITS, strict=True))
-                    if thai_digits == "to-arabic" else {})  # fmt: skip
-    text = text.translate(str.maketrans(table))
+    text = unicodedata.normalize("NFC", text).translate(_TRANSLATE[thai_digits])
     # A literal "<nl>" in the text is the newline symbol too: the model cannot tell them apart.
     return text.replace("\r\n", "\n").replace("\r", "\n").replace(NEWLINE, "\n")
 
