@@ -45,6 +45,9 @@ def get_config() -> ml_collections.ConfigDict:
     ]
     cfg.data.tokenizer = "tokenizers/hanuman_sp96k.model"  # the 96k Unigram SentencePiece model
     cfg.data.seq_len = 8192  # tokens per packed training row
+    cfg.data.eval_sources = []  # held-out sources for periodic evaluation (same form as sources)
+    cfg.data.packing = "concat"  # concat: rows always full; whole: documents not split (chat)
+    cfg.data.strict = False  # stop at the first unusable record instead of skipping and counting
 
     cfg.optimizer = ml_collections.ConfigDict()
     cfg.optimizer.peak_lr = 3e-4  # learning rate after warmup
@@ -63,6 +66,8 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.train.log_every = 50  # steps between metrics.jsonl rows
     cfg.train.checkpoint_every = 1000  # steps between checkpoints (and one at the end)
     cfg.train.keep_checkpoints = 3  # newest checkpoints kept on disk
+    cfg.train.eval_every = 0  # steps between evaluations on data.eval_sources; 0 = none
+    cfg.train.eval_batches = 8  # batches per evaluation (the same ones every time)
 
     cfg.mesh = ml_collections.ConfigDict()
     cfg.mesh.data = 1  # data-parallel replicas; -1 = all devices left over

@@ -46,6 +46,9 @@ def get_config() -> ml_collections.ConfigDict:
     ]
     cfg.data.tokenizer = "bundled:tokenizer.model"  # SentencePiece model
     cfg.data.seq_len = 128  # tokens per packed training row
+    cfg.data.eval_sources = []  # held-out sources for periodic evaluation (same form as sources)
+    cfg.data.packing = "concat"  # concat: rows always full; whole: documents not split (chat)
+    cfg.data.strict = False  # stop at the first unusable record instead of skipping and counting
 
     cfg.optimizer = ml_collections.ConfigDict()
     cfg.optimizer.peak_lr = 3e-3  # learning rate after warmup
@@ -64,6 +67,8 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.train.log_every = 10  # steps between metrics.jsonl rows
     cfg.train.checkpoint_every = 150  # steps between checkpoints (and one at the end)
     cfg.train.keep_checkpoints = 2  # newest checkpoints kept on disk
+    cfg.train.eval_every = 0  # steps between evaluations on data.eval_sources; 0 = none
+    cfg.train.eval_batches = 8  # batches per evaluation (the same ones every time)
 
     cfg.mesh = ml_collections.ConfigDict()
     cfg.mesh.data = -1  # data-parallel replicas; -1 = all devices left over

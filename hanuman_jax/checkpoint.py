@@ -29,10 +29,10 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state, data_iterator, meta: dict) -> None:
-        # The iterator's position is taken now: an async save would otherwise read it later,
-        # after the loop has consumed more batches.
-        position = _Position(data_iterator.get_state())
+    def save(self, step: int, state, data_state: dict, meta: dict) -> None:
+        """`data_state`: the iterator's `get_state()` taken at this step (an async save must not
+        read the iterator later, after the loop has consumed more batches)."""
+        position = _Position(data_state)
         self.manager.save(
             step,
             args=ocp.args.Composite(

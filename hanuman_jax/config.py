@@ -15,9 +15,13 @@ PARAM_DTYPES = ("float32", "bfloat16")
 ROPE_SCALINGS = ("none", "linear", "llama3")
 GROUPED_MATMULS = ("blocked", "ragged_dot")
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
-# path: file or glob; weight: mixture weight; max_examples: seeded sample of at most this many
-# documents (0 = all); field_map: our field name -> the row's (see schemas.py)
-SOURCE_KEYS = ("path", "weight", "max_examples", "field_map")
+# path: file or glob (.txt, .jsonl, .parquet, or .array_record token shards), hf:OWNER/NAME[:SPLIT]
+# or tfds:NAME[/CONFIG]:SPLIT; weight: share of tokens; max_examples: seeded sample of at most this
+# many documents (0 = all); field_map: our field name -> the row's (see schemas.py); format: text
+# files as "lines" (a document per line) or "paragraphs" (blank-line separated); data_dir: tfds's
+SOURCE_KEYS = ("path", "weight", "max_examples", "field_map", "format", "data_dir")
+TEXT_FORMATS = ("lines", "paragraphs")
+PACKING_MODES = ("concat", "whole")
 
 
 class ConfigError(ValueError):
@@ -225,42 +229,17 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         d.sources,
         "must be a non-empty list of {'path': ..., 'weight': ...}",
     )
-    for i, src in enumerate(d.sources):
-        _check(
-            isinstance(src, dict) and isinstance(src.get("path"), str),
-            f"data.sources[{i}]",
-            src,
-            "must be a dict with a string 'path'",
-        )
-        extra = set(src) - set(SOURCE_KEYS)
-        _check(
-            not extra,
-            f"data.sources[{i}]",
-            src,
-            f"unknown keys {sorted(extra)}; valid: {', '.join(SOURCE_KEYS)}",
-        )
-        limit = src.get("max_examples", 0)
-        _check(
-            isinstance(limit, int) and not isinstance(limit, bool) and limit >= 0,
-            f"data.sources[{i}].max_examples",
-            limit,
-            "must be an integer >= 0 (0 = all)",
-        )
-        fmap = src.get("field_map", {})
-        _check(
-            isinstance(fmap, dict)
-            and all(isinstance(k, str) and isinstance(v, str) for k, v in fmap.items()),
-            f"data.sources[{i}].field_map",
-            fmap,
-            "must map our field names to the row's, e.g. {'instruction': 'question'}",
-        )
-        weight = src.get("weight", 1.0)
-        _check(
-            isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight > 0,
-            f"data.sources[{i}].weight",
-            weight,
-            "must be a number > 0",
-        )
+    _check_sources(d.sources, "data.sources")
+    _check(
+        isinstance(d.eval_sources, (list, tuple)),
+        "data.eval_sources",
+        d.eval_sources,
+        "must be a list of sources like data.sources (may be empty)",
+    )
+    _check_sources(d.eval_sources, "data.eval_sources")
+    _check(isinstance(d.strict, bool), "data.strict", d.strict, "must be true or false")
+    _check(d.packing in PACKING_MODES, "data.packing", d.packing,
+           f"one of {', '.join(PACKING_MODES)}")  # fmt: skip
     _check(bool(d.tokenizer), "data.tokenizer", d.tokenizer, "path to a SentencePiece .model")
 
     _check(o.peak_lr > 0, "optimizer.peak_lr", o.peak_lr, "must be > 0")
@@ -280,6 +259,11 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _positive_ints(cfg, "train", ("steps", "batch_size", "log_every", "checkpoint_every"))
     _positive_ints(cfg, "train", ("keep_checkpoints",))
     _check(isinstance(t.seed, int), "train.seed", t.seed, "must be an integer")
+    _check(isinstance(t.eval_every, int) and t.eval_every >= 0, "train.eval_every", t.eval_every,
+           "must be an integer >= 0 (0 = no periodic evaluation)")  # fmt: skip
+    _positive_ints(cfg, "train", ("eval_batches",))
+    _check(t.eval_every == 0 or len(d.eval_sources) > 0, "train.eval_every", t.eval_every,
+           "needs data.eval_sources to evaluate on")  # fmt: skip
 
     sizes = [cfg.mesh[a] for a in MESH_AXES]
     for a, v in zip(MESH_AXES, sizes, strict=True):
@@ -317,6 +301,56 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
             cfg.mesh.tensor,
             f"must divide model.num_kv_heads ({m.num_kv_heads})",
         )
+
+
+def _check_sources(sources, field: str) -> None:
+    for i, src in enumerate(sources):
+        _check(
+            isinstance(src, dict) and isinstance(src.get("path"), str),
+            f"{field}[{i}]",
+            src,
+            "must be a dict with a string 'path'",
+        )
+        extra = set(src) - set(SOURCE_KEYS)
+        _check(
+            not extra,
+            f"{field}[{i}]",
+            src,
+            f"unknown keys {sorted(extra)}; valid: {', '.join(SOURCE_KEYS)}",
+        )
+        limit = src.get("max_examples", 0)
+        _check(
+            isinstance(limit, int) and not isinstance(limit, bool) and limit >= 0,
+            f"{field}[{i}].max_examples",
+            limit,
+            "must be an integer >= 0 (0 = all)",
+        )
+        fmap = src.get("field_map", {})
+        _check(
+            isinstance(fmap, dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in fmap.items()),
+            f"{field}[{i}].field_map",
+            fmap,
+            "must map our field names to the row's, e.g. {'instruction': 'question'}",
+        )
+        weight = src.get("weight", 1.0)
+        _check(
+            isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight > 0,
+            f"{field}[{i}].weight",
+            weight,
+            "must be a number > 0",
+        )
+        fmt = src.get("format", "lines")
+        _check(
+            fmt in TEXT_FORMATS, f"{field}[{i}].format", fmt, f"one of {', '.join(TEXT_FORMATS)}"
+        )
+        path = src["path"]
+        if path.startswith("tfds:"):
+            _check(":" in path[5:], f"{field}[{i}].path", path, "tfds:NAME[/CONFIG]:SPLIT")
+        if path.startswith(("hf:", "tfds:")):
+            _check(len(path.split(":")[1]) > 0, f"{field}[{i}].path", path, "names no dataset")
+        _check("data_dir" not in src or path.startswith("tfds:"), f"{field}[{i}].data_dir",
+               src.get("data_dir"), "only for tfds: sources")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)

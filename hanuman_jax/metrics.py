@@ -26,13 +26,15 @@ class MetricsWriter:
         # purge_step hides events a killed run logged after the checkpoint we resumed from
         self.tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=resume_step + 1)
 
-    def write(self, step: int, metrics: dict) -> None:
+    def write(self, step: int, metrics: dict, *, section: str = "train") -> None:
+        """One row; TensorBoard gets the scalars under `section/` ('data/...' keys as they are)."""
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
         for key, value in row.items():
             if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                self.tb.add_scalar(f"train/{key}", value, step)
+                tag = key if "/" in key else f"{section}/{key}"
+                self.tb.add_scalar(tag, value, step)
 
     def close(self) -> None:
         self.file.close()

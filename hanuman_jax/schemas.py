@@ -69,11 +69,31 @@ def _chat(turns, key: str, where: str) -> tuple[dict, ...]:
     return tuple(messages)
 
 
-def row_to_document(row, where: str, field_map: dict[str, str] | None = None) -> Document | None:
-    """The document a JSONL row holds; None when a recognised row has no text.
+def schema_of(row: dict) -> str | None:
+    """The schema family a row belongs to: "chat" (messages, conversations, instruction or
+    prompt/response pairs), "text", or None if unrecognised."""
+    if any(key in row for key in CHATS) or any(a in row and b in row for a, b in PAIRS):
+        return "chat"
+    if any(key in row for key in TEXTS):
+        return "text"
+    return None
+
+
+def _unrecognised(row: dict, where: str) -> DataError:
+    return DataError(
+        f"{where}: unrecognised row; keys are {sorted(row)}; expected {EXPECTED}, or map the keys "
+        "with the source's field_map, e.g. {'instruction': 'question', 'output': 'answer'}"
+    )
+
+
+def row_to_document(
+    row, where: str, field_map: dict[str, str] | None = None, schema: str | None = None
+) -> Document | None:
+    """The document a row holds; None when a recognised row has no text.
 
     `field_map` (our name -> the row's name, e.g. {"instruction": "question"}) renames a row's
     fields for datasets with their own schema; the row's other fields are then ignored.
+    `schema` (from `schema_of` on a source's first rows) makes a row of another family an error.
     """
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
@@ -83,26 +103,31 @@ def row_to_document(row, where: str, field_map: dict[str, str] | None = None) ->
             raise DataError(f"{where}: field_map names {missing}, not in this row's keys "
                             f"{sorted(row)}")  # fmt: skip
         row = {ours: row[theirs] for ours, theirs in field_map.items()}
-    for key in CHATS:
-        if key in row:
-            messages = _chat(row[key], key, where)
-            return Document(messages=messages) if messages else None
-    for prompt_key, answer_key in PAIRS:
-        if prompt_key in row and answer_key in row:
-            prompt = _string(row, prompt_key, where)
-            if prompt_key == "instruction" and _string(row, "input", where):
-                prompt = f"{prompt}\n\n{row['input']}"
-            answer = _string(row, answer_key, where)
-            return Document(
-                messages=({"role": "user", "content": prompt},
-                          {"role": "assistant", "content": answer})
-            )  # fmt: skip
-    for key in TEXTS:
-        if key in row:
-            text, title = _string(row, key, where), _string(row, "title", where)
-            text = f"{title}\n{text}" if title and text else title or text
-            return Document(text=text) if text else None
-    raise DataError(
-        f"{where}: unrecognised row; keys are {sorted(row)}; expected {EXPECTED}, or map the keys "
-        "with the source's field_map, e.g. {'instruction': 'question', 'output': 'answer'}"
-    )
+    family = schema_of(row)
+    if family is None:
+        raise _unrecognised(row, where)
+    if schema is not None and family != schema:
+        raise DataError(
+            f"{where}: a {family} row in a source whose first rows are {schema} rows; "
+            f"keys are {sorted(row)}"
+        )
+    key = next((k for k in CHATS if k in row), None)
+    if key is not None:
+        messages = _chat(row[key], key, where)
+        return Document(messages=messages) if messages else None
+    if family == "chat":
+        prompt_key, answer_key = next((a, b) for a, b in PAIRS if a in row and b in row)
+        prompt = _string(row, prompt_key, where)
+        if prompt_key == "instruction" and _string(row, "input", where):
+            prompt = f"{prompt}\n\n{row['input']}"
+        answer = _string(row, answer_key, where)
+        if not prompt and not answer:
+            return None
+        return Document(
+            messages=({"role": "user", "content": prompt},
+                      {"role": "assistant", "content": answer})
+        )  # fmt: skip
+    key = next(k for k in TEXTS if k in row)
+    text, title = _string(row, key, where), _string(row, "title", where)
+    text = f"{title}\n{text}" if title and text else title or text
+    return Document(text=text) if text else None

@@ -128,7 +128,13 @@ def loss_fn(setup: Setup, params: dict, batch: dict, rng: jax.Array | None):
     aux_loss = aux.get("aux_loss", 0.0) / n_moe
     z_loss = aux.get("z_loss", 0.0) / n_moe
     total = ce + setup.aux_loss_coef * aux_loss + setup.z_loss_coef * z_loss
-    metrics = {"loss": ce, "aux_loss": aux_loss, "z_loss": z_loss, "tokens": num_targets}
+    metrics = {
+        "loss": ce,
+        "aux_loss": aux_loss,
+        "z_loss": z_loss,
+        "tokens": num_targets,
+        "packing_efficiency": jnp.mean(seg != 0),  # share of the batch that is not padding
+    }
     return total, metrics
 
 
@@ -155,4 +161,18 @@ def jit_train_step(setup: Setup):
         in_shardings=(setup.state_shardings, batch_sharding),
         out_shardings=(setup.state_shardings, sharding.replicated(setup.mesh)),
         donate_argnums=(0,),
+    )
+
+
+def eval_step(setup: Setup, params: dict, batch: dict) -> dict:
+    """Summed next-token loss and target count of one batch (deterministic: no router noise)."""
+    _, metrics = loss_fn(setup, params, batch, None)
+    return {"nll_sum": metrics["loss"] * metrics["tokens"], "tokens": metrics["tokens"]}
+
+
+def jit_eval_step(setup: Setup):
+    return jax.jit(
+        lambda params, batch: eval_step(setup, params, batch),
+        in_shardings=(setup.state_shardings["params"], sharding.batch_sharding(setup.mesh)),
+        out_shardings=sharding.replicated(setup.mesh),
     )

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
 import jax
 import ml_collections
+import numpy as np
 
 from hanuman_jax import sharding
 from hanuman_jax.checkpoint import Checkpointer, abstract_with_shardings
 from hanuman_jax.config import ConfigError
 from hanuman_jax.data import DataError, make_dataset, resolve_file
+from hanuman_jax.data.pipeline import stats_metrics
 from hanuman_jax.metrics import MetricsWriter, ProgressBar
 from hanuman_jax.model import count_params
-from hanuman_jax.step import build_setup, init_state, jit_train_step
+from hanuman_jax.step import build_setup, init_state, jit_eval_step, jit_train_step
 from hanuman_jax.tokenizer import Tokenizer
 
 log = logging.getLogger("hanuman_jax")
@@ -121,45 +124,112 @@ def train(cfg: ml_collections.ConfigDict, workdir: Path, *, progress: bool = Tru
                 "%s is already at step %d of %d: nothing to do", workdir, start, cfg.train.steps
             )
             return {}
-        return _loop(cfg, workdir, setup, state, batches, ckpt, start, progress)
+        evaluator = Evaluator(setup, eval_batches(cfg, tokenizer.path))
+        return _loop(cfg, workdir, setup, state, batches, ckpt, start, progress, evaluator)
     finally:
         batches.close()  # stops the prefetch thread before interpreter shutdown
         ckpt.close()
 
 
-def _loop(cfg, workdir, setup, state, batches, ckpt, start, progress) -> dict:
+def _process_sum(stats: dict) -> dict:
+    """Sums the data counters over processes (each process counts only its own lanes)."""
+    if jax.process_count() == 1:
+        return stats
+    from jax.experimental import multihost_utils
+
+    gathered = multihost_utils.process_allgather(
+        {k: np.asarray(v) for k, v in stats.items()}, tiled=False
+    )
+    return {k: np.asarray(v).sum(axis=0) for k, v in gathered.items()}
+
+
+def eval_batches(cfg: ml_collections.ConfigDict, tokenizer_path: Path) -> list[dict]:
+    """The first `train.eval_batches` batches of `data.eval_sources`: the same set every time."""
+    if not cfg.data.eval_sources:
+        return []
+    ds = make_dataset(cfg, tokenizer_path, process_index=jax.process_index(),
+                      process_count=jax.process_count(), eval_sources=True, prefetch=0)  # fmt: skip
+    it = iter(ds)
+    batches = [next(it) for _ in range(cfg.train.eval_batches)]
+    for b in batches:
+        b.pop("stats")
+    return batches
+
+
+class Evaluator:
+    """Mean loss per predicted token over the fixed evaluation batches."""
+
+    def __init__(self, setup, batches: list[dict]):
+        self.setup, self.batches = setup, batches
+        self.step_fn = jit_eval_step(setup) if batches else None
+
+    def __call__(self, params) -> dict:
+        nll, tokens = 0.0, 0
+        for batch in self.batches:
+            out = jax.device_get(
+                self.step_fn(params, sharding.global_batch(batch, self.setup.mesh))
+            )
+            nll, tokens = nll + float(out["nll_sum"]), tokens + int(out["tokens"])
+        loss = nll / max(tokens, 1)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": tokens}
+
+
+def _loop(cfg, workdir, setup, state, batches, ckpt, start, progress, evaluator) -> dict:
     mesh = setup.mesh
     step_fn = jit_train_step(setup)
     writer = MetricsWriter(workdir, resume_step=start)
     bar = ProgressBar(cfg.train.steps, start, enabled=progress)
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     last: dict = {}
-    pending = None  # (step, device metrics): read one step late so the host never waits
+    data_stats: dict = {}
+    pending = None  # (step, device metrics, data stats): read one step late, the host never waits
     t_mark, step_mark = time.perf_counter(), start
 
-    def report(step: int, metrics) -> None:
-        nonlocal t_mark, step_mark, last
+    def report(step: int, metrics, stats) -> None:
+        nonlocal t_mark, step_mark, last, data_stats
         bar.update(step)
+        data_stats = stats
         is_first = step == start + 1
         if not (is_first or step % cfg.train.log_every == 0 or step == cfg.train.steps):
             return
         now = time.perf_counter()
         values = jax.device_get(metrics)
         values["tokens_per_s"] = tokens_per_step * (step - step_mark) / (now - t_mark)
+        values |= stats_metrics(_process_sum(stats))
         t_mark, step_mark = now, step
         writer.write(step, values)
         bar.update(step, float(values["loss"]), values["tokens_per_s"])
         last = {"step": step, **{k: float(v) for k, v in values.items()}}
 
+    def evaluate(step: int) -> None:
+        result = evaluator(state["params"])
+        writer.write(step, {f"eval_{k}": v for k, v in result.items()}, section="eval")
+        log.info("step %d: eval loss %.4f, perplexity %.2f over %d tokens", step,
+                 result["loss"], result["perplexity"], result["tokens"])  # fmt: skip
+        last.update({f"eval_{k}": float(v) for k, v in result.items()})
+
+    step = start
     try:
         for step in range(start, cfg.train.steps):
-            batch = sharding.global_batch(next(batches), mesh)
-            state, metrics = step_fn(state, batch)
+            position = batches.get_state()  # where the data stands before this step's batch
+            try:
+                host_batch = next(batches)
+            except DataError:
+                if step > start:  # keep the steps done so far (data.strict stopped the run)
+                    ckpt.save(step, state, position, {"config": cfg.to_dict()})
+                    log.error("saved step %d to %s before stopping", step, ckpt.directory)
+                raise
+            stats = host_batch.pop("stats")
+            state, metrics = step_fn(state, sharding.global_batch(host_batch, mesh))
             if pending is not None:
                 report(*pending)
-            pending = (step + 1, metrics)
+            pending = (step + 1, metrics, stats)
             if (step + 1) % cfg.train.checkpoint_every == 0 or step + 1 == cfg.train.steps:
-                ckpt.save(step + 1, state, batches, {"config": cfg.to_dict()})
+                ckpt.save(step + 1, state, batches.get_state(), {"config": cfg.to_dict()})
+            if evaluator.batches and (
+                (step + 1) % cfg.train.eval_every == 0 or step + 1 == cfg.train.steps
+            ):
+                evaluate(step + 1)
         if pending is not None:
             report(*pending)
     finally:
@@ -167,4 +237,7 @@ def _loop(cfg, workdir, setup, state, batches, ckpt, start, progress) -> dict:
         bar.close()
     if last:
         log.info("finished at step %d: %s", last["step"], json.dumps(last))
+    skipped = {k: v for k, v in stats_metrics(data_stats).items() if "skipped" in k and v}
+    if skipped:
+        log.warning("unusable records skipped (this process): %s", skipped)
     return last

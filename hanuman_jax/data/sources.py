@@ -1,0 +1,285 @@
+"""Random-access data sources: local text / JSONL / Parquet / ArrayRecord, `hf:` and `tfds:`.
+
+A source is a sequence: `len(source)` records, and `source[i]` is one of
+- a `Document` (text or chat messages, see schemas.py),
+- a pre-tokenized document `{"tokens", "loss_mask"}` (ArrayRecord shards from `data prepare`),
+- a `Skip` naming a record that cannot be used (bad JSON or UTF-8, no text, missing fields).
+Nothing is loaded whole except Parquet's needed columns (as Arrow buffers); text and JSONL files
+are read through a byte-offset index, the others through their libraries' random access.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from hanuman_jax.data import records
+from hanuman_jax.data.files import LineIndex, resolve_paths
+from hanuman_jax.schemas import DataError, Document, row_to_document, schema_of
+
+SKIP_REASONS = ("malformed_json", "invalid_utf8", "empty", "missing_field")
+DETECT_ROWS = 1000  # rows read at start to find a source's schema
+
+
+@dataclass(frozen=True)
+class Skip:
+    """A record the pipeline passes over (and counts); `data.strict` turns it into an error."""
+
+    reason: str  # one of SKIP_REASONS
+    where: str  # file:line, or source[index]
+    message: str
+
+    def error(self) -> DataError:
+        return DataError(f"{self.where}: {self.message} (data.strict=True stops at the first)")
+
+
+Record = Document | Skip | dict
+
+
+class TextSource:
+    """Plain text: a document per non-empty line, or per blank-line-separated paragraph."""
+
+    def __init__(self, path: Path, fmt: str = "lines"):
+        self.index = LineIndex(path, paragraphs=fmt == "paragraphs")
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> Record:
+        try:
+            text = self.index[i].decode("utf-8")
+        except UnicodeDecodeError as e:
+            return Skip("invalid_utf8", self.index.where(i), f"not UTF-8 ({e.reason})")
+        if not text.strip():
+            return Skip("empty", self.index.where(i), "an empty document")
+        return Document(text=text.replace("\r\n", "\n"))
+
+
+class RowSource:
+    """Rows (dicts) in any container; each becomes a Document by the schemas in schemas.py.
+
+    The schema family is detected from the first rows when the source opens, so a file of an
+    unknown form fails at once with one line listing its keys; later rows of another family, or
+    missing the fields, are skipped and counted.
+    """
+
+    def __init__(self, name: str, field_map: dict | None):
+        self.name = name
+        self.field_map = dict(field_map) if field_map else None
+        self.schema = None
+        self.schema = self._detect()
+
+    def row(self, i: int) -> tuple[str, object]:
+        """(where, row) for row i; a Skip instead of the row when it cannot be read."""
+        raise NotImplementedError
+
+    def _detect(self) -> str:
+        for i in range(min(len(self), DETECT_ROWS)):
+            where, row = self.row(i)
+            if isinstance(row, Skip) or not isinstance(row, dict):
+                continue
+            mapped = row
+            if self.field_map:
+                # raises with the row's keys when the map names fields that are not there
+                row_to_document(row, where, self.field_map)
+                mapped = {ours: row[theirs] for ours, theirs in self.field_map.items()}
+            family = schema_of(mapped)
+            if family is None:
+                row_to_document(mapped, where)  # raises: unrecognised, with the keys found
+            return family
+        raise DataError(f"{self.name}: no usable row among the first {DETECT_ROWS}")
+
+    def __getitem__(self, i: int) -> Record:
+        where, row = self.row(i)
+        if isinstance(row, Skip):
+            return row
+        try:
+            doc = row_to_document(row, where, self.field_map, self.schema)
+        except DataError as e:
+            return Skip("missing_field", where, str(e).removeprefix(f"{where}: "))
+        return doc if doc is not None else Skip("empty", where, "a row with no text")
+
+
+class JsonlSource(RowSource):
+    def __init__(self, path: Path, field_map: dict | None = None):
+        self.index = LineIndex(path)
+        super().__init__(str(path), field_map)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def row(self, i: int):
+        where = self.index.where(i)
+        try:
+            line = self.index[i].decode("utf-8")
+        except UnicodeDecodeError as e:
+            return where, Skip("invalid_utf8", where, f"not UTF-8 ({e.reason})")
+        if not line.strip():
+            return where, Skip("empty", where, "an empty line")
+        try:
+            return where, json.loads(line)
+        except json.JSONDecodeError as e:
+            return where, Skip("malformed_json", where, f"invalid JSON ({e.msg})")
+
+
+class ParquetSource(RowSource):
+    """A Parquet file; the needed columns are held as Arrow arrays (no Python objects)."""
+
+    def __init__(self, path: Path, field_map: dict | None = None):
+        pq = _optional("pyarrow.parquet", "parquet")
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # noqa: BLE001 (pyarrow raises several types for bad files)
+            raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+        self.path = path
+        self.columns = {name: table.column(name) for name in table.column_names}
+        self.rows = table.num_rows
+        super().__init__(str(path), field_map)
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def row(self, i: int):
+        return f"{self.path}[row {i}]", {k: col[i].as_py() for k, col in self.columns.items()}
+
+
+class HFSource(RowSource):
+    """`hf:OWNER/NAME[:SPLIT]` through `datasets.load_dataset` (Arrow files, memory-mapped).
+
+    A local directory or a loading script's path works in place of OWNER/NAME, as in `datasets`.
+    """
+
+    def __init__(self, spec: str, field_map: dict | None = None):
+        datasets = _optional("datasets", "hf")
+        name, _, split = spec.partition(":")
+        try:
+            self.ds = datasets.load_dataset(name, split=split or "train")
+        except Exception as e:  # noqa: BLE001 (hub, network and format errors all end here)
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise DataError(f"hf:{spec}: cannot be loaded ({reason})") from None
+        super().__init__(f"hf:{spec}", field_map)
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def row(self, i: int):
+        return f"{self.name}[{i}]", self.ds[i]
+
+
+class TfdsSource(RowSource):
+    """`tfds:NAME[/CONFIG]:SPLIT` through `tfds.data_source` (ArrayRecord, random access).
+
+    Byte strings in the examples are decoded as UTF-8; `data_dir` defaults to TFDS's own.
+    """
+
+    def __init__(self, spec: str, field_map: dict | None = None, data_dir: str | None = None):
+        tfds = _optional("tensorflow_datasets", "tfds")
+        name, _, split = spec.partition(":")
+        if not split:
+            raise DataError(f"tfds:{spec}: name a split, e.g. tfds:{name}:train")
+        try:
+            self.ds = tfds.data_source(name, split=split, data_dir=data_dir)
+        except Exception as e:  # noqa: BLE001
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise DataError(f"tfds:{spec}: cannot be loaded ({reason})") from None
+        super().__init__(f"tfds:{spec}", field_map)
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def row(self, i: int):
+        where = f"{self.name}[{i}]"
+        try:
+            return where, _decode_bytes(self.ds[i])
+        except UnicodeDecodeError as e:
+            return where, Skip("invalid_utf8", where, f"not UTF-8 ({e.reason})")
+
+
+def _decode_bytes(value):
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, dict):
+        return {k: _decode_bytes(v) for k, v in value.items()}
+    if hasattr(value, "tolist"):  # numpy scalars and arrays (of bytes, for sequences)
+        return _decode_bytes(value.tolist())
+    if isinstance(value, list):
+        return [_decode_bytes(v) for v in value]
+    return value
+
+
+class TokenShards:
+    """Pre-tokenized documents in ArrayRecord shards written by `python -m hanuman_jax.data
+    prepare`; refuses shards made with another tokenizer."""
+
+    def __init__(self, paths: list[Path], tokenizer_sha256: str | None):
+        records.check_manifest(paths, tokenizer_sha256)
+        self.source = records.open_shards(paths)
+        self.name = str(paths[0].parent)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> Record:
+        try:
+            return records.decode(self.source[i])
+        except ValueError as e:
+            return Skip("missing_field", f"{self.name}[{i}]", str(e))
+
+
+class Concat:
+    """Several sources read as one (the files of a glob)."""
+
+    def __init__(self, parts: list):
+        self.parts = parts
+        self.offsets = [0]
+        for part in parts:
+            self.offsets.append(self.offsets[-1] + len(part))
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def __getitem__(self, i: int) -> Record:
+        k = bisect.bisect_right(self.offsets, i) - 1
+        return self.parts[k][i - self.offsets[k]]
+
+
+def open_source(spec: dict, where: str, tokenizer_sha256: str | None = None):
+    """The source a `data.sources[i]` entry names (validated by config.validate)."""
+    path, fmap = spec["path"], spec.get("field_map")
+    if path.startswith("hf:"):
+        return HFSource(path[3:], fmap)
+    if path.startswith("tfds:"):
+        return TfdsSource(path[5:], fmap, spec.get("data_dir"))
+    try:
+        paths = resolve_paths(path)
+    except DataError as e:
+        raise DataError(f"{where}: {e}") from None
+    shards = [p for p in paths if p.suffix in records.SUFFIXES]
+    if shards:
+        if len(shards) != len(paths):
+            raise DataError(f"{where}: {path!r} mixes ArrayRecord shards with other files")
+        return TokenShards(shards, tokenizer_sha256)
+    parts = []
+    for p in paths:
+        if p.suffix == ".jsonl":
+            parts.append(JsonlSource(p, fmap))
+        elif p.suffix == ".parquet":
+            parts.append(ParquetSource(p, fmap))
+        elif p.name == records.MANIFEST:
+            continue
+        else:
+            parts.append(TextSource(p, spec.get("format", "lines")))
+    return parts[0] if len(parts) == 1 else Concat(parts)
+
+
+def _optional(module: str, extra: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise DataError(
+            f"this source needs {module.split('.')[0]}: pip install 'hanuman_jax[{extra}]'"
+        ) from None
