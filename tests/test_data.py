@@ -183,3 +183,57 @@ def test_field_map_and_max_examples(tmp_path, tokenizer):
     ids = sampled_ids()
     assert len(ids) == 10 and ids == sampled_ids()  # exactly 10 documents, the same each time
     assert ids != set(range(10))  # a seeded sample of the 50, not the first 10
+
+
+def test_mixture_weights_are_token_shares_within_2_percent(tmp_path, tokenizer):
+    """Over 10k sequences each source's share of tokens is its weight, although one source's
+    documents are ~20x longer than another's (a document-count mixture would be far off)."""
+    short = tmp_path / "short.txt"
+    short.write_text("\n".join(f"สั้น {i}" for i in range(500)) + "\n")
+    long = tmp_path / "long.txt"
+    long.write_text("\n".join(f"long document {i} " + "word " * 60 for i in range(200)) + "\n")
+    chat = resolve_file("bundled:chat.jsonl")
+    weights = [0.5, 0.3, 0.2]
+    sources = [{"path": str(p), "weight": w} for p, w in zip((short, long, chat), weights)]
+    it = iter(make_dataset(_cfg(sources, seq_len=128, batch=16), tokenizer.path))
+    batches = [next(it) for _ in range(10_000 // 16)]
+    stats = batches[-1]["stats"]
+    placed = stats["source_tokens"]
+    assert placed.sum() + stats["padding"] == 10_000 * 128  # every token is accounted for
+    shares = placed / placed.sum()
+    np.testing.assert_allclose(shares, weights, atol=0.02)
+    bos = sum(int((b["tokens"] == tokenizer.bos_id).sum()) for b in batches)
+    assert bos > 10_000  # many documents per row: the short source really is short
+
+
+def test_global_batch_does_not_depend_on_the_process_count(corpus, tokenizer):
+    text, chat, _ = corpus
+    cfg = _cfg([{"path": str(text)}, {"path": str(chat), "weight": 0.5}], seq_len=24, batch=4)
+    whole = iter(make_dataset(cfg, tokenizer.path))
+    halves = [iter(make_dataset(cfg, tokenizer.path, process_index=i, process_count=2))
+              for i in range(2)]  # fmt: skip
+    quarters = [iter(make_dataset(cfg, tokenizer.path, process_index=i, process_count=4))
+                for i in range(4)]  # fmt: skip
+    for _ in range(3):
+        want = next(whole)
+        for parts in (halves, quarters):
+            got = [next(p) for p in parts]
+            for k in ("tokens", "segment_ids", "positions", "loss_mask"):
+                np.testing.assert_array_equal(np.concatenate([g[k] for g in got]), want[k])
+
+
+def test_whole_packing_keeps_conversations_in_one_row(corpus, tokenizer):
+    _, chat, _ = corpus
+    cfg = _cfg([{"path": str(chat)}], seq_len=64, batch=2, packing="whole")
+    it = iter(make_dataset(cfg, tokenizer.path))
+    for batch in _take(it, 5):
+        for row in range(2):
+            tok, seg = batch["tokens"][row], batch["segment_ids"][row]
+            used = seg > 0
+            n = int(used.sum())
+            assert n > 0 and used[:n].all() and not used[n:].any()  # padding only at the end
+            for s in np.unique(seg[used]):
+                ids = tok[seg == s]
+                assert ids[0] == tokenizer.bos_id and ids[-1] == tokenizer.eos_id  # whole
+            assert np.all(tok[~used] == 0)
+    assert batch["stats"]["padding"] > 0

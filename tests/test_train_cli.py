@@ -28,6 +28,9 @@ def _train(workdir, *overrides, expect=0):
         "--config.train.log_every=2",
         "--config.train.checkpoint_every=4",
         "--config.train.steps=8",
+        "--config.train.eval_every=4",
+        "--config.train.eval_batches=2",
+        "--config.data.eval_sources=[{'path': 'bundled:mixed.txt'}]",
         *overrides,
     ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -36,8 +39,12 @@ def _train(workdir, *overrides, expect=0):
 
 
 def _metrics(workdir):
+    """Training rows by step, their steps in file order, and evaluation rows by step."""
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r for r in rows}, [r["step"] for r in rows]
+    train = [r for r in rows if "loss" in r]
+    evals = {r["step"]: r for r in rows if "eval_loss" in r}
+    assert len(train) + len(evals) == len(rows)
+    return {r["step"]: r for r in train}, [r["step"] for r in train], evals
 
 
 def _params(step_dir):
@@ -48,10 +55,16 @@ def _params(step_dir):
 def test_cli_trains_checkpoints_and_resumes_exactly(tmp_path):
     workdir = tmp_path / "run"
     _train(workdir)
-    first, steps = _metrics(workdir)
+    first, steps, first_evals = _metrics(workdir)
     assert steps == [1, 2, 4, 6, 8]
     for row in first.values():
         assert {"loss", "lr", "tokens_per_s", "grad_norm", "aux_loss", "z_loss"} <= set(row)
+        assert row["packing_efficiency"] == 1.0 and row["data/skipped_malformed_json"] == 0
+    assert 0 < first[8]["data/source_3_token_share"] < 0.2  # chat: weight 0.1 (±2%: test_data)
+    assert (
+        sorted(first_evals) == [4, 8] and first_evals[8]["eval_loss"] < first_evals[4]["eval_loss"]
+    )
+    assert first_evals[8]["eval_tokens"] > 0
     ckpts = workdir / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["4", "8"]
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
@@ -64,10 +77,11 @@ def test_cli_trains_checkpoints_and_resumes_exactly(tmp_path):
     shutil.move(ckpts / "8", tmp_path / "uninterrupted_8")
     proc = _train(workdir)
     assert "resumed from" in proc.stderr and "at step 4" in proc.stderr
-    again, steps = _metrics(workdir)
+    again, steps, evals = _metrics(workdir)
     assert steps == [1, 2, 4, 5, 6, 8]  # rows after step 4 were replaced, none duplicated
     for step in (6, 8):
         assert {k: again[step][k] for k in EXACT} == {k: first[step][k] for k in EXACT}
+    assert evals == first_evals
     want, got = _params(tmp_path / "uninterrupted_8"), _params(ckpts / "8")
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
         np.testing.assert_array_equal(a, b)

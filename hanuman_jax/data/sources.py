@@ -99,7 +99,9 @@ class RowSource:
             doc = row_to_document(row, where, self.field_map, self.schema)
         except DataError as e:
             return Skip("missing_field", where, str(e).removeprefix(f"{where}: "))
-        return doc if doc is not None else Skip("empty", where, "a row with no text")
+        if doc is None or not any(t.strip() for t in doc.texts()):
+            return Skip("empty", where, "a row with no text (or only whitespace)")
+        return doc
 
 
 class JsonlSource(RowSource):

@@ -1,0 +1,139 @@
+"""Every kind of source, bad input (skipped and counted, or strict), and prepared token shards."""
+
+import json
+
+import ml_collections
+import numpy as np
+import pytest
+
+from hanuman_jax.data import DataError, make_dataset, read_documents, resolve_file
+from hanuman_jax.data.prepare import prepare
+from hanuman_jax.data.sources import SKIP_REASONS, Skip, open_source
+
+TOKENIZER = "bundled:tokenizer.model"
+
+
+def _cfg(sources, seq_len=32, batch=4, **data):
+    base = {"sources": sources, "seq_len": seq_len, "tokenizer": TOKENIZER, "strict": False,
+            "packing": "concat", "eval_sources": []}  # fmt: skip
+    return ml_collections.ConfigDict(
+        {"data": base | data, "train": {"batch_size": batch, "seed": 0}}
+    )
+
+
+def _records(path, **spec):
+    source = open_source({"path": str(path), **spec}, "test")
+    return [source[i] for i in range(len(source))]
+
+
+def test_text_lines_paragraphs_and_crlf(tmp_path):
+    f = tmp_path / "t.txt"
+    f.write_bytes(b"first line\r\nsecond\r\n\r\n   \nthird para\nstill third\n\n\nlast")
+    lines = _records(f)
+    assert [getattr(r, "text", None) for r in lines] == [
+        "first line", "second", None, "third para", "still third", "last"
+    ]  # fmt: skip
+    assert (
+        isinstance(lines[2], Skip) and lines[2].reason == "empty" and lines[2].where.endswith(":4")
+    )
+    paragraphs = _records(f, format="paragraphs")
+    assert [d.text for d in paragraphs] == ["first line\nsecond", "third para\nstill third", "last"]
+
+
+def test_bad_records_are_skipped_counted_or_strict(tmp_path):
+    good = {"text": "สวัสดี hello world"}
+    f = tmp_path / "messy.jsonl"
+    lines = [json.dumps(good, ensure_ascii=False).encode()] * 3 + [
+        b'{"text": broken',  # line 4: malformed JSON
+        b'{"text": "\xff\xfe bad bytes"}',  # line 5: invalid UTF-8
+        b'{"text": "   "}',  # line 6: empty document
+        b'{"title_only": "x"}',  # line 7: missing field
+        json.dumps(good).encode(),
+    ]
+    f.write_bytes(b"\n".join(lines) + b"\n")
+    got = _records(f)
+    assert [r.reason for r in got if isinstance(r, Skip)] == [
+        "malformed_json", "invalid_utf8", "empty", "missing_field"
+    ]  # fmt: skip
+    assert [r.where.rsplit(":", 1)[1] for r in got if isinstance(r, Skip)] == ["4", "5", "6", "7"]
+    assert len(read_documents(f)) == 4
+
+    it = iter(make_dataset(_cfg([{"path": str(f)}], batch=1), resolve_file(TOKENIZER)))
+    stats = [next(it)["stats"] for _ in range(12)][-1]  # 12 rows of 32: several epochs
+    skipped = dict(zip(SKIP_REASONS, stats["skipped"], strict=True))
+    assert min(skipped.values()) >= 2 and len(set(skipped.values())) == 1  # each bad row, per epoch
+    strict = iter(make_dataset(_cfg([{"path": str(f)}], batch=1, strict=True),
+                               resolve_file(TOKENIZER)))  # fmt: skip
+    with pytest.raises(DataError, match=r"messy.jsonl:\d: .*data.strict"):
+        for _ in range(12):
+            next(strict)
+
+
+def test_unusable_file_fails_before_training(tmp_path):
+    f = tmp_path / "all_bad.jsonl"
+    f.write_text("not json\n" * 5)
+    with pytest.raises(DataError, match="all_bad.jsonl: no usable row among the first"):
+        open_source({"path": str(f)}, "data.sources[0]")
+    with pytest.raises(DataError, match=r"data.sources\[0\]: .*nothing\*.txt' matches no file"):
+        open_source({"path": str(tmp_path / "nothing*.txt")}, "data.sources[0]")
+
+
+def test_parquet_rows_follow_the_schemas(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    f = tmp_path / "chat.parquet"
+    table = pa.table({
+        "question": [f"คำถาม {i}" for i in range(6)],
+        "answer": [f"คำตอบ {i}" for i in range(6)],
+    })  # fmt: skip
+    pq.write_table(table, f, row_group_size=4)
+    docs = _records(f, field_map={"instruction": "question", "output": "answer"})
+    assert docs[5].messages[1] == {"role": "assistant", "content": "คำตอบ 5"}
+    with pytest.raises(DataError, match=r"chat.parquet\[row 0\]: unrecognised row; keys are "):
+        _records(f)
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match="broken.parquet: not a readable Parquet file"):
+        _records(broken)
+
+
+def test_hf_source_reads_a_local_dataset_like_the_hub(tmp_path):
+    """`hf:` goes through datasets.load_dataset exactly as for the hub; here a local dataset
+    directory in the form of ZombitX64/ThaiChatbotConversation-style chat rows."""
+    pytest.importorskip("datasets")
+    d = tmp_path / "thai_chat"
+    (d / "data").mkdir(parents=True)
+    rows = [{"conversations": [{"from": "human", "value": f"สวัสดี {i}"},
+                               {"from": "gpt", "value": f"ครับ {i}"}]} for i in range(7)]  # fmt: skip
+    (d / "data" / "train.jsonl").write_text(
+        "\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n"
+    )
+    docs = _records(f"hf:{d}:train")
+    assert len(docs) == 7 and docs[6].messages[1] == {"role": "assistant", "content": "ครับ 6"}
+    with pytest.raises(DataError, match=r"hf:.*missing_ds:train: cannot be loaded"):
+        open_source({"path": f"hf:{tmp_path / 'missing_ds'}:train"}, "x")
+
+
+def test_prepared_shards_train_exactly_like_the_raw_sources(tmp_path):
+    pytest.importorskip("array_record")
+    corpus = tmp_path / "docs.txt"
+    corpus.write_text("\n".join(f"document {i} สวัสดี" + " more" * (i % 7) for i in range(300)))
+    chat = resolve_file("bundled:chat.jsonl")
+    cfg = _cfg([{"path": str(corpus), "weight": 2.0}, {"path": str(chat), "weight": 1.0}],
+               seq_len=48, eval_sources=[{"path": str(chat)}])  # fmt: skip
+    tok = resolve_file(TOKENIZER)
+    result = prepare(cfg, tok, tmp_path / "prepared", workers=2)
+    manifest = json.loads((tmp_path / "prepared" / "sources_0" / "manifest.json").read_text())
+    assert manifest["documents"] == 300 and manifest["tokenizer_sha256"]
+    assert result["sources"][0] == {"path": str(tmp_path / "prepared/sources_0/*.array_record"),
+                                    "weight": 2.0}  # fmt: skip
+    raw = iter(make_dataset(cfg, tok))
+    shards = iter(make_dataset(_cfg(result["sources"], seq_len=48), tok))
+    for _ in range(5):
+        a, b = next(raw), next(shards)
+        for k in ("tokens", "loss_mask", "segment_ids", "positions"):
+            np.testing.assert_array_equal(a[k], b[k])
+
+    with pytest.raises(DataError, match="tokenized with another tokenizer"):
+        open_source(result["sources"][0], "data.sources[0]", "0" * 64)
