@@ -26,9 +26,15 @@ from hanuman_jax.data import make_dataset  # noqa: E402
 from hanuman_jax.step import build_setup, init_state, jit_train_step  # noqa: E402
 from hanuman_jax.trainer import load_tokenizer  # noqa: E402
 
-cfg = load_config("configs/tiny.py", ["--config.model.num_layers=2", "--config.data.seq_len=32",
-                                      "--config.train.batch_size=8", "--config.mesh.data=2",
-                                      "--config.mesh.fsdp=2", "--config.mesh.expert=2"])  # fmt: skip
+OVERRIDES = [
+    "--config.model.num_layers=2",
+    "--config.data.seq_len=32",
+    "--config.train.batch_size=8",
+    "--config.mesh.data=2",
+    "--config.mesh.fsdp=2",
+    "--config.mesh.expert=2",
+]
+cfg = load_config("configs/tiny.py", OVERRIDES)
 tokenizer = load_tokenizer(cfg)
 mesh = sharding.make_mesh(cfg.mesh)
 setup = build_setup(cfg, mesh)

@@ -194,7 +194,8 @@ def test_mixture_weights_are_token_shares_within_2_percent(tmp_path, tokenizer):
     long.write_text("\n".join(f"long document {i} " + "word " * 60 for i in range(200)) + "\n")
     chat = resolve_file("bundled:chat.jsonl")
     weights = [0.5, 0.3, 0.2]
-    sources = [{"path": str(p), "weight": w} for p, w in zip((short, long, chat), weights)]
+    paths = (short, long, chat)
+    sources = [{"path": str(p), "weight": w} for p, w in zip(paths, weights, strict=True)]
     it = iter(make_dataset(_cfg(sources, seq_len=128, batch=16), tokenizer.path))
     batches = [next(it) for _ in range(10_000 // 16)]
     stats = batches[-1]["stats"]
