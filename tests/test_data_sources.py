@@ -104,8 +104,9 @@ def test_hf_source_reads_a_local_dataset_like_the_hub(tmp_path):
     pytest.importorskip("datasets")
     d = tmp_path / "thai_chat"
     (d / "data").mkdir(parents=True)
-    rows = [{"conversations": [{"from": "human", "value": f"สวัสดี {i}"},
-                               {"from": "gpt", "value": f"ครับ {i}"}]} for i in range(7)]  # fmt: skip
+    turns = [[{"from": "human", "value": f"สวัสดี {i}"}, {"from": "gpt", "value": f"ครับ {i}"}]
+             for i in range(7)]  # fmt: skip
+    rows = [{"conversations": t} for t in turns]
     (d / "data" / "train.jsonl").write_text(
         "\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n"
     )
