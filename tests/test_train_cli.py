@@ -92,3 +92,22 @@ def test_cli_trains_checkpoints_and_resumes_exactly(tmp_path):
     proc = _train(workdir, "--config.model.d_model=64", expect=2)
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "different model (model.d_model=128 there, 64 now" in lines[0]
+
+
+def test_strict_data_stops_at_the_bad_line_and_keeps_the_steps_done(tmp_path):
+    messy = tmp_path / "messy.jsonl"
+    good = [json.dumps({"text": f"เอกสาร {i} document number {i}"}, ensure_ascii=False)
+            for i in range(400)]  # fmt: skip
+    messy.write_text("\n".join(good[:300] + ['{"text": oops'] + good[300:]) + "\n")
+    source = f"--config.data.sources=[{{'path': '{messy}'}}]"
+    proc = _train(tmp_path / "strict", source, "--config.data.strict=true", expect=2)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "messy.jsonl:301: invalid JSON" in errors[0], proc.stderr[-2000:]
+    saved = sorted(int(p.name) for p in (tmp_path / "strict" / "checkpoints").iterdir())
+    assert saved and saved[-1] >= 1  # the steps before the bad batch were saved
+
+    proc = _train(tmp_path / "lenient", source, "--config.train.steps=4", "--config.data.eval_sources=[]",
+                  "--config.train.eval_every=0")  # fmt: skip
+    rows, _, _ = _metrics(tmp_path / "lenient")
+    assert rows[4]["data/skipped_malformed_json"] >= 1
+    assert "unusable records skipped" in proc.stderr
