@@ -106,8 +106,8 @@ def test_strict_data_stops_at_the_bad_line_and_keeps_the_steps_done(tmp_path):
     saved = sorted(int(p.name) for p in (tmp_path / "strict" / "checkpoints").iterdir())
     assert saved and saved[-1] >= 1  # the steps before the bad batch were saved
 
-    proc = _train(tmp_path / "lenient", source, "--config.train.steps=4", "--config.data.eval_sources=[]",
-                  "--config.train.eval_every=0")  # fmt: skip
+    no_eval = ("--config.data.eval_sources=[]", "--config.train.eval_every=0")
+    proc = _train(tmp_path / "lenient", source, "--config.train.steps=4", *no_eval)
     rows, _, _ = _metrics(tmp_path / "lenient")
     assert rows[4]["data/skipped_malformed_json"] >= 1
     assert "unusable records skipped" in proc.stderr
