@@ -8,7 +8,6 @@ is the same whatever the number of processes: a run can resume on a different ho
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import grain
@@ -17,49 +16,24 @@ import numpy as np
 
 from hanuman_jax.data import records
 from hanuman_jax.data.packing import PackedRows
-from hanuman_jax.data.sources import SKIP_REASONS, Skip, open_source
+from hanuman_jax.data.sources import SKIP_REASONS, open_source
+from hanuman_jax.data.tokens import tokenize_record
 from hanuman_jax.schemas import DataError, Document
-from hanuman_jax.tokenizer import Tokenizer
 
 # Lanes read synchronously; one prefetch thread runs the whole batch ahead of the trainer.
 _SEQUENTIAL = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
 MAX_CONSECUTIVE_SKIPS = 10_000  # a source this broken stops the run instead of spinning
-_tokenizers: dict[str, Tokenizer] = {}
-_tokenizers_lock = threading.Lock()
-
-
-def _tokenizer(path: str) -> Tokenizer:
-    with _tokenizers_lock:
-        if path not in _tokenizers:
-            _tokenizers[path] = Tokenizer(path)
-        return _tokenizers[path]
 
 
 class Tokenize(grain.transforms.Map):
-    """Record -> {'tokens', 'loss_mask'} or {'skip': reason index}.
-
-    A chat trains only on the assistant's tokens; pre-tokenized records pass through. With
-    `strict`, an unusable record raises DataError naming its file and line.
-    """
+    """`tokenize_record` as a Grain transform."""
 
     def __init__(self, tokenizer_path: str | Path, strict: bool = False):
         self.tokenizer_path = str(tokenizer_path)
         self.strict = strict
 
     def map(self, record) -> dict[str, np.ndarray]:
-        if isinstance(record, Skip):
-            if self.strict:
-                raise record.error()
-            return {"skip": np.int32(SKIP_REASONS.index(record.reason))}
-        if isinstance(record, dict):
-            return record
-        tokenizer = _tokenizer(self.tokenizer_path)
-        if record.messages is not None:
-            ids, mask = tokenizer.encode_chat(record.messages)
-        else:
-            ids = tokenizer.encode_document(record.text)
-            mask = [1] * len(ids)
-        return {"tokens": np.asarray(ids, np.int32), "loss_mask": np.asarray(mask, np.int32)}
+        return tokenize_record(record, self.tokenizer_path, self.strict)
 
 
 class TokenMix(grain.IterDataset):

@@ -19,32 +19,32 @@ from pathlib import Path
 import tqdm
 
 from hanuman_jax.data import records
-from hanuman_jax.data.pipeline import Tokenize
 from hanuman_jax.data.sources import SKIP_REASONS, Skip, open_source
+from hanuman_jax.data.tokens import tokenize_record
 from hanuman_jax.schemas import DataError
 
-RECORDS_PER_SHARD = 50_000  # at most; a source of 1,000+ records is split over every worker
+RECORDS_PER_SHARD = 50_000  # at most; a source of 100+ records is split over every worker
 _worker_state: dict = {}
 
 
 def _init_worker(spec: dict, where: str, tokenizer_path: str, strict: bool) -> None:
     _worker_state["source"] = open_source(spec, where, records.file_sha256(tokenizer_path))
-    _worker_state["tokenize"] = Tokenize(tokenizer_path, strict=strict)
+    _worker_state["tokenizer"], _worker_state["strict"] = tokenizer_path, strict
 
 
 def _write_shard(job: tuple[int, int, int, str]) -> tuple[int, list[int], int]:
     """Tokenizes records [start, stop) into one shard; returns (documents, skips, tokens)."""
     start, stop, _, path = job
-    source, tokenize = _worker_state["source"], _worker_state["tokenize"]
+    source, strict = _worker_state["source"], _worker_state["strict"]
     encoded, skipped, tokens = [], [0] * len(SKIP_REASONS), 0
     for i in range(start, stop):
         record = source[i]
-        if isinstance(record, Skip) and tokenize.strict:
+        if isinstance(record, Skip) and strict:
             raise record.error()
         if isinstance(record, Skip):
             skipped[SKIP_REASONS.index(record.reason)] += 1
             continue
-        doc = tokenize.map(record)
+        doc = tokenize_record(record, _worker_state["tokenizer"])
         tokens += len(doc["tokens"])
         encoded.append(records.encode(doc["tokens"], doc["loss_mask"]))
     records.write_shard(Path(path), encoded)
@@ -57,7 +57,7 @@ def prepare_source(spec: dict, where: str, tokenizer_path: Path, out: Path, *,
     source = open_source(spec, where)  # fails here, with the file named, before any work
     n = len(source)
     workers = workers or os.cpu_count() or 1
-    shards = max(1, math.ceil(n / RECORDS_PER_SHARD), min(workers, n // 1000))
+    shards = max(1, math.ceil(n / RECORDS_PER_SHARD), min(workers, n // 100))
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("shard-*"):
         old.unlink()
