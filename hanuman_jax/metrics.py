@@ -19,7 +19,10 @@ def _plain(value):
 class MetricsWriter:
     """Appends one JSON object per logged step and mirrors scalars to TensorBoard."""
 
-    def __init__(self, workdir: Path, *, resume_step: int = 0):
+    def __init__(self, workdir: Path, *, resume_step: int = 0, enabled: bool = True):
+        self.enabled = enabled  # one writer per run: only process 0 writes
+        if not enabled:
+            return
         self.path = workdir / "metrics.jsonl"
         _truncate_after(self.path, resume_step)
         self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
@@ -28,6 +31,8 @@ class MetricsWriter:
 
     def write(self, step: int, metrics: dict, *, section: str = "train") -> None:
         """One row; TensorBoard gets the scalars under `section/` ('data/...' keys as they are)."""
+        if not self.enabled:
+            return
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
@@ -37,8 +42,9 @@ class MetricsWriter:
                 self.tb.add_scalar(tag, value, step)
 
     def close(self) -> None:
-        self.file.close()
-        self.tb.close()
+        if self.enabled:
+            self.file.close()
+            self.tb.close()
 
 
 def _truncate_after(path: Path, step: int) -> None:

@@ -118,7 +118,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: Path, *, progress: bool = Tru
             log.info("resumed from %s at step %d", ckpt.directory / str(start), start)
         else:
             state = init_state(setup)
-        (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2) + "\n")
+        if jax.process_index() == 0:
+            (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2) + "\n")
         if start >= cfg.train.steps:
             log.info(
                 "%s is already at step %d of %d: nothing to do", workdir, start, cfg.train.steps
@@ -177,8 +178,8 @@ class Evaluator:
 def _loop(cfg, workdir, setup, state, batches, ckpt, start, progress, evaluator) -> dict:
     mesh = setup.mesh
     step_fn = jit_train_step(setup)
-    writer = MetricsWriter(workdir, resume_step=start)
-    bar = ProgressBar(cfg.train.steps, start, enabled=progress)
+    writer = MetricsWriter(workdir, resume_step=start, enabled=jax.process_index() == 0)
+    bar = ProgressBar(cfg.train.steps, start, enabled=progress and jax.process_index() == 0)
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     last: dict = {}
     data_stats: dict = {}

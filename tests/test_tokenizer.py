@@ -31,6 +31,7 @@ LINES = [
     "line one\nline two\r\nline three",
     "ελληνικά, русский, हिन्दी, 中文, 日本語",
     "literal <nl> and <sep> in text",
+    "ราคา\u00a0100\u202fบาท เข้ามา\u200bดู \ufeffsoft\u00adhyphen 👨\u200d👩\u200d👧",
 ]
 
 
@@ -56,6 +57,8 @@ def test_round_trip_and_no_unk(bundled):
         assert bundled.decode(ids) == normalize(line), line
     assert normalize(LINES[4]) == unicodedata.normalize("NFC", LINES[4])
     assert normalize(LINES[5]) == "école \"quoted\" - dashed 'single'"
+    # unusual spaces are spaces; invisible characters go, except the joiner inside emoji
+    assert normalize(LINES[-1]) == "ราคา 100 บาท เข้ามาดู softhyphen 👨\u200d👩\u200d👧"
     assert bundled.encode("a\nb").count(SPECIAL_IDS["<nl>"]) == 1
     ids = bundled.encode("deadlineครับ")
     assert bundled.decode(ids) == "deadlineครับ"

@@ -7,7 +7,8 @@ normalize identically. The table:
 - NFC: every precomposed BMP character from its canonical decomposition, plus the canonical
   reordering of Thai marks (a tone mark typed before a below vowel, e.g. ก + ่ + ุ -> กุ่).
   `Tokenizer.encode` also applies Python's full NFC first, for sequences the table lacks.
-- Quotes and dashes folded to ASCII: see `FOLD`.
+- Quotes and dashes folded to ASCII, no-break and other fixed-width spaces to a space, and
+  invisible characters (zero-width space, word joiner, BOM, soft hyphen) removed: see `FOLD`.
 - Thai digits ๐-๙ kept (default) or mapped to 0-9 (`thai_digits="to-arabic"`).
 - A newline (LF, CR or CRLF) becomes the `<nl>` symbol, so it survives SentencePiece.
 """
@@ -39,10 +40,18 @@ FOLD = {
     "\u00ab": '"', "\u00bb": '"',  # « »
     "\u2010": "-", "\u2011": "-", "\u2012": "-", "\u2013": "-", "\u2014": "-",  # ‐ ‑ ‒ – —
     "\u2015": "-", "\u2212": "-", "\ufe63": "-", "\uff0d": "-",  # ― − ﹣ －
+    # no-break, fixed-width and ideographic spaces are spaces
+    "\u00a0": " ", **{chr(c): " " for c in range(0x2000, 0x200B)}, "\u202f": " ",
+    "\u205f": " ", "\u3000": " ",
+    # invisible: zero-width space, word joiner, byte-order mark, soft hyphen (not ZWJ: emoji)
+    "\u200b": "", "\u2060": "", "\ufeff": "", "\u00ad": "",
 }  # fmt: skip
 NEWLINES = {"\r\n": NEWLINE, "\r": NEWLINE, "\n": NEWLINE}
 DIGITS_TO_ARABIC = dict(zip(THAI_DIGITS, ARABIC_DIGITS, strict=True))
 _TRANSLATE = {"keep": str.maketrans(FOLD), "to-arabic": str.maketrans(FOLD | DIGITS_TO_ARABIC)}
+# Removed before SentencePiece as well as by its rules: a text of nothing but these would
+# otherwise encode to a lone "▁" there and to nothing in Hugging Face's tokenizer.
+_INVISIBLE = str.maketrans({k: None for k, v in FOLD.items() if not v})
 _SYMBOL_TEXT = re.compile("|".join(re.escape(s) for s in USER_SYMBOLS))
 _THAI_MARKS = [chr(c) for c in (0x0E31, *range(0x0E34, 0x0E3B), *range(0x0E47, 0x0E4F))]
 
@@ -120,7 +129,7 @@ class Tokenizer:
         return normalize(text, self.thai_digits)
 
     def encode(self, text: str) -> list[int]:
-        return self.sp.encode(unicodedata.normalize("NFC", text))
+        return self.sp.encode(unicodedata.normalize("NFC", text).translate(_INVISIBLE))
 
     def encode_literal(self, text: str) -> list[int]:
         """Like `encode`, but a symbol's name typed in the text (e.g. "<sep>") is spelled out in
