@@ -49,8 +49,8 @@ FOLD = {
 NEWLINES = {"\r\n": NEWLINE, "\r": NEWLINE, "\n": NEWLINE}
 DIGITS_TO_ARABIC = dict(zip(THAI_DIGITS, ARABIC_DIGITS, strict=True))
 _TRANSLATE = {"keep": str.maketrans(FOLD), "to-arabic": str.maketrans(FOLD | DIGITS_TO_ARABIC)}
-# Removed before SentencePiece as well as by its rules: a text of nothing but these would
-# otherwise encode to a lone "▁" there and to nothing in Hugging Face's tokenizer.
+# SentencePiece's rules remove these, but a text of nothing else still encodes to a lone "▁"
+# there, and to nothing in Hugging Face's tokenizer: `Tokenizer.encode` returns nothing too.
 _INVISIBLE = str.maketrans({k: None for k, v in FOLD.items() if not v})
 _SYMBOL_TEXT = re.compile("|".join(re.escape(s) for s in USER_SYMBOLS))
 _THAI_MARKS = [chr(c) for c in (0x0E31, *range(0x0E34, 0x0E3B), *range(0x0E47, 0x0E4F))]
@@ -129,7 +129,11 @@ class Tokenizer:
         return normalize(text, self.thai_digits)
 
     def encode(self, text: str) -> list[int]:
-        return self.sp.encode(unicodedata.normalize("NFC", text).translate(_INVISIBLE))
+        text = unicodedata.normalize("NFC", text)
+        ids = self.sp.encode(text)
+        if len(ids) == 1 and not text.translate(_INVISIBLE):
+            return []
+        return ids
 
     def encode_literal(self, text: str) -> list[int]:
         """Like `encode`, but a symbol's name typed in the text (e.g. "<sep>") is spelled out in
