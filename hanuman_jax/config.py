@@ -14,6 +14,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 PARAM_DTYPES = ("float32", "bfloat16")
 ROPE_SCALINGS = ("none", "linear", "llama3")
 GROUPED_MATMULS = ("blocked", "ragged_dot")
+DISPATCHES = ("dropless", "capacity")
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 # path: file or glob (.txt, .jsonl, .parquet, or .array_record token shards), hf:OWNER/NAME[:SPLIT]
 # or tfds:NAME[/CONFIG]:SPLIT; weight: share of tokens; max_examples: seeded sample of at most this
@@ -210,6 +211,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
             f"one of {', '.join(GROUPED_MATMULS)}",
         )
         _check(e.block_size >= 8, "model.moe.block_size", e.block_size, "must be >= 8")
+        _check(e.dispatch in DISPATCHES, "model.moe.dispatch", e.dispatch,
+               f"one of {', '.join(DISPATCHES)}")  # fmt: skip
+        _check(e.capacity_factor > 0, "model.moe.capacity_factor", e.capacity_factor,
+               "must be > 0 (slots per expert = factor x tokens x top_k / experts)")  # fmt: skip
 
     _check(
         isinstance(d.seq_len, int) and d.seq_len >= 2,
@@ -373,6 +378,8 @@ class MoeConfig:
     jitter: float = 0.0
     grouped_matmul: str = "blocked"
     block_size: int = 128
+    dispatch: str = "dropless"
+    capacity_factor: float = 1.25
 
 
 @dataclasses.dataclass(frozen=True)

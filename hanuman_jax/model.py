@@ -125,6 +125,9 @@ class Block(nnx.Module):
         return x_BTD + out_BTD, aux
 
 
+SUMMED_AUX = ("aux_loss", "z_loss")  # MoE losses summed over layers; other aux are per layer
+
+
 class Transformer(nnx.Module):
     """Token embedding, `num_layers` pre-norm blocks, final RMSNorm, LM head (tied or not)."""
 
@@ -148,7 +151,9 @@ class Transformer(nnx.Module):
         positions_BT: Array | None = None,
         rng: Array | None = None,
     ) -> tuple[Array, dict[str, Array]]:
-        """Returns float32 logits and the auxiliary MoE losses summed over layers."""
+        """Returns float32 logits and the MoE auxiliaries: `aux_loss` and `z_loss` summed over
+        layers, and each per-layer statistic (`load_max`, `load_min`, `router_entropy`,
+        `dropped`) as an array with one value per layer."""
         dt, f32 = jnp.dtype(self.cfg.dtype), jnp.float32
         if segment_ids_BT is None:
             segment_ids_BT = jnp.ones_like(tokens_BT)
@@ -156,11 +161,16 @@ class Transformer(nnx.Module):
             positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
         x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0).astype(dt)
         totals: dict[str, Array] = {}
+        per_layer: dict[str, list[Array]] = {}
         for i, block in enumerate(self.layers):
             layer_rng = None if rng is None else jax.random.fold_in(rng, i)
             x_BTD, aux = block(x_BTD, segment_ids_BT, positions_BT, layer_rng)
             for name, value in aux.items():
-                totals[name] = totals.get(name, 0.0) + value
+                if name in SUMMED_AUX:
+                    totals[name] = totals.get(name, 0.0) + value
+                else:
+                    per_layer.setdefault(name, []).append(value)
+        totals |= {name: jnp.stack(values) for name, values in per_layer.items()}
         x_BTD = self.final_norm(x_BTD)
         if self.cfg.tie_embeddings:
             logits_BTV = jnp.einsum(

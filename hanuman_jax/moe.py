@@ -1,7 +1,12 @@
-"""Mixture-of-Experts feed-forward: top-k router and dropless sort-based dispatch.
+"""Mixture-of-Experts feed-forward: top-k router, and dropless or capacity dispatch.
 
-Each token is computed only by its selected experts: the (token, expert) assignments are sorted by
-expert and the SwiGLU experts run as grouped matmuls over those rows.
+Each token is computed only by its selected experts.
+- `dropless`: the (token, expert) assignments are sorted by expert and the SwiGLU experts run as
+  grouped matmuls over those rows; no assignment is ever dropped.
+- `capacity`: each expert takes at most capacity_factor x tokens x top_k / num_experts
+  assignments into a fixed [experts, capacity] buffer (first choices before second choices,
+  then in token order); an assignment over capacity is dropped (the token keeps its residual and
+  its other experts) and counted.
 """
 
 from __future__ import annotations
@@ -49,7 +54,56 @@ def route(
     # Switch Transformer: E * sum_e f_e * P_e, which is 1.0 under perfect balance.
     balance = num_experts * jnp.sum(load_E * importance_E)
     z = jnp.sum(jnp.square(jax.nn.logsumexp(scaled_TE, axis=-1)) * valid) / n_valid
-    return Routing(top_e_TK.astype(jnp.int32), weights_TK, {"aux_loss": balance, "z_loss": z})
+    entropy_T = -jnp.sum(probs_TE * jnp.log(jnp.maximum(probs_TE, 1e-30)), axis=-1)
+    aux = {
+        "aux_loss": balance,
+        "z_loss": z,
+        # per-layer statistics (logged, not trained on): shares of the routed assignments
+        "load_max": jnp.max(load_E),
+        "load_min": jnp.min(load_E),
+        "router_entropy": jnp.sum(entropy_T * valid) / n_valid,
+    }
+    return Routing(top_e_TK.astype(jnp.int32), weights_TK, aux)
+
+
+def capacity(num_tokens: int, top_k: int, num_experts: int, factor: float) -> int:
+    """Slots per expert: ceil(factor x tokens x top_k / experts), at least 1."""
+    return max(1, math.ceil(factor * num_tokens * top_k / num_experts))
+
+
+def capacity_swiglu(
+    x_TD: Array,
+    routing: Routing,
+    valid_T: Array,
+    w_gate_EDF: Array,
+    w_up_EDF: Array,
+    w_down_EFD: Array,
+    *,
+    capacity_factor: float,
+) -> tuple[Array, Array]:
+    """Capacity dispatch: returns the combined output and the share of assignments dropped."""
+    t, d = x_TD.shape
+    k = routing.experts_TK.shape[1]
+    e = w_gate_EDF.shape[0]
+    c = capacity(t, k, e, capacity_factor)
+    expert_R = routing.experts_TK.T.reshape(-1)  # k-major: every first choice before any second
+    valid_R = jnp.tile(valid_T, k)
+    onehot_RE = jax.nn.one_hot(expert_R, e, dtype=jnp.int32) * valid_R[:, None].astype(jnp.int32)
+    rank_R = jnp.take_along_axis(jnp.cumsum(onehot_RE, axis=0), expert_R[:, None], axis=1)[:, 0] - 1
+    keep_R = valid_R & (rank_R < c)
+    slot_R = jnp.where(keep_R, expert_R * c + rank_R, e * c)  # e * c: out of range, dropped
+    token_R = jnp.tile(jnp.arange(t), k)
+    x_ECD = jnp.zeros((e * c, d), x_TD.dtype).at[slot_R].set(x_TD[token_R], mode="drop")
+    x_ECD = x_ECD.reshape(e, c, d)
+    gate_ECF = jnp.einsum("ECD,EDF->ECF", x_ECD, w_gate_EDF)
+    up_ECF = jnp.einsum("ECD,EDF->ECF", x_ECD, w_up_EDF)
+    y_ECD = jnp.einsum("ECF,EFD->ECD", jax.nn.silu(gate_ECF) * up_ECF, w_down_EFD)
+    y_RD = y_ECD.reshape(e * c, d).at[slot_R].get(mode="fill", fill_value=0)
+    weights_KT = routing.weights_TK.T.astype(x_TD.dtype) * keep_R.reshape(k, t).astype(x_TD.dtype)
+    y_TD = jnp.einsum("KTD,KT->TD", y_RD.reshape(k, t, d), weights_KT)
+    n_valid = jnp.maximum(jnp.sum(valid_R), 1)
+    dropped = jnp.sum(valid_R & ~keep_R) / n_valid
+    return y_TD, dropped
 
 
 def _block_layout(group_sizes_E: Array, num_rows: int, block: int):
@@ -100,7 +154,7 @@ def grouped_swiglu(
 
 
 class MoEFeedForward(nnx.Module):
-    """Top-k routed SwiGLU experts (no shared expert), dropless."""
+    """Top-k routed SwiGLU experts (no shared expert), dropless or with capacity."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         d, f, e = cfg.d_model, cfg.ffn_hidden, cfg.moe.num_experts
@@ -132,17 +186,26 @@ class MoEFeedForward(nnx.Module):
             top_k=k,
             temperature=self.moe.router_temperature,
         )
+        dt = self.dtype
+        weights = [
+            self.w_gate[...].astype(dt),
+            self.w_up[...].astype(dt),
+            self.w_down[...].astype(dt),
+        ]
+        if self.moe.dispatch == "capacity":
+            y_TD, dropped = capacity_swiglu(
+                x_TD.astype(dt), routing, valid_BT.reshape(-1), *weights,
+                capacity_factor=self.moe.capacity_factor,
+            )  # fmt: skip
+            return y_TD.reshape(b, t, d), routing.aux | {"dropped": dropped}
         flat_expert_R = routing.experts_TK.reshape(-1)
         order_R = jnp.argsort(flat_expert_R, stable=True)
         token_R = order_R // k
         group_sizes_E = jnp.bincount(flat_expert_R, length=self.moe.num_experts).astype(jnp.int32)
-        dt = self.dtype
         y_RD = grouped_swiglu(
             x_TD[token_R].astype(dt),
             group_sizes_E,
-            self.w_gate[...].astype(dt),
-            self.w_up[...].astype(dt),
-            self.w_down[...].astype(dt),
+            *weights,
             impl=self.moe.grouped_matmul,
             block_size=self.moe.block_size,
         )
@@ -151,4 +214,4 @@ class MoEFeedForward(nnx.Module):
         y_TKD = jnp.zeros_like(y_RD).at[order_R].set(y_RD).reshape(b * t, k, d)
         weights_TK = routing.weights_TK.astype(dt)
         y_TD = jnp.einsum("TKD,TK->TD", y_TKD, weights_TK)
-        return y_TD.reshape(b, t, d), routing.aux
+        return y_TD.reshape(b, t, d), routing.aux | {"dropped": jnp.zeros((), jnp.float32)}

@@ -135,6 +135,9 @@ def loss_fn(setup: Setup, params: dict, batch: dict, rng: jax.Array | None):
         "tokens": num_targets,
         "packing_efficiency": jnp.mean(seg != 0),  # share of the batch that is not padding
     }
+    for name in ("load_max", "load_min", "router_entropy", "dropped"):
+        if name in aux:  # per MoE layer: moe/<name>/layer_NN
+            metrics |= {f"moe/{name}/layer_{i:02d}": v for i, v in enumerate(aux[name])}
     return total, metrics
 
 

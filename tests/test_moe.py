@@ -9,7 +9,7 @@ from hanuman_jax.config import MoeConfig
 from hanuman_jax.moe import MoEFeedForward, grouped_swiglu, route
 
 
-def _moe(impl="blocked", block_size=8, num_experts=5, top_k=2):
+def _moe(impl="blocked", block_size=8, num_experts=5, top_k=2, dispatch="dropless", factor=1.25):
     cfg = small_model_cfg(
         moe=MoeConfig(
             num_experts=num_experts,
@@ -17,6 +17,8 @@ def _moe(impl="blocked", block_size=8, num_experts=5, top_k=2):
             router_temperature=1.2,
             grouped_matmul=impl,
             block_size=block_size,
+            dispatch=dispatch,
+            capacity_factor=factor,
         )
     )
     return MoEFeedForward(cfg, rngs=nnx.Rngs(3)), cfg
@@ -38,13 +40,18 @@ def _reference(moe: MoEFeedForward, x_BTD):
     return out.reshape(x_BTD.shape)
 
 
-@pytest.mark.parametrize("impl", ["blocked", "ragged_dot"])
-def test_matches_loop_over_experts_forward_and_grad(impl):
-    moe, _ = _moe(impl)
+@pytest.mark.parametrize(
+    ("impl", "dispatch"),
+    [("blocked", "dropless"), ("ragged_dot", "dropless"), ("blocked", "capacity")],
+)
+def test_matches_loop_over_experts_forward_and_grad(impl, dispatch):
+    # capacity_factor = experts / top_k gives every expert room for every token: nothing drops
+    moe, _ = _moe(impl, dispatch=dispatch, factor=5 / 2)
     x = jax.random.normal(jax.random.PRNGKey(0), (3, 11, 48))
     valid = jnp.ones((3, 11), bool)
-    out, _ = moe(x, valid_BT=valid)
+    out, aux = moe(x, valid_BT=valid)
     np.testing.assert_allclose(out, _reference(moe, x), atol=1e-5, rtol=1e-5)
+    assert float(aux["dropped"]) == 0.0
 
     graphdef, params = nnx.split(moe, nnx.Param)
 
@@ -115,3 +122,40 @@ def test_padding_tokens_do_not_count_in_router_losses():
     real = route(logits[:5], jnp.ones(5, bool), top_k=2, temperature=1.0)
     for k in ("aux_loss", "z_loss"):
         assert float(masked.aux[k]) == pytest.approx(float(real.aux[k]), rel=1e-6)
+
+
+def test_capacity_drops_overflow_first_choices_first_and_counts_it():
+    moe, _ = _moe(dispatch="capacity", factor=0.5)  # 33 tokens x 2 / 5 x 0.5: 7 slots each
+    x = jax.random.normal(jax.random.PRNGKey(4), (3, 11, 48))
+    valid = jnp.ones((3, 11), bool).at[2, 8:].set(False)  # padding takes no slot
+    out, aux = moe(x, valid_BT=valid)
+    x_TD, valid_T = x.reshape(33, 48), np.asarray(valid).reshape(-1)
+    routing = route(x_TD @ moe.router[...], valid.reshape(-1), top_k=2, temperature=1.2)
+    experts = np.asarray(routing.experts_TK)
+    weights = np.asarray(routing.weights_TK)
+    kept = np.zeros((33, 2), bool)
+    used = np.zeros(5, int)
+    for k in range(2):  # the documented order: all first choices, then second, in token order
+        for t in range(33):
+            if valid_T[t] and used[experts[t, k]] < 7:
+                kept[t, k] = True
+                used[experts[t, k]] += 1
+    assert 0 < (~kept[valid_T]).sum() and float(aux["dropped"]) == pytest.approx(
+        (~kept[valid_T]).sum() / (2 * valid_T.sum())
+    )
+    want = np.zeros((33, 48), np.float32)
+    for t in range(33):
+        for k in range(2):
+            if kept[t, k]:
+                e = experts[t, k]
+                h = jax.nn.silu(x_TD[t] @ moe.w_gate[e]) * (x_TD[t] @ moe.w_up[e])
+                want[t] += weights[t, k] * np.asarray(h @ moe.w_down[e])
+    np.testing.assert_allclose(np.asarray(out).reshape(33, 48), want, atol=1e-5, rtol=1e-5)
+
+
+def test_per_layer_router_statistics():
+    moe, _ = _moe()
+    x = jax.random.normal(jax.random.PRNGKey(5), (2, 16, 48))
+    _, aux = moe(x, valid_BT=jnp.ones((2, 16), bool))
+    assert 0 <= float(aux["load_min"]) <= 1 / 5 <= float(aux["load_max"]) <= 1
+    assert 0 < float(aux["router_entropy"]) <= np.log(5) + 1e-6

@@ -27,7 +27,8 @@ CRAFTED = [
     "line one\nline two\r\nline three", "literal <nl> symbol<nl>", "a<sep>b <sep> c<sep>",
     "<lang_th>สวัสดี<translate>hello<copy><lang_en>", "<bos> <eos><pad><unk> <0x41><0xE0>",
     "< > << >> <a> <nl", "▁already▁spaced▁", "nul\x00byte", "zero\u200bwidth\u200djoin",
-    "ﬁ ligature ① ｆｕｌｌ width", "x" * 3000, "\u200b", "\ufeff\u00ad", " \u200b", "a\u00a0\u3000b",
+    "ﬁ ligature ① ｆｕｌｌ width", "x" * 3000,
+    "\u200b", "\ufeff\u00ad", " \u200b", "a\u00a0\u3000b",  # spaces folded, invisibles removed
 ]  # fmt: skip
 
 
