@@ -21,7 +21,10 @@ def test_shapes_and_finite(moe, tie):
     logits, aux = model(_tokens())
     assert logits.shape == (3, 17, 103)
     assert bool(jnp.all(jnp.isfinite(logits)))
-    assert set(aux) == ({"aux_loss", "z_loss"} if moe.num_experts else set())
+    per_layer = {"load_max", "load_min", "router_entropy", "dropped"}
+    assert set(aux) == ({"aux_loss", "z_loss", *per_layer} if moe.num_experts else set())
+    for name in per_layer & set(aux):
+        assert aux[name].shape == (cfg.num_layers,)
 
 
 def test_jit_equals_no_jit(model_cfg):
