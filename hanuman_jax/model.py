@@ -10,7 +10,7 @@ import numpy as np
 from flax import nnx
 
 from hanuman_jax.config import ModelConfig, RopeConfig
-from hanuman_jax.layers import RMSNorm, param
+from hanuman_jax.layers import RMSNorm, param, project
 from hanuman_jax.moe import MoEFeedForward
 
 Array = jax.Array
@@ -62,9 +62,9 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BTD: Array, segment_ids_BT: Array, positions_BT: Array) -> Array:
         dt = self.dtype
-        q_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.wq[...].astype(dt))
-        k_BSKH = jnp.einsum("BSD,DKH->BSKH", x_BTD, self.wk[...].astype(dt))
-        v_BSKH = jnp.einsum("BSD,DKH->BSKH", x_BTD, self.wv[...].astype(dt))
+        q_BTNH = project(x_BTD, self.wq[...].astype(dt))
+        k_BSKH = project(x_BTD, self.wk[...].astype(dt))
+        v_BSKH = project(x_BTD, self.wv[...].astype(dt))
         inv_freq = rope_inv_freq(q_BTNH.shape[-1], self.rope)
         q_BTNH = apply_rope(q_BTNH, positions_BT, inv_freq)
         k_BSKH = apply_rope(k_BSKH, positions_BT, inv_freq)
@@ -80,7 +80,7 @@ class Attention(nnx.Module):
         probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(dt)
         out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH)
         out_BTNH = out_BTKGH.reshape(b, t, n, h)
-        return jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.wo[...].astype(dt))
+        return project(out_BTNH, self.wo[...].astype(dt), contract=2)
 
 
 class FeedForward(nnx.Module):
@@ -97,11 +97,9 @@ class FeedForward(nnx.Module):
 
     def __call__(self, x_BTD: Array) -> Array:
         dt = self.dtype
-        gate_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, self.w_gate[...].astype(dt))
-        up_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, self.w_up[...].astype(dt))
-        return jnp.einsum(
-            "BTF,FD->BTD", jax.nn.silu(gate_BTF) * up_BTF, self.w_down[...].astype(dt)
-        )
+        gate_BTF = project(x_BTD, self.w_gate[...].astype(dt))
+        up_BTF = project(x_BTD, self.w_up[...].astype(dt))
+        return project(jax.nn.silu(gate_BTF) * up_BTF, self.w_down[...].astype(dt))
 
 
 class Block(nnx.Module):
@@ -173,13 +171,9 @@ class Transformer(nnx.Module):
         totals |= {name: jnp.stack(values) for name, values in per_layer.items()}
         x_BTD = self.final_norm(x_BTD)
         if self.cfg.tie_embeddings:
-            logits_BTV = jnp.einsum(
-                "BTD,VD->BTV", x_BTD, self.embed[...].astype(dt), preferred_element_type=f32
-            )
+            logits_BTV = project(x_BTD, self.embed[...].astype(dt).T, preferred_element_type=f32)
         else:
-            logits_BTV = jnp.einsum(
-                "BTD,DV->BTV", x_BTD, self.lm_head[...].astype(dt), preferred_element_type=f32
-            )
+            logits_BTV = project(x_BTD, self.lm_head[...].astype(dt), preferred_element_type=f32)
         return logits_BTV, totals
 
 
