@@ -92,8 +92,8 @@ def capacity_swiglu(
     rank_R = jnp.take_along_axis(jnp.cumsum(onehot_RE, axis=0), expert_R[:, None], axis=1)[:, 0] - 1
     keep_R = valid_R & (rank_R < c)
     slot_R = jnp.where(keep_R, expert_R * c + rank_R, e * c)  # e * c: out of range, dropped
-    token_R = jnp.tile(jnp.arange(t), k)
-    x_ECD = jnp.zeros((e * c, d), x_TD.dtype).at[slot_R].set(x_TD[token_R], mode="drop")
+    x_RD = jnp.tile(x_TD, (k, 1))  # k-major copies: the backward is a sum, not a scatter-add
+    x_ECD = jnp.zeros((e * c, d), x_TD.dtype).at[slot_R].set(x_RD, mode="drop")
     x_ECD = x_ECD.reshape(e, c, d)
     gate_ECF = jnp.einsum("ECD,EDF->ECF", x_ECD, w_gate_EDF)
     up_ECF = jnp.einsum("ECD,EDF->ECF", x_ECD, w_up_EDF)
@@ -145,12 +145,20 @@ def grouped_swiglu(
     num_experts = group_sizes_E.shape[0]
     block = min(block_size, max(8, 1 << math.ceil(math.log2(max(1, num_rows // num_experts)))))
     dest_R, expert_N, num_blocks = _block_layout(group_sizes_E, num_rows, block)
-    x_NBD = jnp.zeros((num_blocks * block, d), x_RD.dtype).at[dest_R].set(x_RD, mode="drop")
+    x_NBD = (
+        jnp.zeros((num_blocks * block, d), x_RD.dtype)
+        .at[dest_R]
+        .set(x_RD, mode="drop", unique_indices=True, indices_are_sorted=True)
+    )
     x_NBD = x_NBD.reshape(num_blocks, block, d)
     gate_NBF = jnp.einsum("NBD,NDF->NBF", x_NBD, w_gate_EDF[expert_N])
     up_NBF = jnp.einsum("NBD,NDF->NBF", x_NBD, w_up_EDF[expert_N])
     out_NBD = jnp.einsum("NBF,NFD->NBD", jax.nn.silu(gate_NBF) * up_NBF, w_down_EFD[expert_N])
-    return out_NBD.reshape(num_blocks * block, d)[dest_R]
+    return (
+        out_NBD.reshape(num_blocks * block, d)
+        .at[dest_R]
+        .get(unique_indices=True, indices_are_sorted=True)
+    )
 
 
 class MoEFeedForward(nnx.Module):
@@ -200,10 +208,10 @@ class MoEFeedForward(nnx.Module):
             return y_TD.reshape(b, t, d), routing.aux | {"dropped": dropped}
         flat_expert_R = routing.experts_TK.reshape(-1)
         order_R = jnp.argsort(flat_expert_R, stable=True)
-        token_R = order_R // k
         group_sizes_E = jnp.bincount(flat_expert_R, length=self.moe.num_experts).astype(jnp.int32)
         y_RD = grouped_swiglu(
-            x_TD[token_R].astype(dt),
+            # every token k times (backward: a sum), then sorted (a permutation: unique indices)
+            jnp.repeat(x_TD, k, axis=0).at[order_R].get(unique_indices=True).astype(dt),
             group_sizes_E,
             *weights,
             impl=self.moe.grouped_matmul,
@@ -211,7 +219,7 @@ class MoEFeedForward(nnx.Module):
         )
         # Undo the sort with a permutation (unique indices) and sum each token's k outputs: no
         # scatter-add with repeated indices, so the result is deterministic on every backend.
-        y_TKD = jnp.zeros_like(y_RD).at[order_R].set(y_RD).reshape(b * t, k, d)
+        y_TKD = jnp.zeros_like(y_RD).at[order_R].set(y_RD, unique_indices=True).reshape(b * t, k, d)
         weights_TK = routing.weights_TK.astype(dt)
         y_TD = jnp.einsum("TKD,TK->TD", y_TKD, weights_TK)
         return y_TD.reshape(b, t, d), routing.aux | {"dropped": jnp.zeros((), jnp.float32)}
