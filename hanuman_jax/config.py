@@ -284,13 +284,13 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         dict(zip(MESH_AXES, sizes, strict=True)),
         "at most one axis may be -1",
     )
-    fixed_batch = cfg.mesh.data * cfg.mesh.fsdp
+    fixed_batch = cfg.mesh.data * cfg.mesh.fsdp * cfg.mesh.expert
     if fixed_batch > 0:
         _check(
             t.batch_size % fixed_batch == 0,
             "train.batch_size",
             t.batch_size,
-            f"must be divisible by mesh.data * mesh.fsdp ({fixed_batch})",
+            f"must be divisible by mesh.data * mesh.fsdp * mesh.expert ({fixed_batch})",
         )
     if e.num_experts and cfg.mesh.expert > 0:
         _check(

@@ -14,9 +14,10 @@ from hanuman_jax.config import MESH_AXES, ConfigError
 
 # Logical axis -> mesh axes. Parameters (and so the optimizer state) are sharded over `fsdp`
 # (ZeRO-3), experts over `expert`, heads and FFN hidden over `tensor`; the batch of activations over
-# (`data`, `fsdp`). Nothing outside this module names a mesh axis.
+# (`data`, `fsdp`, `expert`): outside the MoE layers the expert axis is one more data-parallel axis.
+# Nothing outside this module names a mesh axis.
 LOGICAL_RULES: dict[str, tuple[str, ...] | str | None] = {
-    "batch": ("data", "fsdp"),
+    "batch": ("data", "fsdp", "expert"),
     "vocab": "tensor",
     "embed": "fsdp",
     "heads": "tensor",

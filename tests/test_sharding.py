@@ -22,24 +22,26 @@ SCRIPT = textwrap.dedent(
     from hanuman_jax.config import load_config
     from hanuman_jax.step import build_setup, init_state, jit_train_step
 
-    def run(mesh_overrides):
+    def run(mesh_overrides, dispatch, devices=None):
         cfg = load_config("configs/tiny.py", ["--config.model.num_layers=2",
-            "--config.model.vocab_size=4096",
-            "--config.data.seq_len=32", "--config.train.batch_size=8",
+            "--config.model.vocab_size=4096", "--config.data.seq_len=32",
+            "--config.train.batch_size=8", f"--config.model.moe.dispatch={dispatch}",
+            "--config.model.moe.capacity_factor=2.0",  # 4 experts, top-2: nothing can drop
             "--config.mesh.data=1", *mesh_overrides])
-        mesh = sharding.make_mesh(cfg.mesh)
+        mesh = sharding.make_mesh(cfg.mesh, devices)
         setup = build_setup(cfg, mesh)
         state = init_state(setup)
         step = jit_train_step(setup)
         rng = np.random.default_rng(0)
-        batch = {"tokens": rng.integers(0, 4096, (8, 32)).astype(np.int32),
-                 "segment_ids": np.ones((8, 32), np.int32),
-                 "positions": np.tile(np.arange(32, dtype=np.int32), (8, 1)),
-                 "loss_mask": np.ones((8, 32), np.int32)}
-        losses = []
-        for _ in range(3):
+        losses, dropped = [], []
+        for _ in range(5):
+            batch = {"tokens": rng.integers(0, 4096, (8, 32)).astype(np.int32),
+                     "segment_ids": np.ones((8, 32), np.int32),
+                     "positions": np.tile(np.arange(32, dtype=np.int32), (8, 1)),
+                     "loss_mask": np.ones((8, 32), np.int32)}
             state, metrics = step(state, sharding.global_batch(batch, mesh))
             losses.append(float(metrics["loss"]))
+            dropped.append(float(metrics["moe/dropped/layer_00"]))
         layer = state["params"]["layers"][0]
         specs = {
             "w_gate": list(layer["moe"]["w_gate"].sharding.spec),
@@ -49,21 +51,26 @@ SCRIPT = textwrap.dedent(
                               .sharding.spec),
             "w_gate_shard": list(layer["moe"]["w_gate"].addressable_shards[0].data.shape),
         }
-        return {"losses": losses, "specs": specs, "devices": jax.device_count()}
+        return {"losses": losses, "dropped": dropped, "specs": specs,
+                "devices": mesh.devices.size}
 
-    out = {name: run(ov) for name, ov in [
-        ("data", ["--config.mesh.data=-1"]),
-        ("fsdp_expert_tensor", ["--config.mesh.fsdp=2", "--config.mesh.expert=2",
-                                "--config.mesh.tensor=2"]),
-        ("fsdp", ["--config.mesh.fsdp=-1"]),
-    ]}
+    MESHES = {
+        "single": ([], jax.devices()[:1]),
+        "data2_fsdp2_expert2": (["--config.mesh.fsdp=2", "--config.mesh.expert=2",
+                                 "--config.mesh.data=2"], None),
+        "fsdp8": (["--config.mesh.fsdp=8"], None),
+        "data4_tensor2": (["--config.mesh.data=4", "--config.mesh.tensor=2"], None),
+    }
+    out = {f"{name}/{dispatch}": run(ov, dispatch, devices)
+           for dispatch in ("dropless", "capacity") for name, (ov, devices) in MESHES.items()}
     print("RESULT" + json.dumps(out))
     """
 )
 
 
 @pytest.mark.slow
-def test_sharded_training_matches_data_parallel_on_8_devices():
+def test_sharded_training_matches_one_device_for_both_dispatch_modes():
+    """Five steps on three 8-device meshes equal one device, per step, within 1e-5 relative."""
     env = {
         **os.environ,
         "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
@@ -75,22 +82,31 @@ def test_sharded_training_matches_data_parallel_on_8_devices():
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.split("RESULT", 1)[1])
-    assert out["data"]["devices"] == 8
-    base = out["data"]["losses"]
-    for name in ("fsdp_expert_tensor", "fsdp"):
-        for a, b in zip(out[name]["losses"], base, strict=True):
-            assert a == pytest.approx(b, rel=1e-5), name
-    specs = out["fsdp_expert_tensor"]["specs"]
-    assert specs["w_gate"] == ["expert", "fsdp", "tensor"]
+    for dispatch in ("dropless", "capacity"):
+        base = out[f"single/{dispatch}"]
+        assert base["devices"] == 1 and base["dropped"] == [0.0] * 5
+        for mesh in ("data2_fsdp2_expert2", "fsdp8", "data4_tensor2"):
+            run = out[f"{mesh}/{dispatch}"]
+            assert run["devices"] == 8
+            for a, b in zip(run["losses"], base["losses"], strict=True):
+                assert a == pytest.approx(b, rel=1e-5), (mesh, dispatch)
+    # the two dispatch modes compute the same thing when nothing drops
+    assert out["single/capacity"]["losses"] == pytest.approx(
+        out["single/dropless"]["losses"], rel=1e-5
+    )
+    specs = out["data2_fsdp2_expert2/dropless"]["specs"]
+    assert specs["w_gate"] == ["expert", "fsdp", "tensor"]  # (tensor is 1 here)
     assert specs["wq"] == ["fsdp", "tensor", None]
     assert specs["embed"] == ["tensor", "fsdp"]
     assert specs["mu_w_gate"] == specs["w_gate"]  # Adam moments are sharded like the params
-    assert out["fsdp_expert_tensor"]["specs"]["w_gate_shard"] == [2, 64, 128]
-    assert out["fsdp"]["specs"]["w_gate_shard"] == [4, 16, 256]
+    assert specs["w_gate_shard"] == [2, 64, 256]
+    assert out["fsdp8/dropless"]["specs"]["w_gate_shard"] == [4, 16, 256]
+    tensor = out["data4_tensor2/dropless"]["specs"]
+    assert tensor["w_gate_shard"] == [4, 128, 128]  # heads and FFN hidden split over tensor
 
 
 def test_mesh_shape_resolves_and_rejects():

@@ -1,6 +1,7 @@
 """End to end: the CLI trains `tiny`, logs, checkpoints, and resumes exactly where it stopped."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXACT = ("loss", "grad_norm", "aux_loss", "z_loss", "lr", "tokens", "total_loss")
 
 
-def _train(workdir, *overrides, expect=0):
+def _train(workdir, *overrides, expect=0, devices=None):
     cmd = [
         sys.executable,
         "-m",
@@ -33,7 +34,10 @@ def _train(workdir, *overrides, expect=0):
         "--config.data.eval_sources=[{'path': 'bundled:mixed.txt'}]",
         *overrides,
     ]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    if devices:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == expect, proc.stderr[-3000:]
     return proc
 
@@ -111,3 +115,19 @@ def test_strict_data_stops_at_the_bad_line_and_keeps_the_steps_done(tmp_path):
     rows, _, _ = _metrics(tmp_path / "lenient")
     assert rows[4]["data/skipped_malformed_json"] >= 1
     assert "unusable records skipped" in proc.stderr
+
+
+@pytest.mark.slow
+def test_cli_mesh_overrides_on_8_devices_match_one_device(tmp_path):
+    short = (
+        "--config.train.steps=4",
+        "--config.data.eval_sources=[]",
+        "--config.train.eval_every=0",
+    )
+    mesh = ("--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.expert=2")
+    _train(tmp_path / "mesh", *short, *mesh, devices=8)
+    _train(tmp_path / "one", *short, devices=1)
+    (sharded, _, _), (single, _, _) = _metrics(tmp_path / "mesh"), _metrics(tmp_path / "one")
+    assert sorted(sharded) == sorted(single) == [1, 2, 4]
+    for step in single:
+        assert sharded[step]["loss"] == pytest.approx(single[step]["loss"], rel=1e-5)
