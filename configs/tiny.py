@@ -36,7 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.model.moe.jitter = 0.0  # multiplicative router-input noise in training; 0 = off
     cfg.model.moe.grouped_matmul = "blocked"  # expert kernel: blocked, or ragged_dot (GPU/TPU only)
     cfg.model.moe.block_size = 128  # rows per block of the blocked expert matmul
-    cfg.model.moe.dispatch = "dropless"  # dropless (no token dropped) or capacity (fixed slots)
+    cfg.model.moe.dispatch = "dropless"  # dropless, or capacity: faster, drops (see BENCHMARKS.md)
     cfg.model.moe.capacity_factor = 1.25  # capacity: slots = factor x tokens x top_k / experts
 
     cfg.data = ml_collections.ConfigDict()
