@@ -138,3 +138,49 @@ def test_prepared_shards_train_exactly_like_the_raw_sources(tmp_path):
 
     with pytest.raises(DataError, match="tokenized with another tokenizer"):
         open_source(result["sources"][0], "data.sources[0]", "0" * 64)
+
+
+def test_tfds_source_reads_a_locally_built_dataset(tmp_path):
+    """`tfds:` goes through tfds.data_source exactly as for a downloaded dataset; here one built
+    on the spot (ArrayRecord, no TensorFlow needed), with a text config and a chat config."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+
+    class HanumanTiny(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        VERSION = tfds.core.Version("1.0.0")
+        BUILDER_CONFIGS = [
+            tfds.core.BuilderConfig(name="text"),
+            tfds.core.BuilderConfig(name="chat"),
+        ]
+
+        def _info(self):
+            turn = {"from": tfds.features.Text(), "value": tfds.features.Text()}
+            features = {"text": tfds.features.Text()} if self.builder_config.name == "text" else {
+                "conversations": tfds.features.Sequence(turn)
+            }  # fmt: skip
+            return tfds.core.DatasetInfo(builder=self, disable_shuffling=True,
+                                         features=tfds.features.FeaturesDict(features))  # fmt: skip
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples(9)}
+
+        def _generate_examples(self, n):
+            for i in range(n):
+                if self.builder_config.name == "text":
+                    yield i, {"text": f"ข้อความ {i}" if i != 4 else ""}
+                else:
+                    yield i, {"conversations": [{"from": "human", "value": f"ถาม {i}"},
+                                                {"from": "gpt", "value": f"ตอบ {i}"}]}  # fmt: skip
+
+    for config in ("text", "chat"):
+        HanumanTiny(data_dir=str(tmp_path), config=config).download_and_prepare(
+            file_format="array_record"
+        )
+    texts = _records("tfds:hanuman_tiny/text:train", data_dir=str(tmp_path))
+    assert [getattr(r, "text", None) for r in texts][3:6] == ["ข้อความ 3", None, "ข้อความ 5"]
+    assert isinstance(texts[4], Skip) and texts[4].reason == "empty"
+    chats = _records("tfds:hanuman_tiny/chat:train[:5]", data_dir=str(tmp_path))
+    assert len(chats) == 5
+    assert chats[2].messages == ({"role": "user", "content": "ถาม 2"},
+                                 {"role": "assistant", "content": "ตอบ 2"})  # fmt: skip
+    with pytest.raises(DataError, match=r"tfds:no_such_dataset:train: cannot be loaded"):
+        _records("tfds:no_such_dataset:train", data_dir=str(tmp_path))

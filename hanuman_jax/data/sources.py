@@ -182,8 +182,8 @@ class TfdsSource(RowSource):
         if not split:
             raise DataError(f"tfds:{spec}: name a split, e.g. tfds:{name}:train")
         try:
-            self.ds = tfds.data_source(name, split=split, data_dir=data_dir)
-        except Exception as e:  # noqa: BLE001
+            self.ds = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+        except Exception as e:  # noqa: BLE001 (not found: its message lists the whole catalog)
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise DataError(f"tfds:{spec}: cannot be loaded ({reason})") from None
         super().__init__(f"tfds:{spec}", field_map)
@@ -194,9 +194,21 @@ class TfdsSource(RowSource):
     def row(self, i: int):
         where = f"{self.name}[{i}]"
         try:
-            return where, _decode_bytes(self.ds[i])
+            row = _decode_bytes(self.ds[i])
         except UnicodeDecodeError as e:
             return where, Skip("invalid_utf8", where, f"not UTF-8 ({e.reason})")
+        # A Sequence of dicts (chat turns) comes back as a dict of lists: turn it into turns.
+        return where, {k: _rows(v) for k, v in row.items()} if isinstance(row, dict) else row
+
+
+def _rows(value):
+    if isinstance(value, dict) and value and all(isinstance(v, list) for v in value.values()):
+        lengths = {len(v) for v in value.values()}
+        if len(lengths) == 1:
+            return [
+                dict(zip(value, items, strict=True)) for items in zip(*value.values(), strict=True)
+            ]
+    return value
 
 
 def _decode_bytes(value):
