@@ -68,7 +68,6 @@ class RowSource:
     def __init__(self, name: str, field_map: dict | None):
         self.name = name
         self.field_map = dict(field_map) if field_map else None
-        self.schema = None
         self.schema = self._detect()
 
     def row(self, i: int) -> tuple[str, object]:
@@ -147,21 +146,16 @@ class ParquetSource(RowSource):
         return f"{self.path}[row {i}]", {k: col[i].as_py() for k, col in self.columns.items()}
 
 
-class HFSource(RowSource):
-    """`hf:OWNER/NAME[:SPLIT]` through `datasets.load_dataset` (Arrow files, memory-mapped).
+class LibraryRows(RowSource):
+    """Rows from a library's random-access dataset; a load failure is one line naming it."""
 
-    A local directory or a loading script's path works in place of OWNER/NAME, as in `datasets`.
-    """
-
-    def __init__(self, spec: str, field_map: dict | None = None):
-        datasets = _optional("datasets", "hf")
-        name, _, split = spec.partition(":")
+    def __init__(self, name: str, load, field_map: dict | None):
         try:
-            self.ds = datasets.load_dataset(name, split=split or "train")
-        except Exception as e:  # noqa: BLE001 (hub, network and format errors all end here)
+            self.ds = load()
+        except Exception as e:  # noqa: BLE001 (hub, network, format, not found: all end here)
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise DataError(f"hf:{spec}: cannot be loaded ({reason})") from None
-        super().__init__(f"hf:{spec}", field_map)
+            raise DataError(f"{name}: cannot be loaded ({reason})") from None
+        super().__init__(name, field_map)
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -170,7 +164,20 @@ class HFSource(RowSource):
         return f"{self.name}[{i}]", self.ds[i]
 
 
-class TfdsSource(RowSource):
+class HFSource(LibraryRows):
+    """`hf:OWNER/NAME[:SPLIT]` through `datasets.load_dataset` (Arrow files, memory-mapped).
+
+    A local directory or a loading script's path works in place of OWNER/NAME, as in `datasets`.
+    """
+
+    def __init__(self, spec: str, field_map: dict | None = None):
+        datasets = _optional("datasets", "hf")
+        name, _, split = spec.partition(":")
+        load = lambda: datasets.load_dataset(name, split=split or "train")  # noqa: E731
+        super().__init__(f"hf:{spec}", load, field_map)
+
+
+class TfdsSource(LibraryRows):
     """`tfds:NAME[/CONFIG]:SPLIT` through `tfds.data_source` (ArrayRecord, random access).
 
     Byte strings in the examples are decoded as UTF-8; `data_dir` defaults to TFDS's own.
@@ -181,15 +188,8 @@ class TfdsSource(RowSource):
         name, _, split = spec.partition(":")
         if not split:
             raise DataError(f"tfds:{spec}: name a split, e.g. tfds:{name}:train")
-        try:
-            self.ds = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-        except Exception as e:  # noqa: BLE001 (not found: its message lists the whole catalog)
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise DataError(f"tfds:{spec}: cannot be loaded ({reason})") from None
-        super().__init__(f"tfds:{spec}", field_map)
-
-    def __len__(self) -> int:
-        return len(self.ds)
+        load = lambda: tfds.data_source(name, split=split, data_dir=data_dir, download=False)  # noqa: E731
+        super().__init__(f"tfds:{spec}", load, field_map)
 
     def row(self, i: int):
         where = f"{self.name}[{i}]"
