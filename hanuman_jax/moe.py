@@ -66,6 +66,13 @@ def route(
     return Routing(top_e_TK.astype(jnp.int32), weights_TK, aux)
 
 
+def _batched_swiglu(x_NBD: Array, w_gate_NDF: Array, w_up_NDF: Array, w_down_NFD: Array) -> Array:
+    """SwiGLU of each group of rows with its own weights: x[n] through expert weights [n]."""
+    gate_NBF = jnp.einsum("NBD,NDF->NBF", x_NBD, w_gate_NDF)
+    up_NBF = jnp.einsum("NBD,NDF->NBF", x_NBD, w_up_NDF)
+    return jnp.einsum("NBF,NFD->NBD", jax.nn.silu(gate_NBF) * up_NBF, w_down_NFD)
+
+
 def capacity(num_tokens: int, top_k: int, num_experts: int, factor: float) -> int:
     """Slots per expert: ceil(factor x tokens x top_k / experts), at least 1."""
     return max(1, math.ceil(factor * num_tokens * top_k / num_experts))
@@ -95,9 +102,7 @@ def capacity_swiglu(
     x_RD = jnp.tile(x_TD, (k, 1))  # k-major copies: the backward is a sum, not a scatter-add
     x_ECD = jnp.zeros((e * c, d), x_TD.dtype).at[slot_R].set(x_RD, mode="drop")
     x_ECD = x_ECD.reshape(e, c, d)
-    gate_ECF = jnp.einsum("ECD,EDF->ECF", x_ECD, w_gate_EDF)
-    up_ECF = jnp.einsum("ECD,EDF->ECF", x_ECD, w_up_EDF)
-    y_ECD = jnp.einsum("ECF,EFD->ECD", jax.nn.silu(gate_ECF) * up_ECF, w_down_EFD)
+    y_ECD = _batched_swiglu(x_ECD, w_gate_EDF, w_up_EDF, w_down_EFD)
     y_RD = y_ECD.reshape(e * c, d).at[slot_R].get(mode="fill", fill_value=0)
     weights_KT = routing.weights_TK.T.astype(x_TD.dtype) * keep_R.reshape(k, t).astype(x_TD.dtype)
     y_TD = jnp.einsum("KTD,KT->TD", y_RD.reshape(k, t, d), weights_KT)
@@ -151,9 +156,7 @@ def grouped_swiglu(
         .set(x_RD, mode="drop", unique_indices=True, indices_are_sorted=True)
     )
     x_NBD = x_NBD.reshape(num_blocks, block, d)
-    gate_NBF = jnp.einsum("NBD,NDF->NBF", x_NBD, w_gate_EDF[expert_N])
-    up_NBF = jnp.einsum("NBD,NDF->NBF", x_NBD, w_up_EDF[expert_N])
-    out_NBD = jnp.einsum("NBF,NFD->NBD", jax.nn.silu(gate_NBF) * up_NBF, w_down_EFD[expert_N])
+    out_NBD = _batched_swiglu(x_NBD, w_gate_EDF[expert_N], w_up_EDF[expert_N], w_down_EFD[expert_N])
     return (
         out_NBD.reshape(num_blocks * block, d)
         .at[dest_R]

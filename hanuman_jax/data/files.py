@@ -100,12 +100,11 @@ class LineIndex:
     @staticmethod
     def _strip_cr(path: Path, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
         """Windows line ends: a span's final '\\r' is not part of the record."""
-        if not len(ends):
+        if not len(ends):  # an empty file; otherwise it has at least one byte to map
             return ends
-        data = np.memmap(path, np.uint8, mode="r") if path.stat().st_size else np.zeros(0)
+        data = np.memmap(path, np.uint8, mode="r")
         nonempty = ends > starts
-        last = np.where(nonempty, ends - 1, 0)
-        has_cr = nonempty & (data[last] == 13) if len(data) else nonempty & False
+        has_cr = nonempty & (data[np.where(nonempty, ends - 1, 0)] == 13)
         return ends - has_cr.astype(np.int64)
 
     @staticmethod
