@@ -67,7 +67,7 @@ def test_round_trip_and_no_unk(bundled):
 
 def test_to_arabic_digits_and_chat_template(tmp_path):
     texts = [line for p in sorted(SAMPLE.glob("*.txt")) for line in p.read_text().splitlines()]
-    path = train_tokenizer(texts, tmp_path / "arabic", 1500, thai_digits="to-arabic")
+    path = train_tokenizer([texts], tmp_path / "arabic", 1500, thai_digits="to-arabic")
     tok = Tokenizer(path)
     assert tok.thai_digits == "to-arabic"
     assert tok.encode("ราคา ๑๒๓") == tok.encode("ราคา 123")
@@ -113,11 +113,26 @@ def test_corpus_reading_schemas_and_splitting(tmp_path):
     tabs = "ก" * 1400 + "\t\tx  y"
     assert "".join(split_document(tabs)) == tabs
 
-    sample = sample_sentences((str(i) for i in range(10_000)), 100, seed=1)
+    sample = sample_sentences([(str(i) for i in range(10_000))], 100, seed=1)
     assert len(sample) == 100 and sample == sample_sentences(
-        (str(i) for i in range(10_000)), 100, seed=1
+        [(str(i) for i in range(10_000))], 100, seed=1
     )
     assert 2_000 < sum(int(s) for s in sample) / 100 < 8_000  # spread over the whole stream
+
+
+def test_sample_balances_sources_by_characters():
+    big = [f"big {i:05d}" for i in range(9_000)]  # 81,000 characters
+    small = [f"small {i:03d}" for i in range(100)]  # 900 characters: 1/90 of big
+    for balance in (1.0, 0.5, 0.0):
+        sample = sample_sentences([iter(big), iter(small)], 1_000_000, balance=balance)
+        chars = {name: sum(len(x) for x in sample if x.startswith(name)) for name in ("big", "sm")}
+        assert chars["sm"] / chars["big"] == pytest.approx(90.0**-balance, rel=0.15)
+        assert set(sample) == set(big) | set(small)  # nothing left out, the small one repeated
+    # a cap scales every source down alike: the shares stay
+    capped = sample_sentences([iter(big), iter(small)], 2_000, balance=0.5, seed=3)
+    assert len(capped) == pytest.approx(2_000, rel=0.05)
+    small_chars = sum(len(x) for x in capped if x.startswith("small"))
+    assert small_chars / (sum(map(len, capped)) - small_chars) == pytest.approx(90**-0.5, rel=0.2)
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):

@@ -57,7 +57,7 @@ def assert_parity(tok: Tokenizer, hf, texts: list[str]) -> None:
 def sample_model(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("tok")
     files = [str(f) for f in sorted(SAMPLE.glob("*.txt"))]
-    return train_tokenizer(corpus_texts(files, None, "keep"), tmp / "sample", 3000)
+    return train_tokenizer([corpus_texts(files, None, "keep")], tmp / "sample", 3000)
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,7 @@ def test_ids_match_when_brackets_are_known(tmp_path):
     # Here "<" and ">" are pieces, so no cut of the text keeps "<bos>" out: only its low score.
     html = [f"<p>{line[:40]}</p> if a < b and b > c: <br>" for line in sample_lines()[:300]]
     texts = [normalize(line) for line in [*sample_lines(), *html]]
-    model = train_tokenizer(texts, tmp_path / "html", 3000)
+    model = train_tokenizer([texts], tmp_path / "html", 3000)
     out = export_hf(model, tmp_path / "hf")
     assert json.loads((out / "tokenizer.json").read_text())["pre_tokenizer"] is None
     assert_parity(Tokenizer(model), load_both(out)[0], html + CRAFTED)
@@ -142,7 +142,7 @@ def test_ids_match_on_shared_data(tmp_path):
     # 2000 + 1000 evenly spaced lines of 40+ characters: enough text for 8000 pieces.
     th, en = ([line for line in x if len(line) >= 40] for x in (social, english))
     subset = th[:: len(th) // 2000][:2000] + en[:: len(en) // 1000][:1000]
-    model = train_tokenizer([normalize(line) for line in subset], tmp_path / "shared", 8000)
+    model = train_tokenizer([[normalize(line) for line in subset]], tmp_path / "shared", 8000)
     out = export_hf(model, tmp_path / "hf")
     tok = Tokenizer(model)
     fast, slow = load_both(out)

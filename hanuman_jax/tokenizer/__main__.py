@@ -9,22 +9,24 @@ import time
 from pathlib import Path
 
 from hanuman_jax.data import DataError, iter_records
+from hanuman_jax.tokenizer.train import BALANCE
 
 MIN_VOCAB = 320  # 4 control + 7 user symbols + 256 bytes + 20 digits, and some real pieces
 
 
 def _train(args) -> None:
-    from hanuman_jax.tokenizer.train import corpus_texts, train_tokenizer
+    from hanuman_jax.tokenizer.train import corpus_sources, train_tokenizer
 
     start = time.perf_counter()
-    texts = corpus_texts(args.input, args.field, args.thai_digits)
+    sources = corpus_sources(args.input, args.field, args.thai_digits)
     path = train_tokenizer(
-        texts,
+        sources,
         args.model_prefix,
         args.vocab_size,
         thai_digits=args.thai_digits,
         character_coverage=args.character_coverage,
         max_sentences=args.max_sentences,
+        balance=args.balance,
         seed=args.seed,
     )
     print(f"wrote {path} and {path.with_suffix('.vocab')} "
@@ -86,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--thai-digits", choices=("keep", "to-arabic"), default="keep")
     t.add_argument("--max-sentences", type=int, default=2_000_000,
                    help="sample at most this many lines (uniformly, streaming)")  # fmt: skip
+    t.add_argument("--balance", type=float, default=BALANCE,
+                   help="each --input's share of the sample ~ its characters ** BALANCE; "
+                   "1 keeps the corpus proportions, 0 gives every input the same share")  # fmt: skip
     t.add_argument("--character-coverage", type=float, default=0.99995)
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(run=_train)
@@ -109,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
                          "pieces take 287)")  # fmt: skip
         if args.max_sentences < 1:
             parser.error("--max-sentences must be >= 1")
+        if not 0 <= args.balance <= 1:
+            parser.error("--balance must be in [0, 1]")
         if not 0 < args.character_coverage <= 1:
             parser.error("--character-coverage must be in (0, 1]")
     try:

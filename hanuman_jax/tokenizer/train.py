@@ -7,7 +7,7 @@ import os
 import random
 import re
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import sentencepiece as spm
@@ -32,7 +32,8 @@ from hanuman_jax.tokenizer.core import (
 SENTENCEPIECE_MAX_BYTES = 4192  # SentencePiece skips training sentences longer than this
 MAX_PIECE_BYTES = 4000  # so documents are split into pieces of at most this many bytes
 SCORE_QUANTUM = 1 / 64  # piece scores are rounded to this grid: see quantize_scores
-MAX_PIECE_CHARS = 20  # longest piece; SentencePiece defaults to 16, short for Thai words
+MAX_PIECE_CHARS = 24  # longest piece; SentencePiece defaults to 16, short for Thai words
+BALANCE = 0.5  # a source's share of the sample ~ its characters ** BALANCE (see sample_sentences)
 # Sentence ends: after . ! ? 。, a run of 2+ spaces, or a space between Thai letters (Thai writes
 # no full stops). The captured whitespace stays with the sentence before it.
 _SENTENCE_END = re.compile(
@@ -95,35 +96,72 @@ def split_document(text: str, max_bytes: int = MAX_PIECE_BYTES) -> list[str]:
     return pieces
 
 
-def sample_sentences(documents: Iterable[str], max_sentences: int, seed: int = 0) -> list[str]:
-    """A uniform sample (reservoir) of at most `max_sentences` pieces, in bounded memory."""
-    rng = random.Random(seed)
+def _reservoir(documents: Iterable[str], size: int, rng: random.Random) -> tuple[list[str], int]:
+    """A uniform sample of at most `size` pieces in bounded memory, and the characters seen."""
     sample: list[str] = []
-    seen = 0
+    seen = chars = 0
     for doc in documents:
         for piece in split_document(doc):
             seen += 1
-            if len(sample) < max_sentences:
+            chars += len(piece)
+            if len(sample) < size:
                 sample.append(piece)
             else:
                 j = rng.randrange(seen)
-                if j < max_sentences:
+                if j < size:
                     sample[j] = piece
-    return sample
+    return sample, chars
+
+
+def sample_sentences(
+    sources: Sequence[Iterable[str]],
+    max_sentences: int,
+    *,
+    balance: float = BALANCE,
+    seed: int = 0,
+) -> list[str]:
+    """At most `max_sentences` pieces drawn from several sources (each a stream of documents).
+
+    Each source is sampled uniformly in bounded memory. A source's share of the sample's
+    characters is proportional to its characters ** `balance`, the temperature sampling XLM-R and
+    mT5 use for languages: 1.0 keeps the corpus's proportions, lower values raise the share of the
+    smaller sources. Their pieces are repeated (stochastically rounded) rather than any being left
+    out, unless the total would pass `max_sentences`. On ../shared/data (news 5.4 M characters,
+    social 0.77 M, English 0.97 M), 0.5 is what makes the tokenizer better than plain
+    SentencePiece on Thai and English at once (BENCHMARKS.md).
+    """
+    rng = random.Random(seed)
+    drawn = [_reservoir(docs, max_sentences, rng) for docs in sources]
+    drawn = [(sample, chars) for sample, chars in drawn if sample]
+    if not drawn:
+        return []
+    # weight of one sampled character of each source, so the least favoured appears once
+    weight = [chars**balance / sum(map(len, sample)) for sample, chars in drawn]
+    repeats = [w / min(weight) for w in weight]
+    total = sum(r * len(sample) for r, (sample, _) in zip(repeats, drawn, strict=True))
+    repeats = [r * min(1.0, max_sentences / total) for r in repeats]
+    out = []
+    for r, (sample, _) in zip(repeats, drawn, strict=True):
+        whole, frac = int(r), r - int(r)
+        for piece in sample:
+            out.extend([piece] * (whole + (rng.random() < frac)))
+    return out
 
 
 def train_tokenizer(
-    sentences: Iterable[str],
+    sources: Sequence[Iterable[str]],
     model_prefix: str | Path,
     vocab_size: int,
     *,
     thai_digits: str = "keep",
     character_coverage: float = 0.99995,
     max_sentences: int = 2_000_000,
+    balance: float = BALANCE,
     seed: int = 0,
 ) -> Path:
-    """Trains the Unigram model with byte fallback and the project's symbols and normalization;
-    writes PREFIX.model and PREFIX.vocab and returns the .model path."""
+    """Trains the Unigram model with byte fallback and the project's symbols and normalization
+    on a sample of `sources` (streams of documents; see sample_sentences); writes PREFIX.model
+    and PREFIX.vocab and returns the .model path."""
     path = Path(f"{model_prefix}.model")
     try:  # fail before reading a large corpus, not after training on it
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -133,7 +171,7 @@ def train_tokenizer(
         raise DataError(
             f"--model-prefix {model_prefix}: cannot write there ({e.strerror})"
         ) from None
-    sample = sample_sentences(sentences, max_sentences, seed)
+    sample = sample_sentences(sources, max_sentences, balance=balance, seed=seed)
     if not sample:
         raise DataError("the tokenizer corpus is empty: give --input files with some text")
     model = io.BytesIO()
@@ -207,3 +245,13 @@ def corpus_texts(inputs: Iterable[str], field: str | None, thai_digits: str) -> 
     keeps sentence splitting and sampling on the text the model really sees)."""
     for doc in iter_documents(inputs, field):
         yield normalize(doc, thai_digits)
+
+
+def corpus_sources(
+    inputs: Sequence[str], field: str | None, thai_digits: str
+) -> list[Iterator[str]]:
+    """One stream of normalized documents per --input (a file or a glob): the sources that
+    sample_sentences balances. Every input is resolved first, so a typo fails before reading."""
+    for pattern in inputs:
+        resolve_paths(pattern)
+    return [corpus_texts([pattern], field, thai_digits) for pattern in inputs]
