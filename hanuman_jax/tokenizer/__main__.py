@@ -89,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--max-sentences", type=int, default=2_000_000,
                    help="sample at most this many lines (uniformly, streaming)")  # fmt: skip
     t.add_argument("--balance", type=float, default=BALANCE,
-                   help="each --input's share of the sample ~ its characters ** BALANCE; "
-                   "1 keeps the corpus proportions, 0 gives every input the same share")  # fmt: skip
+                   help="each --input's share of the sample ~ its characters ** BALANCE; 1 "
+                   "keeps the corpus proportions, 0 gives every input the same share")  # fmt: skip
     t.add_argument("--character-coverage", type=float, default=0.99995)
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(run=_train)
