@@ -5,8 +5,9 @@
 Every 10th document is held out; both tokenizers train on the other nine tenths (the same lines,
 one file per source: news, social, English; ours balances the sources as `--balance` says, plain
 reads them as they are) with the same vocabulary size, then are measured on the held-out Thai
-and English lines and on the human word segmentation of wisesight-1000 (not trained on). Also times our `Tokenizer.encode`
-against the raw `SentencePieceProcessor.encode` of the same model. Last line: one JSON object.
+and English lines and on the human word segmentation of wisesight-1000 (not trained on). Also
+times our `Tokenizer.encode` against the raw `SentencePieceProcessor.encode` of the same model.
+Last line: one JSON object.
 """
 
 from __future__ import annotations
