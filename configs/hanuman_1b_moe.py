@@ -35,7 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.model.moe.z_loss_coef = 0.001  # weight of the router z-loss (mean over layers)
     cfg.model.moe.jitter = 0.0  # multiplicative router-input noise in training; 0 = off
     cfg.model.moe.grouped_matmul = "blocked"  # expert kernel: blocked, or ragged_dot (GPU/TPU only)
-    cfg.model.moe.block_size = 512  # rows per block of the blocked expert matmul
+    cfg.model.moe.block_size = 1024  # largest block of the blocked expert matmul (rows)
     cfg.model.moe.dispatch = "dropless"  # dropless, or capacity: faster, drops (see BENCHMARKS.md)
     cfg.model.moe.capacity_factor = 1.25  # capacity: slots = factor x tokens x top_k / experts
 

@@ -377,7 +377,7 @@ class MoeConfig:
     z_loss_coef: float = 0.001
     jitter: float = 0.0
     grouped_matmul: str = "blocked"
-    block_size: int = 128
+    block_size: int = 1024
     dispatch: str = "dropless"
     capacity_factor: float = 1.25
 

@@ -7,10 +7,13 @@ Each token is computed only by its selected experts.
   assignments into a fixed [experts, capacity] buffer (first choices before second choices,
   then in token order); an assignment over capacity is dropped (the token keeps its residual and
   its other experts) and counted.
+With a mesh whose `expert` axis is > 1 in context, each device holds its share of the experts and
+the tokens travel to them and back (moe_parallel.py).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import typing
 
@@ -18,12 +21,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from hanuman_jax import moe_parallel
 from hanuman_jax.layers import param
 
 if typing.TYPE_CHECKING:
-    from hanuman_jax.config import ModelConfig
+    from hanuman_jax.config import ModelConfig, MoeConfig
 
 Array = jax.Array
+# the experts behind a dispatch: local, or across devices (moe_parallel.py)
+ExpertsFn = typing.Callable[..., Array]
 
 
 class Routing(typing.NamedTuple):
@@ -78,37 +84,62 @@ def capacity(num_tokens: int, top_k: int, num_experts: int, factor: float) -> in
     return max(1, math.ceil(factor * num_tokens * top_k / num_experts))
 
 
-def capacity_swiglu(
+def capacity_slots(
+    experts_TK: Array, valid_T: Array, num_experts: int, c: int
+) -> tuple[Array, Array]:
+    """Each assignment's slot in a [experts x c] buffer (k-major: every first choice before any
+    second, then token order), or experts x c where it is dropped; and whether it is kept."""
+    k = experts_TK.shape[1]
+    expert_R = experts_TK.T.reshape(-1)
+    valid_R = jnp.tile(valid_T, k)
+    onehot_RE = jax.nn.one_hot(expert_R, num_experts, dtype=jnp.int32)
+    onehot_RE = onehot_RE * valid_R[:, None].astype(jnp.int32)
+    rank_R = jnp.take_along_axis(jnp.cumsum(onehot_RE, axis=0), expert_R[:, None], axis=1)[:, 0] - 1
+    keep_R = valid_R & (rank_R < c)
+    return jnp.where(keep_R, expert_R * c + rank_R, num_experts * c), keep_R
+
+
+def capacity_dispatch(
     x_TD: Array,
     routing: Routing,
     valid_T: Array,
-    w_gate_EDF: Array,
-    w_up_EDF: Array,
-    w_down_EFD: Array,
+    experts_fn: ExpertsFn,
     *,
+    num_experts: int,
     capacity_factor: float,
 ) -> tuple[Array, Array]:
-    """Capacity dispatch: returns the combined output and the share of assignments dropped."""
+    """Capacity dispatch around `experts_fn(x_ECD) -> y_ECD`: the combined output and the number
+    of valid assignments dropped."""
     t, d = x_TD.shape
     k = routing.experts_TK.shape[1]
-    e = w_gate_EDF.shape[0]
+    e = num_experts
     c = capacity(t, k, e, capacity_factor)
-    expert_R = routing.experts_TK.T.reshape(-1)  # k-major: every first choice before any second
-    valid_R = jnp.tile(valid_T, k)
-    onehot_RE = jax.nn.one_hot(expert_R, e, dtype=jnp.int32) * valid_R[:, None].astype(jnp.int32)
-    rank_R = jnp.take_along_axis(jnp.cumsum(onehot_RE, axis=0), expert_R[:, None], axis=1)[:, 0] - 1
-    keep_R = valid_R & (rank_R < c)
-    slot_R = jnp.where(keep_R, expert_R * c + rank_R, e * c)  # e * c: out of range, dropped
+    slot_R, keep_R = capacity_slots(routing.experts_TK, valid_T, e, c)
     x_RD = jnp.tile(x_TD, (k, 1))  # k-major copies: the backward is a sum, not a scatter-add
     x_ECD = jnp.zeros((e * c, d), x_TD.dtype).at[slot_R].set(x_RD, mode="drop")
-    x_ECD = x_ECD.reshape(e, c, d)
-    y_ECD = _batched_swiglu(x_ECD, w_gate_EDF, w_up_EDF, w_down_EFD)
+    y_ECD = experts_fn(x_ECD.reshape(e, c, d))
     y_RD = y_ECD.reshape(e * c, d).at[slot_R].get(mode="fill", fill_value=0)
     weights_KT = routing.weights_TK.T.astype(x_TD.dtype) * keep_R.reshape(k, t).astype(x_TD.dtype)
     y_TD = jnp.einsum("KTD,KT->TD", y_RD.reshape(k, t, d), weights_KT)
-    n_valid = jnp.maximum(jnp.sum(valid_R), 1)
-    dropped = jnp.sum(valid_R & ~keep_R) / n_valid
-    return y_TD, dropped
+    return y_TD, jnp.sum(jnp.tile(valid_T, k) & ~keep_R)
+
+
+def dropless_dispatch(
+    x_TD: Array, routing: Routing, experts_fn: ExpertsFn, *, num_experts: int
+) -> Array:
+    """Dropless dispatch around `experts_fn(x_RD sorted by expert, group_sizes_E) -> y_RD`."""
+    t, d = x_TD.shape
+    k = routing.experts_TK.shape[1]
+    flat_expert_R = routing.experts_TK.reshape(-1)
+    order_R = jnp.argsort(flat_expert_R, stable=True)
+    group_sizes_E = jnp.bincount(flat_expert_R, length=num_experts).astype(jnp.int32)
+    # every token k times (backward: a sum), then sorted (a permutation: unique indices)
+    y_RD = experts_fn(jnp.repeat(x_TD, k, axis=0).at[order_R].get(unique_indices=True),
+                      group_sizes_E)  # fmt: skip
+    # Undo the sort with a permutation (unique indices) and sum each token's k outputs: no
+    # scatter-add with repeated indices, so the result is deterministic on every backend.
+    y_TKD = jnp.zeros_like(y_RD).at[order_R].set(y_RD, unique_indices=True).reshape(t, k, d)
+    return jnp.einsum("TKD,TK->TD", y_TKD, routing.weights_TK.astype(x_TD.dtype))
 
 
 def _block_layout(group_sizes_E: Array, num_rows: int, block: int):
@@ -146,9 +177,13 @@ def grouped_swiglu(
     # "blocked": rows are laid out in blocks that each belong to one expert, so the work is one
     # batched matmul per weight; padding is below one block per expert. On CPU this is ~4x faster
     # than ragged_dot, which lowers to a masked dense expansion there (see BENCHMARKS.md).
+    # Each block also copies its expert's weights, so blocks should be large; but the buffer is
+    # sized for the worst case, num_experts - 1 rows of padding each, so they should be small. A
+    # block of about rows / (8 x experts) keeps the padding under 1/8 of the rows; `block_size`
+    # caps it. On one tiny layer of 8,192 tokens, 512-row blocks took 0.75x the time of 128-row.
     num_rows, d = x_RD.shape
     num_experts = group_sizes_E.shape[0]
-    block = min(block_size, max(8, 1 << math.ceil(math.log2(max(1, num_rows // num_experts)))))
+    block = min(block_size, max(8, 1 << int(math.log2(max(1, num_rows // (8 * num_experts))))))
     dest_R, expert_N, num_blocks = _block_layout(group_sizes_E, num_rows, block)
     x_NBD = (
         jnp.zeros((num_blocks * block, d), x_RD.dtype)
@@ -182,47 +217,90 @@ class MoEFeedForward(nnx.Module):
         self, x_BTD: Array, *, valid_BT: Array, rng: Array | None = None
     ) -> tuple[Array, dict[str, Array]]:
         b, t, d = x_BTD.shape
-        k = self.moe.top_k
+        m = self.moe
         x_TD = x_BTD.reshape(b * t, d)
         router_in_TD = x_TD.astype(jnp.float32)
-        if rng is not None and self.moe.jitter > 0:
-            eps = self.moe.jitter
+        if rng is not None and m.jitter > 0:
             router_in_TD = router_in_TD * jax.random.uniform(
-                rng, router_in_TD.shape, minval=1.0 - eps, maxval=1.0 + eps
+                rng, router_in_TD.shape, minval=1.0 - m.jitter, maxval=1.0 + m.jitter
             )
         logits_TE = router_in_TD @ self.router[...].astype(jnp.float32)
+        # Routing and its statistics stay outside any shard_map: they are per token, and XLA
+        # partitions them over the batch, so the losses are the global ones on every mesh.
         routing = route(
-            logits_TE,
-            valid_BT.reshape(-1),
-            top_k=k,
-            temperature=self.moe.router_temperature,
+            logits_TE, valid_BT.reshape(-1), top_k=m.top_k, temperature=m.router_temperature
         )
         dt = self.dtype
-        weights = [
-            self.w_gate[...].astype(dt),
-            self.w_up[...].astype(dt),
-            self.w_down[...].astype(dt),
-        ]
-        if self.moe.dispatch == "capacity":
-            y_TD, dropped = capacity_swiglu(
-                x_TD.astype(dt), routing, valid_BT.reshape(-1), *weights,
-                capacity_factor=self.moe.capacity_factor,
-            )  # fmt: skip
-            return y_TD.reshape(b, t, d), routing.aux | {"dropped": dropped}
-        flat_expert_R = routing.experts_TK.reshape(-1)
-        order_R = jnp.argsort(flat_expert_R, stable=True)
-        group_sizes_E = jnp.bincount(flat_expert_R, length=self.moe.num_experts).astype(jnp.int32)
-        y_RD = grouped_swiglu(
-            # every token k times (backward: a sum), then sorted (a permutation: unique indices)
-            jnp.repeat(x_TD, k, axis=0).at[order_R].get(unique_indices=True).astype(dt),
-            group_sizes_E,
-            *weights,
-            impl=self.moe.grouped_matmul,
-            block_size=self.moe.block_size,
+        weights = tuple(w[...].astype(dt) for w in (self.w_gate, self.w_up, self.w_down))
+        mesh = moe_parallel.expert_parallel_mesh()
+        if mesh is not None:
+            y_BTD, dropped = _expert_parallel(x_BTD.astype(dt), routing, valid_BT, weights, m, mesh)
+            return y_BTD, routing.aux | {"dropped": dropped}
+        valid_T = valid_BT.reshape(-1)
+        y_TD, n_dropped = dispatch(x_TD.astype(dt), routing, valid_T, weights, m)
+        dropped = n_dropped / jnp.maximum(jnp.sum(valid_T) * m.top_k, 1)
+        return y_TD.reshape(b, t, d), routing.aux | {"dropped": dropped}
+
+
+def dispatch(
+    x_TD: Array,
+    routing: Routing,
+    valid_T: Array,
+    weights: tuple[Array, ...],
+    m: MoeConfig,
+    *,
+    across_devices: bool = False,
+) -> tuple[Array, Array]:
+    """The combined expert output and the number of valid assignments dropped. With
+    `across_devices` (inside shard_map) `weights` hold this device's experts, and the tokens
+    travel to the devices of theirs."""
+    k = m.top_k
+    if m.dispatch == "capacity":
+        experts_fn = functools.partial(_batched_swiglu, w_gate_NDF=weights[0],
+                                       w_up_NDF=weights[1], w_down_NFD=weights[2])  # fmt: skip
+        if across_devices:
+            experts_fn = functools.partial(moe_parallel.exchange_slots, experts_fn=experts_fn)
+        return capacity_dispatch(x_TD, routing, valid_T, experts_fn, num_experts=m.num_experts,
+                                 capacity_factor=m.capacity_factor)  # fmt: skip
+    experts_fn = functools.partial(
+        grouped_swiglu, w_gate_EDF=weights[0], w_up_EDF=weights[1], w_down_EFD=weights[2],
+        impl=m.grouped_matmul, block_size=m.block_size,
+    )  # fmt: skip
+    if across_devices:
+        slots = moe_parallel.dropless_slots(x_TD.shape[0], k, m.num_experts)
+        experts_fn = functools.partial(
+            moe_parallel.exchange_rows, experts_fn=experts_fn, slots=slots
         )
-        # Undo the sort with a permutation (unique indices) and sum each token's k outputs: no
-        # scatter-add with repeated indices, so the result is deterministic on every backend.
-        y_TKD = jnp.zeros_like(y_RD).at[order_R].set(y_RD, unique_indices=True).reshape(b * t, k, d)
-        weights_TK = routing.weights_TK.astype(dt)
-        y_TD = jnp.einsum("TKD,TK->TD", y_TKD, weights_TK)
-        return y_TD.reshape(b, t, d), routing.aux | {"dropped": jnp.zeros((), jnp.float32)}
+    y_TD = dropless_dispatch(x_TD, routing, experts_fn, num_experts=m.num_experts)
+    return y_TD, jnp.zeros((), jnp.int32)
+
+
+def _expert_parallel(
+    x_BTD: Array,
+    routing: Routing,
+    valid_BT: Array,
+    weights: tuple[Array, ...],
+    m: MoeConfig,
+    mesh: jax.sharding.AbstractMesh,
+) -> tuple[Array, Array]:
+    """`dispatch` in shard_map: each device sends its own rows of the batch to their experts."""
+    b, t, d = x_BTD.shape
+    k = m.top_k
+
+    def local(x_BTD, experts_BTK, weights_BTK, valid_BT, *weights):
+        rows = x_BTD.shape[0] * t
+        routing = Routing(experts_BTK.reshape(rows, k), weights_BTK.reshape(rows, k), {})
+        valid_T = valid_BT.reshape(rows)
+        y_TD, n_dropped = dispatch(x_BTD.reshape(rows, d), routing, valid_T, weights, m,
+                                   across_devices=True)  # fmt: skip
+        n_assigned = moe_parallel.batch_sum(jnp.sum(valid_T)) * k
+        dropped = moe_parallel.batch_sum(n_dropped) / jnp.maximum(n_assigned, 1)
+        return y_TD.reshape(-1, t, d), dropped
+
+    return moe_parallel.shard_over_experts(local, mesh)(
+        x_BTD,
+        routing.experts_TK.reshape(b, t, k),
+        routing.weights_TK.reshape(b, t, k),
+        valid_BT,
+        *weights,
+    )

@@ -156,11 +156,23 @@ def train_step(setup: Setup, state: TrainState, batch: dict) -> tuple[TrainState
     return new_state, metrics
 
 
+def _under_mesh(fn, mesh: jax.sharding.Mesh):
+    """`fn` traced with `mesh` in context: the expert-parallel MoE (moe_parallel) runs on it. The
+    context is entered inside the traced function, so the result stays a jitted function (with
+    `.lower`) that callers need not wrap."""
+
+    def traced(*args):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args)
+
+    return traced
+
+
 def jit_train_step(setup: Setup):
     """The compiled step: state donated and kept in its sharding, batch sharded over batch axes."""
     batch_sharding = sharding.batch_sharding(setup.mesh)
     return jax.jit(
-        lambda state, batch: train_step(setup, state, batch),
+        _under_mesh(lambda state, batch: train_step(setup, state, batch), setup.mesh),
         in_shardings=(setup.state_shardings, batch_sharding),
         out_shardings=(setup.state_shardings, sharding.replicated(setup.mesh)),
         donate_argnums=(0,),
@@ -175,7 +187,7 @@ def eval_step(setup: Setup, params: dict, batch: dict) -> dict:
 
 def jit_eval_step(setup: Setup):
     return jax.jit(
-        lambda params, batch: eval_step(setup, params, batch),
+        _under_mesh(lambda params, batch: eval_step(setup, params, batch), setup.mesh),
         in_shardings=(setup.state_shardings["params"], sharding.batch_sharding(setup.mesh)),
         out_shardings=sharding.replicated(setup.mesh),
     )

@@ -1,4 +1,5 @@
-"""CLI: python -m hanuman_jax.train --config configs/NAME.py [--config.a.b=value] [--workdir DIR]"""
+"""CLI: python -m hanuman_jax.train --config configs/NAME.py [--config.a.b=value] [--workdir DIR]
+[--distributed [--coordinator_address HOST:PORT --num_processes N --process_id I]]"""
 
 from __future__ import annotations
 
@@ -25,13 +26,41 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         help="build the model abstractly and print parameter counts and FLOPs; no training",
     )
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    cluster = parser.add_argument_group(
+        "multi-process", "one process per host; unset values are detected from the cluster "
+        "environment (SLURM, Open MPI, Cloud TPU, ...) by jax.distributed.initialize"
+    )  # fmt: skip
+    cluster.add_argument(
+        "--distributed", action="store_true", help="join the other processes before training"
+    )
+    cluster.add_argument("--coordinator_address", help="HOST:PORT of process 0")
+    cluster.add_argument("--num_processes", type=int, help="how many processes in all")
+    cluster.add_argument("--process_id", type=int, help="this process's index, from 0")
     args, rest = parser.parse_known_args(argv)
     overrides = []
     for item in rest:
         if not item.startswith("--config."):
             parser.error(f"unrecognized argument {item!r}")
         overrides.append(item)
+    given = [f"--{k}" for k in ("coordinator_address", "num_processes", "process_id")
+             if getattr(args, k) is not None]  # fmt: skip
+    if given and not args.distributed:
+        parser.error(f"{', '.join(given)} only apply with --distributed")
     return args, overrides
+
+
+def join_cluster(args: argparse.Namespace) -> None:
+    """jax.distributed.initialize, before anything asks jax for its devices."""
+    import jax
+
+    try:
+        jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    except (RuntimeError, ValueError) as e:
+        raise ConfigError(
+            f"--distributed: could not join the cluster ({str(e).splitlines()[0]}); pass "
+            "--coordinator_address HOST:PORT --num_processes N --process_id I, or run under a "
+            "cluster manager that jax.distributed detects"
+        ) from None
 
 
 def dry_run(cfg) -> None:
@@ -58,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("absl", "orbax", "jax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
+        if args.distributed:
+            join_cluster(args)
         cfg = load_config(args.config, overrides)
         if args.dry_run:
             if cfg.model.vocab_size == 0:

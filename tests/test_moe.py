@@ -1,3 +1,9 @@
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -159,3 +165,87 @@ def test_per_layer_router_statistics():
     _, aux = moe(x, valid_BT=jnp.ones((2, 16), bool))
     assert 0 <= float(aux["load_min"]) <= 1 / 5 <= float(aux["load_max"]) <= 1
     assert 0 < float(aux["router_entropy"]) <= np.log(5) + 1e-6
+
+
+EXPERT_PARALLEL = textwrap.dedent(
+    """
+    import json, sys
+    sys.path.insert(0, "tests")
+    import jax, jax.numpy as jnp, ml_collections, numpy as np
+    from conftest import small_model_cfg
+    from flax import nnx
+    from hanuman_jax import sharding
+    from hanuman_jax.config import MoeConfig
+    from hanuman_jax.moe import MoEFeedForward
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (8, 11, 48))
+    valid = jnp.ones((8, 11), bool).at[7, 4:].set(False)
+
+    def moe(dispatch, factor):
+        cfg = small_model_cfg(moe=MoeConfig(num_experts=8, top_k=3, router_temperature=1.2,
+            block_size=8, dispatch=dispatch, capacity_factor=factor))
+        return MoEFeedForward(cfg, rngs=nnx.Rngs(3))
+
+    def run(layer, x, valid, mesh):
+        # output, aux and gradients (parameters and input), jitted; mesh None: one device
+        graphdef, params = nnx.split(layer, nnx.Param)
+        def loss(params, x):
+            y, aux = nnx.merge(graphdef, params)(x, valid_BT=valid)
+            return jnp.sum(jnp.sin(y)) + aux["aux_loss"] + aux["z_loss"], (y, aux)
+        fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+        if mesh is None:
+            jax.set_mesh(None)
+            return jax.tree.map(np.asarray, fn(params, x)), ""
+        jax.set_mesh(sharding.make_mesh(ml_collections.ConfigDict(mesh)))
+        hlo = fn.lower(params, x).compile().as_text()
+        return jax.tree.map(np.asarray, fn(params, x)), hlo
+
+    def diff(a, b):  # within 1e-5 absolute or relative
+        return max(float(np.max(np.abs(u - v) / (1 + np.abs(v))))
+                   for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+    out = {}
+    meshes = {"data2_fsdp2_expert2": dict(data=2, fsdp=2, expert=2, tensor=1),
+              "data2_expert4": dict(data=2, fsdp=1, expert=4, tensor=1),
+              "fsdp2_expert2_tensor2": dict(data=1, fsdp=2, expert=2, tensor=2)}
+    for dispatch in ("dropless", "capacity"):
+        layer = moe(dispatch, 8 / 3)  # capacity: every expert has room for every local token
+        base, _ = run(layer, x, valid, None)
+        for name, mesh in meshes.items():
+            got, hlo = run(layer, x, valid, mesh)
+            out[f"{name}/{dispatch}"] = {"diff": diff(got, base), "all_to_all": "all-to-all" in hlo,
+                                         "dropped": float(got[0][1][1]["dropped"])}
+
+    # Capacity under expert parallelism is per device: each of the 8 batch shards alone, on one
+    # device, drops exactly what the sharded layer drops.
+    layer = moe("capacity", 0.5)
+    ((_, (y, aux)), _), _ = run(layer, x, valid, meshes["data2_fsdp2_expert2"])
+    jax.set_mesh(None)
+    want, dropped = [], 0.0
+    for i in range(8):
+        y_i, aux_i = layer(x[i : i + 1], valid_BT=valid[i : i + 1])
+        want.append(np.asarray(y_i))
+        dropped += float(aux_i["dropped"]) * int(valid[i].sum())
+    out["per_shard"] = {"diff": diff(y, np.concatenate(want)), "dropped": float(aux["dropped"]),
+                        "want_dropped": dropped / int(valid.sum())}
+    print("RESULT" + json.dumps(out))
+    """
+)
+
+
+@pytest.mark.slow
+def test_expert_parallel_matches_one_device_on_8_devices(root):
+    """Tokens go to their experts' devices by all-to-all; output, losses and gradients are the
+    one-device ones on three meshes, for both dispatch modes."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    proc = subprocess.run([sys.executable, "-c", EXPERT_PARALLEL], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.split("RESULT", 1)[1])
+    per_shard = out.pop("per_shard")
+    for name, run in out.items():
+        assert run["all_to_all"], name  # the expert-parallel path was taken
+        assert run["diff"] < 1e-5 and run["dropped"] == 0.0, (name, run)
+    assert per_shard["diff"] < 1e-5
+    assert per_shard["dropped"] > 0
+    assert per_shard["dropped"] == pytest.approx(per_shard["want_dropped"], rel=1e-6)

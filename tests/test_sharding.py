@@ -33,13 +33,16 @@ SCRIPT = textwrap.dedent(
         state = init_state(setup)
         step = jit_train_step(setup)
         rng = np.random.default_rng(0)
-        losses, dropped = [], []
+        losses, dropped, all_to_all = [], [], None
         for _ in range(5):
             batch = {"tokens": rng.integers(0, 4096, (8, 32)).astype(np.int32),
                      "segment_ids": np.ones((8, 32), np.int32),
                      "positions": np.tile(np.arange(32, dtype=np.int32), (8, 1)),
                      "loss_mask": np.ones((8, 32), np.int32)}
-            state, metrics = step(state, sharding.global_batch(batch, mesh))
+            batch = sharding.global_batch(batch, mesh)
+            if all_to_all is None:  # does the step send tokens to their experts' devices?
+                all_to_all = "all_to_all" in step.lower(state, batch).as_text()
+            state, metrics = step(state, batch)
             losses.append(float(metrics["loss"]))
             dropped.append(float(metrics["moe/dropped/layer_00"]))
         layer = state["params"]["layers"][0]
@@ -52,7 +55,7 @@ SCRIPT = textwrap.dedent(
             "w_gate_shard": list(layer["moe"]["w_gate"].addressable_shards[0].data.shape),
         }
         return {"losses": losses, "dropped": dropped, "specs": specs,
-                "devices": mesh.devices.size}
+                "devices": mesh.devices.size, "all_to_all": all_to_all}
 
     MESHES = {
         "single": ([], jax.devices()[:1]),
@@ -92,6 +95,8 @@ def test_sharded_training_matches_one_device_for_both_dispatch_modes():
         for mesh in ("data2_fsdp2_expert2", "fsdp8", "data4_tensor2"):
             run = out[f"{mesh}/{dispatch}"]
             assert run["devices"] == 8
+            # expert parallelism (moe_parallel) exactly where the mesh splits the experts
+            assert run["all_to_all"] == (mesh == "data2_fsdp2_expert2"), (mesh, dispatch)
             for a, b in zip(run["losses"], base["losses"], strict=True):
                 assert a == pytest.approx(b, rel=1e-5), (mesh, dispatch)
     # the two dispatch modes compute the same thing when nothing drops
