@@ -44,3 +44,12 @@ class RMSNorm(nnx.Module):
         x32 = x_BTD.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return self.scale[...].astype(x_BTD.dtype) * y.astype(x_BTD.dtype)
+
+
+def group_ranks(group_R: Array, num_groups: int, counted_R: Array | None = None) -> Array:
+    """Each row's rank among the earlier rows of its group (0, 1, ...). Rows where `counted_R` is
+    False do not take a rank from the rows after them."""
+    onehot_RG = jax.nn.one_hot(group_R, num_groups, dtype=jnp.int32)
+    if counted_R is not None:
+        onehot_RG = onehot_RG * counted_R[:, None].astype(jnp.int32)
+    return jnp.take_along_axis(jnp.cumsum(onehot_RG, axis=0), group_R[:, None], axis=1)[:, 0] - 1

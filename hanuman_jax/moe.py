@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hanuman_jax import moe_parallel
-from hanuman_jax.layers import param
+from hanuman_jax.layers import group_ranks, param
 
 if typing.TYPE_CHECKING:
     from hanuman_jax.config import ModelConfig, MoeConfig
@@ -92,9 +92,7 @@ def capacity_slots(
     k = experts_TK.shape[1]
     expert_R = experts_TK.T.reshape(-1)
     valid_R = jnp.tile(valid_T, k)
-    onehot_RE = jax.nn.one_hot(expert_R, num_experts, dtype=jnp.int32)
-    onehot_RE = onehot_RE * valid_R[:, None].astype(jnp.int32)
-    rank_R = jnp.take_along_axis(jnp.cumsum(onehot_RE, axis=0), expert_R[:, None], axis=1)[:, 0] - 1
+    rank_R = group_ranks(expert_R, num_experts, counted_R=valid_R)
     keep_R = valid_R & (rank_R < c)
     return jnp.where(keep_R, expert_R * c + rank_R, num_experts * c), keep_R
 
@@ -124,44 +122,33 @@ def capacity_dispatch(
     return y_TD, jnp.sum(jnp.tile(valid_T, k) & ~keep_R)
 
 
-def dropless_dispatch(
-    x_TD: Array, routing: Routing, experts_fn: ExpertsFn, *, num_experts: int
-) -> Array:
-    """Dropless dispatch around `experts_fn(x_RD sorted by expert, group_sizes_E) -> y_RD`."""
+def dropless_dispatch(x_TD: Array, routing: Routing, experts_fn: ExpertsFn) -> Array:
+    """Dropless dispatch around `experts_fn(x_RD, expert_R) -> y_RD` (row r through expert
+    expert_R[r]), over every token's k assignments."""
     t, d = x_TD.shape
     k = routing.experts_TK.shape[1]
-    flat_expert_R = routing.experts_TK.reshape(-1)
-    order_R = jnp.argsort(flat_expert_R, stable=True)
-    group_sizes_E = jnp.bincount(flat_expert_R, length=num_experts).astype(jnp.int32)
-    # every token k times (backward: a sum), then sorted (a permutation: unique indices)
-    y_RD = experts_fn(jnp.repeat(x_TD, k, axis=0).at[order_R].get(unique_indices=True),
-                      group_sizes_E)  # fmt: skip
-    # Undo the sort with a permutation (unique indices) and sum each token's k outputs: no
-    # scatter-add with repeated indices, so the result is deterministic on every backend.
-    y_TKD = jnp.zeros_like(y_RD).at[order_R].set(y_RD, unique_indices=True).reshape(t, k, d)
-    return jnp.einsum("TKD,TK->TD", y_TKD, routing.weights_TK.astype(x_TD.dtype))
+    # every token k times (backward: a sum); each copy goes to its own place, so no scatter-add
+    # with repeated indices anywhere and the result is deterministic on every backend
+    y_TKD = experts_fn(jnp.repeat(x_TD, k, axis=0), routing.experts_TK.reshape(-1))
+    return jnp.einsum("TKD,TK->TD", y_TKD.reshape(t, k, d), routing.weights_TK.astype(x_TD.dtype))
 
 
-def _block_layout(group_sizes_E: Array, num_rows: int, block: int):
-    """Starts each expert's rows on a block boundary; returns row destinations, block experts."""
-    num_experts = group_sizes_E.shape[0]
+def _block_layout(expert_R: Array, num_experts: int, block: int):
+    """Lays each expert's rows out from a block boundary, in row order; returns each row's
+    position, the expert of each block and the number of blocks (static: the worst case)."""
+    num_rows = expert_R.shape[0]
     num_blocks = (num_rows + num_experts * (block - 1)) // block
+    group_sizes_E = jnp.bincount(expert_R, length=num_experts)
     padded_E = (group_sizes_E + block - 1) // block * block
     padded_end_E = jnp.cumsum(padded_E)
-    group_start_E = jnp.cumsum(group_sizes_E) - group_sizes_E
-    expert_of_row = jnp.repeat(jnp.arange(num_experts), group_sizes_E, total_repeat_length=num_rows)
-    dest_R = (
-        (padded_end_E - padded_E)[expert_of_row]
-        + jnp.arange(num_rows)
-        - group_start_E[expert_of_row]
-    )
+    dest_R = (padded_end_E - padded_E)[expert_R] + group_ranks(expert_R, num_experts)
     block_expert_N = jnp.searchsorted(padded_end_E, jnp.arange(num_blocks) * block, side="right")
     return dest_R, jnp.minimum(block_expert_N, num_experts - 1), num_blocks
 
 
 def grouped_swiglu(
     x_RD: Array,
-    group_sizes_E: Array,
+    expert_R: Array,
     w_gate_EDF: Array,
     w_up_EDF: Array,
     w_down_EFD: Array,
@@ -169,34 +156,35 @@ def grouped_swiglu(
     impl: str,
     block_size: int,
 ) -> Array:
-    """SwiGLU experts over rows sorted by expert: rows of group e use expert e's weights."""
-    if impl == "ragged_dot":
-        gate = jax.lax.ragged_dot(x_RD, w_gate_EDF, group_sizes_E)
-        up = jax.lax.ragged_dot(x_RD, w_up_EDF, group_sizes_E)
-        return jax.lax.ragged_dot(jax.nn.silu(gate) * up, w_down_EFD, group_sizes_E)
+    """Row r through expert expert_R[r]'s SwiGLU; rows in any order, outputs in the same order."""
+    num_rows, d = x_RD.shape
+    num_experts = w_gate_EDF.shape[0]
+    if impl == "ragged_dot":  # wants rows grouped by expert: sort, and undo the sort after
+        order_R = jnp.argsort(expert_R, stable=True)
+        sizes_E = jnp.bincount(expert_R, length=num_experts).astype(jnp.int32)
+        x_sorted = x_RD.at[order_R].get(unique_indices=True)
+        gate = jax.lax.ragged_dot(x_sorted, w_gate_EDF, sizes_E)
+        up = jax.lax.ragged_dot(x_sorted, w_up_EDF, sizes_E)
+        y_sorted = jax.lax.ragged_dot(jax.nn.silu(gate) * up, w_down_EFD, sizes_E)
+        return jnp.zeros_like(y_sorted).at[order_R].set(y_sorted, unique_indices=True)
     # "blocked": rows are laid out in blocks that each belong to one expert, so the work is one
     # batched matmul per weight; padding is below one block per expert. On CPU this is ~4x faster
-    # than ragged_dot, which lowers to a masked dense expansion there (see BENCHMARKS.md).
+    # than ragged_dot, which lowers to a masked dense expansion there (see BENCHMARKS.md). Rows go
+    # straight to their places (one scatter with unique indices, and one gather back): no sort.
     # Each block also copies its expert's weights, so blocks should be large; but the buffer is
     # sized for the worst case, num_experts - 1 rows of padding each, so they should be small. A
     # block of about rows / (8 x experts) keeps the padding under 1/8 of the rows; `block_size`
     # caps it. On one tiny layer of 8,192 tokens, 512-row blocks took 0.75x the time of 128-row.
-    num_rows, d = x_RD.shape
-    num_experts = group_sizes_E.shape[0]
     block = min(block_size, max(8, 1 << int(math.log2(max(1, num_rows // (8 * num_experts))))))
-    dest_R, expert_N, num_blocks = _block_layout(group_sizes_E, num_rows, block)
+    dest_R, expert_N, num_blocks = _block_layout(expert_R, num_experts, block)
     x_NBD = (
         jnp.zeros((num_blocks * block, d), x_RD.dtype)
         .at[dest_R]
-        .set(x_RD, mode="drop", unique_indices=True, indices_are_sorted=True)
+        .set(x_RD, mode="drop", unique_indices=True)
+        .reshape(num_blocks, block, d)
     )
-    x_NBD = x_NBD.reshape(num_blocks, block, d)
     out_NBD = _batched_swiglu(x_NBD, w_gate_EDF[expert_N], w_up_EDF[expert_N], w_down_EFD[expert_N])
-    return (
-        out_NBD.reshape(num_blocks * block, d)
-        .at[dest_R]
-        .get(unique_indices=True, indices_are_sorted=True)
-    )
+    return out_NBD.reshape(num_blocks * block, d).at[dest_R].get(unique_indices=True)
 
 
 class MoEFeedForward(nnx.Module):
@@ -268,10 +256,9 @@ def dispatch(
     )  # fmt: skip
     if across_devices:
         slots = moe_parallel.dropless_slots(x_TD.shape[0], k, m.num_experts)
-        experts_fn = functools.partial(
-            moe_parallel.exchange_rows, experts_fn=experts_fn, slots=slots
-        )
-    y_TD = dropless_dispatch(x_TD, routing, experts_fn, num_experts=m.num_experts)
+        experts_fn = functools.partial(moe_parallel.exchange_rows, experts_fn=experts_fn,
+                                       num_experts=m.num_experts, slots=slots)  # fmt: skip
+    y_TD = dropless_dispatch(x_TD, routing, experts_fn)
     return y_TD, jnp.zeros((), jnp.int32)
 
 

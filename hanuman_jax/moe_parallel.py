@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AbstractMesh, PartitionSpec
 
+from hanuman_jax.layers import group_ranks
 from hanuman_jax.sharding import LOGICAL_RULES, logical_to_spec
 
 Array = jax.Array
@@ -89,30 +90,25 @@ def dropless_slots(num_tokens: int, top_k: int, num_experts: int) -> int:
 
 def exchange_rows(
     x_RD: Array,
-    group_sizes_E: Array,
+    expert_R: Array,
     *,
     experts_fn: Callable[[Array, Array], Array],
+    num_experts: int,
     slots: int,
 ) -> Array:
-    """Rows sorted by expert to the devices of their experts and back. A device regroups what it
-    receives by its L local experts and runs `experts_fn(x_QD, group_sizes_L)` on it; `slots`
-    rows per destination must bound what one device sends to another (`dropless_slots`)."""
+    """Rows to the devices of their experts and back. A device runs `experts_fn(x_QD,
+    local_expert_Q)` on what it receives from all; `slots` rows per destination must bound what
+    one device sends to another (`dropless_slots`)."""
     r, d = x_RD.shape
-    e = group_sizes_E.shape[0]
     x_count = jax.lax.axis_size(EXPERT_AXIS)
-    local = e // x_count
-    sent_X = group_sizes_E.reshape(x_count, local).sum(axis=1)
-    dest_R = jnp.repeat(jnp.arange(x_count), sent_X, total_repeat_length=r)
-    slot_R = dest_R * slots + jnp.arange(r) - (jnp.cumsum(sent_X) - sent_X)[dest_R]
-    expert_R = jnp.repeat(jnp.arange(e) % local, group_sizes_E, total_repeat_length=r)
-    # An empty slot is a zero row in the last local expert's group: SwiGLU(0) = 0, no gradient.
+    local = num_experts // x_count
+    dest_R = expert_R // local
+    slot_R = dest_R * slots + group_ranks(dest_R, x_count)
+    # An empty slot is a zero row for the last local expert: SwiGLU(0) = 0, no gradient.
     send_XSD = jnp.zeros((x_count * slots, d), x_RD.dtype).at[slot_R].set(x_RD, unique_indices=True)
-    send_XS = jnp.full((x_count * slots,), local - 1, jnp.int32).at[slot_R].set(expert_R)
+    send_XS = jnp.full((x_count * slots,), local - 1, jnp.int32).at[slot_R].set(expert_R % local)
     recv_QD = _swap(send_XSD.reshape(x_count, slots, d)).reshape(x_count * slots, d)
     expert_Q = _swap(send_XS.reshape(x_count, slots)).reshape(x_count * slots)
-    order_Q = jnp.argsort(expert_Q, stable=True)
-    group_sizes_L = jnp.bincount(expert_Q, length=local).astype(jnp.int32)
-    y_QD = experts_fn(recv_QD.at[order_Q].get(unique_indices=True), group_sizes_L)
-    y_QD = _sum_hidden(jnp.zeros_like(y_QD).at[order_Q].set(y_QD, unique_indices=True))
+    y_QD = _sum_hidden(experts_fn(recv_QD, expert_Q))
     y_XSD = _swap(y_QD.reshape(x_count, slots, d))
     return y_XSD.reshape(x_count * slots, d).at[slot_R].get(unique_indices=True)

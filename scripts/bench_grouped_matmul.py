@@ -50,13 +50,14 @@ def main() -> None:
     shares = jnp.arange(1, a.experts + 1)
     sizes = (shares * rows // shares.sum()).astype(jnp.int32)
     sizes = sizes.at[-1].add(rows - sizes.sum())
+    expert = jnp.repeat(jnp.arange(a.experts), sizes, total_repeat_length=rows)
 
     def dense(x, wg, wu, wd):
         return (jax.nn.silu(x @ wg[0]) * (x @ wu[0])) @ wd[0]
 
     def kernel(impl):
         return lambda x, wg, wu, wd: grouped_swiglu(
-            x, sizes, wg, wu, wd, impl=impl, block_size=a.block_size
+            x, expert, wg, wu, wd, impl=impl, block_size=a.block_size
         )
 
     def fwd_bwd(f):

@@ -98,11 +98,14 @@ def test_blocked_equals_ragged_with_empty_and_skewed_groups():
     wg, wu = (jnp.asarray(rng.normal(size=(6, 16, 24)), jnp.float32) for _ in range(2))
     wd = jnp.asarray(rng.normal(size=(6, 24, 16)), jnp.float32)
     for sizes in ([37, 0, 0, 0, 0, 0], [0, 0, 20, 0, 17, 0], [1, 9, 3, 0, 15, 9]):
-        gs = jnp.array(sizes, jnp.int32)
-        ragged = grouped_swiglu(x, gs, wg, wu, wd, impl="ragged_dot", block_size=8)
+        expert = jnp.asarray(rng.permutation(np.repeat(np.arange(6), sizes)), jnp.int32)
+        loop = jnp.stack([(jax.nn.silu(x[r] @ wg[e]) * (x[r] @ wu[e])) @ wd[e]
+                          for r, e in enumerate(expert.tolist())])  # fmt: skip
+        ragged = grouped_swiglu(x, expert, wg, wu, wd, impl="ragged_dot", block_size=8)
+        np.testing.assert_allclose(ragged, loop, atol=1e-4, rtol=1e-5)
         for block in (8, 16, 64):
-            blocked = grouped_swiglu(x, gs, wg, wu, wd, impl="blocked", block_size=block)
-            np.testing.assert_allclose(blocked, ragged, atol=1e-4, rtol=1e-5)
+            blocked = grouped_swiglu(x, expert, wg, wu, wd, impl="blocked", block_size=block)
+            np.testing.assert_allclose(blocked, loop, atol=1e-4, rtol=1e-5)
 
 
 def test_router_losses_and_weights():
