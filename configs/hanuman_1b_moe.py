@@ -20,6 +20,8 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.model.init_std = 0.02  # std of the normal initialiser (output projections are scaled down)
     cfg.model.dtype = "bfloat16"  # compute dtype: float32, bfloat16 or float16
     cfg.model.param_dtype = "float32"  # dtype parameters are stored and updated in
+    cfg.model.remat = "full"  # none, full, or save_matmuls: recompute all but the 2-D matmuls
+    cfg.model.attention = "auto"  # auto (cuDNN flash attention where it runs, else xla), xla, cudnn
     cfg.model.rope = ml_collections.ConfigDict()
     cfg.model.rope.theta = 500_000.0  # RoPE base frequency
     cfg.model.rope.scaling = "llama3"  # none, linear (position interpolation) or llama3

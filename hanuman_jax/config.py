@@ -13,6 +13,8 @@ import ml_collections
 DTYPES = ("float32", "bfloat16", "float16")
 PARAM_DTYPES = ("float32", "bfloat16")
 ROPE_SCALINGS = ("none", "linear", "llama3")
+REMAT_MODES = ("none", "full", "save_matmuls")  # what a block keeps for the backward pass
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 GROUPED_MATMULS = ("blocked", "ragged_dot")
 DISPATCHES = ("dropless", "capacity")
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
@@ -148,6 +150,13 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     head_dim = m.head_dim or m.d_model // m.num_heads
     _check(head_dim % 2 == 0, "model.head_dim", head_dim, "must be even for RoPE")
     _check(m.dtype in DTYPES, "model.dtype", m.dtype, f"one of {', '.join(DTYPES)}")
+    _check(m.remat in REMAT_MODES, "model.remat", m.remat, f"one of {', '.join(REMAT_MODES)}")
+    _check(
+        m.attention in ATTENTION_IMPLS,
+        "model.attention",
+        m.attention,
+        f"one of {', '.join(ATTENTION_IMPLS)}",
+    )
     _check(
         m.param_dtype in PARAM_DTYPES,
         "model.param_dtype",
@@ -399,6 +408,8 @@ class ModelConfig:
     init_std: float = 0.02
     dtype: str = "float32"
     param_dtype: str = "float32"
+    remat: str = "none"
+    attention: str = "auto"
     rope: RopeConfig = RopeConfig()
     moe: MoeConfig = MoeConfig()
 

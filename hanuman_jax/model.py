@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hanuman_jax.config import ModelConfig, RopeConfig
+from hanuman_jax.config import ConfigError, ModelConfig, RopeConfig
 from hanuman_jax.layers import RMSNorm, param, project
 from hanuman_jax.moe import MoEFeedForward
 
@@ -45,6 +45,36 @@ def apply_rope(x_BTNH: Array, positions_BT: Array, inv_freq: np.ndarray) -> Arra
     return out.astype(x_BTNH.dtype)
 
 
+def attention_impl(requested: str, dtype: str, head_dim: int) -> str:
+    """`model.attention` resolved on this backend: auto takes cuDNN flash attention where it runs
+    (an NVIDIA GPU of compute capability 8.0 or more, bf16/fp16, head_dim a multiple of 8 up to
+    128; a T4 is 7.5) and XLA's attention otherwise."""
+    device = jax.devices()[0]
+    capability = float(getattr(device, "compute_capability", 0) or 0)
+    fits = dtype in ("bfloat16", "float16") and head_dim % 8 == 0 and head_dim <= 128
+    runs = device.platform == "gpu" and capability >= 8.0 and fits
+    if requested == "cudnn" and not runs:
+        raise ConfigError(
+            f"config model.attention=cudnn cannot run here ({device.device_kind}, model.dtype="
+            f"{dtype}, head_dim {head_dim}): it needs an NVIDIA GPU of compute capability 8.0+, "
+            "bfloat16 or float16 and head_dim a multiple of 8 up to 128; use auto or xla"
+        )
+    if requested == "auto":
+        return "cudnn" if runs else "xla"
+    return requested
+
+
+def fused_attention(
+    q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, segment_ids_BT: Array, implementation: str
+) -> Array:
+    """jax.nn.dot_product_attention, causal and within each packed document (GQA: N query heads
+    share K key/value heads). The cuDNN path; tests run the same call with implementation=xla."""
+    same_doc_B1TS = (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])[:, None]
+    return jax.nn.dot_product_attention(
+        q_BTNH, k_BSKH, v_BSKH, mask=same_doc_B1TS, is_causal=True, implementation=implementation
+    )
+
+
 class Attention(nnx.Module):
     """Grouped-query causal self-attention; tokens attend only within their packed document."""
 
@@ -59,6 +89,7 @@ class Attention(nnx.Module):
         self.rope = cfg.rope
         self.num_kv_heads = k
         self.dtype = jnp.dtype(cfg.dtype)
+        self.impl = attention_impl(cfg.attention, cfg.dtype, h)
 
     def __call__(self, x_BTD: Array, segment_ids_BT: Array, positions_BT: Array) -> Array:
         dt = self.dtype
@@ -68,6 +99,9 @@ class Attention(nnx.Module):
         inv_freq = rope_inv_freq(q_BTNH.shape[-1], self.rope)
         q_BTNH = apply_rope(q_BTNH, positions_BT, inv_freq)
         k_BSKH = apply_rope(k_BSKH, positions_BT, inv_freq)
+        if self.impl == "cudnn":
+            out_BTNH = fused_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, "cudnn")
+            return project(out_BTNH, self.wo[...].astype(dt), contract=2)
         b, t, n, h = q_BTNH.shape
         q_BTKGH = q_BTNH.reshape(b, t, self.num_kv_heads, n // self.num_kv_heads, h)
         logits_BKGTS = jnp.einsum(
@@ -123,6 +157,21 @@ class Block(nnx.Module):
         return x_BTD + out_BTD, aux
 
 
+def _block_call(remat: str):
+    """How a block is called: as it is, or under jax.checkpoint. `full` keeps only the block's
+    input for the backward pass and recomputes the rest; `save_matmuls` also keeps the outputs of
+    the 2-D matmuls (the projections: every matmul without a batch dimension) and recomputes the
+    attention scores, norms, activations and the experts' batched matmuls."""
+
+    def call(block, *args):
+        return block(*args)
+
+    if remat == "none":
+        return call
+    policy = None if remat == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    return nnx.remat(call, policy=policy)
+
+
 SUMMED_AUX = ("aux_loss", "z_loss")  # MoE losses summed over layers; other aux are per layer
 
 
@@ -160,9 +209,10 @@ class Transformer(nnx.Module):
         x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0).astype(dt)
         totals: dict[str, Array] = {}
         per_layer: dict[str, list[Array]] = {}
+        call = _block_call(self.cfg.remat)
         for i, block in enumerate(self.layers):
             layer_rng = None if rng is None else jax.random.fold_in(rng, i)
-            x_BTD, aux = block(x_BTD, segment_ids_BT, positions_BT, layer_rng)
+            x_BTD, aux = call(block, x_BTD, segment_ids_BT, positions_BT, layer_rng)
             for name, value in aux.items():
                 if name in SUMMED_AUX:
                     totals[name] = totals.get(name, 0.0) + value

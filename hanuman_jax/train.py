@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -63,6 +64,20 @@ def join_cluster(args: argparse.Namespace) -> None:
         ) from None
 
 
+# XLA:CPU's default scheduler runs independent work concurrently, and so computes what remat
+# recomputes as early as it can, keeping it alive as long as saved activations would be: with it,
+# remat on CPU costs time and saves little memory. The memory-minimising scheduler keeps the
+# recomputation where it belongs (measured in BENCHMARKS.md). GPU and TPU ignore the flag.
+REMAT_CPU_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
+def set_xla_flags(cfg) -> None:
+    """Adds the XLA flags the config needs to XLA_FLAGS (read when a backend starts)."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if cfg.model.remat != "none" and REMAT_CPU_FLAG.split("=")[0] not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {REMAT_CPU_FLAG}".strip()
+
+
 def dry_run(cfg) -> None:
     from hanuman_jax.model import count_params, train_flops_per_token
 
@@ -87,9 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("absl", "orbax", "jax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
+        cfg = load_config(args.config, overrides)
+        set_xla_flags(cfg)  # before anything starts a JAX backend
         if args.distributed:
             join_cluster(args)
-        cfg = load_config(args.config, overrides)
         if args.dry_run:
             if cfg.model.vocab_size == 0:
                 from hanuman_jax.trainer import load_tokenizer

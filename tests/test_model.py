@@ -147,3 +147,54 @@ def test_bfloat16_compute_keeps_float32_params():
     assert logits.dtype == jnp.float32  # the LM head accumulates in fp32 for the loss
     params = nnx.state(model, nnx.Param)
     assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype("float32")}
+
+
+@pytest.mark.parametrize("moe", [MoeConfig(num_experts=0), MoeConfig(num_experts=4, top_k=2)])
+def test_remat_keeps_loss_and_gradients_and_saves_memory(moe):
+    """`model.remat`: the same loss and gradients; XLA's own count of temporaries shrinks."""
+    tokens = _tokens(b=4, t=64, vocab=103)
+
+    def grads_and_temp(remat):
+        model = Transformer(small_model_cfg(moe=moe, remat=remat), rngs=nnx.Rngs(0))
+        graphdef, params = nnx.split(model, nnx.Param)
+
+        def loss(params):
+            logits, _ = nnx.merge(graphdef, params)(tokens)
+            return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+
+        step = jax.jit(jax.value_and_grad(loss))
+        temp = step.lower(params).compile().memory_analysis().temp_size_in_bytes
+        return step(params), temp
+
+    (base_loss, base_grads), base_temp = grads_and_temp("none")
+    temps = {}
+    for remat in ("full", "save_matmuls"):
+        (loss, grads), temps[remat] = grads_and_temp(remat)
+        assert float(loss) == pytest.approx(float(base_loss), rel=1e-6)
+        for g, b in zip(jax.tree.leaves(grads), jax.tree.leaves(base_grads), strict=True):
+            np.testing.assert_allclose(g, b, rtol=1e-5, atol=1e-7)
+    assert temps["full"] < temps["save_matmuls"] < base_temp, (temps, base_temp)
+
+
+def test_fused_attention_call_equals_ours():
+    """The cuDNN branch's call (jax.nn.dot_product_attention, causal, masked to each packed
+    document, GQA) run with implementation=xla equals our attention; auto means xla on CPU."""
+    from hanuman_jax.config import ConfigError
+    from hanuman_jax.model import Attention, attention_impl, fused_attention
+
+    cfg = small_model_cfg()
+    attn = Attention(cfg, rngs=nnx.Rngs(0))
+    assert attn.impl == "xla" and attention_impl("auto", "bfloat16", 64) == "xla"
+    with pytest.raises(ConfigError, match="model.attention=cudnn cannot run here"):
+        attention_impl("cudnn", "bfloat16", 64)
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 21, cfg.d_model))
+    seg = jnp.array([[1] * 7 + [2] * 5 + [3] * 9, [1] * 21])
+    pos = jnp.array([list(range(7)) + list(range(5)) + list(range(9)), list(range(21))])
+    ours = attn(x, seg, pos)
+    # the same projections and rotations as Attention.__call__, then the fused call
+    inv = rope_inv_freq(cfg.hd, cfg.rope)
+    q = apply_rope(jnp.einsum("BTD,DNH->BTNH", x, attn.wq[...]), pos, inv)
+    k = apply_rope(jnp.einsum("BTD,DKH->BTKH", x, attn.wk[...]), pos, inv)
+    v = jnp.einsum("BTD,DKH->BTKH", x, attn.wv[...])
+    fused = jnp.einsum("BTNH,NHD->BTD", fused_attention(q, k, v, seg, "xla"), attn.wo[...])
+    np.testing.assert_allclose(fused, ours, atol=2e-5, rtol=1e-5)
