@@ -66,6 +66,7 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.train = ml_collections.ConfigDict()
     cfg.train.steps = 152_600  # optimizer steps: 80B tokens (stage A) at 64 x 8192 per step
     cfg.train.batch_size = 64  # global sequences per step
+    cfg.train.grad_accum_steps = 1  # micro-batches per step (batch_size / this sequences each)
     cfg.train.seed = 0  # seeds initialisation, data order and training noise
     cfg.train.log_every = 50  # steps between metrics.jsonl rows
     cfg.train.checkpoint_every = 1000  # steps between checkpoints (and one at the end)

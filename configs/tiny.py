@@ -67,6 +67,7 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.train = ml_collections.ConfigDict()
     cfg.train.steps = 300  # optimizer steps
     cfg.train.batch_size = 16  # global sequences per step
+    cfg.train.grad_accum_steps = 1  # micro-batches per step (batch_size / this sequences each)
     cfg.train.seed = 0  # seeds initialisation, data order and training noise
     cfg.train.log_every = 10  # steps between metrics.jsonl rows
     cfg.train.checkpoint_every = 150  # steps between checkpoints (and one at the end)

@@ -271,7 +271,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _check(o.grad_clip >= 0, "optimizer.grad_clip", o.grad_clip, "must be >= 0 (0 = no clipping)")
 
     _positive_ints(cfg, "train", ("steps", "batch_size", "log_every", "checkpoint_every"))
-    _positive_ints(cfg, "train", ("keep_checkpoints",))
+    _positive_ints(cfg, "train", ("keep_checkpoints", "grad_accum_steps"))
+    _check(t.batch_size % t.grad_accum_steps == 0, "train.grad_accum_steps", t.grad_accum_steps,
+           f"must divide train.batch_size ({t.batch_size})")  # fmt: skip
     _check(isinstance(t.seed, int), "train.seed", t.seed, "must be an integer")
     _check(isinstance(t.eval_every, int) and t.eval_every >= 0, "train.eval_every", t.eval_every,
            "must be an integer >= 0 (0 = no periodic evaluation)")  # fmt: skip

@@ -35,6 +35,7 @@ class Setup:
     aux_loss_coef: float
     z_loss_coef: float
     seed: int
+    grad_accum_steps: int = 1
 
     def model(self, params: dict) -> Transformer:
         state = jax.tree.map(lambda v: v, self.param_template)
@@ -52,6 +53,13 @@ def build_setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setu
         raise ConfigError(
             f"config train.batch_size={cfg.train.batch_size} is invalid: the mesh splits the "
             f"batch {shards} ways ({dict(mesh.shape)}); use a multiple of {shards}"
+        )
+    accum = cfg.train.grad_accum_steps
+    if cfg.train.batch_size % (shards * accum):
+        raise ConfigError(
+            f"config train.grad_accum_steps={accum} is invalid: each of the {shards} batch "
+            f"shards of train.batch_size={cfg.train.batch_size} must split into {accum} "
+            f"micro-batches; use a batch size that is a multiple of {shards * accum}"
         )
     moe = model_cfg.moe
     if moe.num_experts and moe.grouped_matmul == "ragged_dot" and jax.default_backend() == "cpu":
@@ -75,6 +83,7 @@ def build_setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setu
         aux_loss_coef=cfg.model.moe.aux_loss_coef if model_cfg.moe.num_experts else 0.0,
         z_loss_coef=cfg.model.moe.z_loss_coef if model_cfg.moe.num_experts else 0.0,
         seed=cfg.train.seed,
+        grad_accum_steps=accum,
     )
     setup.abstract_state = jax.eval_shape(lambda: _init_state(setup))
     replicated = sharding.replicated(mesh)
@@ -112,39 +121,107 @@ def init_state(setup: Setup) -> TrainState:
     return jax.jit(lambda: _init_state(setup), out_shardings=setup.state_shardings)()
 
 
-def loss_fn(setup: Setup, params: dict, batch: dict, rng: jax.Array | None):
-    """Mean next-token cross-entropy over trained targets, plus the MoE auxiliary losses."""
+def target_mask(batch: dict) -> jax.Array:
+    """Targets that count: they continue the same document and the data marks them trained on."""
+    seg = batch["segment_ids"]
+    return (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != 0) & (batch["loss_mask"][:, 1:] != 0)
+
+
+def loss_fn(
+    setup: Setup,
+    params: dict,
+    batch: dict,
+    rng: jax.Array | None,
+    *,
+    num_targets: jax.Array | None = None,
+    share: float = 1.0,
+):
+    """Next-token cross-entropy over the trained targets, plus the MoE auxiliary losses.
+
+    For a micro-batch, `num_targets` is the whole batch's count and `share` its share of the
+    batch (1 / micro-batches): every value returned is then this micro-batch's part of the whole
+    batch's, and summing over micro-batches gives it. The cross-entropy sums exactly; the MoE
+    losses and statistics are the mean of the micro-batches' own (balance is measured per
+    micro-batch, as Megatron-LM does)."""
     tokens, seg = batch["tokens"], batch["segment_ids"]
     logits_BTV, aux = setup.model(params)(tokens, seg, batch["positions"], rng)
     logits_BTV = logits_BTV[:, :-1]
     targets_BT = tokens[:, 1:]
-    # A target counts if it continues the same document and the data marks it as trained on.
-    mask_BT = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != 0) & (batch["loss_mask"][:, 1:] != 0)
+    mask_BT = target_mask(batch)
     log_z_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
     target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
-    num_targets = jnp.sum(mask_BT)
+    if num_targets is None:
+        num_targets = jnp.sum(mask_BT)
     ce = jnp.sum((log_z_BT - target_logit_BT) * mask_BT) / jnp.maximum(num_targets, 1)
     n_moe = setup.model_cfg.num_layers if setup.model_cfg.moe.num_experts else 1
-    aux_loss = aux.get("aux_loss", 0.0) / n_moe
-    z_loss = aux.get("z_loss", 0.0) / n_moe
+    aux_loss = share * aux.get("aux_loss", 0.0) / n_moe
+    z_loss = share * aux.get("z_loss", 0.0) / n_moe
     total = ce + setup.aux_loss_coef * aux_loss + setup.z_loss_coef * z_loss
     metrics = {
         "loss": ce,
         "aux_loss": aux_loss,
         "z_loss": z_loss,
-        "tokens": num_targets,
-        "packing_efficiency": jnp.mean(seg != 0),  # share of the batch that is not padding
+        "tokens": jnp.sum(mask_BT),
+        "packing_efficiency": share * jnp.mean(seg != 0),  # share of the batch not padding
     }
     for name in ("load_max", "load_min", "router_entropy", "dropped"):
         if name in aux:  # per MoE layer: moe/<name>/layer_NN
-            metrics |= {f"moe/{name}/layer_{i:02d}": v for i, v in enumerate(aux[name])}
+            metrics |= {f"moe/{name}/layer_{i:02d}": share * v for i, v in enumerate(aux[name])}
     return total, metrics
+
+
+def micro_batches(batch: dict, count: int, mesh: jax.sharding.Mesh) -> dict:
+    """[count, rows / count, ...]: micro-batch m takes rows m, m + count, ... With each device
+    holding a contiguous block of rows, every micro-batch keeps rows on every device."""
+
+    def split(x):
+        rows = x.shape[0]
+        x = x.reshape(rows // count, count, *x.shape[1:]).swapaxes(0, 1)
+        spec = jax.sharding.PartitionSpec(None, sharding.LOGICAL_RULES["batch"])
+        return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
+
+    return jax.tree.map(split, batch)
+
+
+def gradients(setup: Setup, params: dict, batch: dict, rng: jax.Array):
+    """(total loss, metrics), gradients of the whole batch, over `grad_accum_steps`
+    micro-batches when it is more than 1 (a scan: one micro-batch's activations live at a
+    time; the gradients accumulate in the parameters' dtype and sharding)."""
+    count = setup.grad_accum_steps
+    if count == 1:
+        grad_fn = jax.value_and_grad(lambda p: loss_fn(setup, p, batch, rng), has_aux=True)
+        return grad_fn(params)
+    num_targets = jnp.sum(target_mask(batch))
+
+    def one(carry, micro):
+        index, micro_batch = micro
+        grad_fn = jax.value_and_grad(
+            lambda p: loss_fn(setup, p, micro_batch, jax.random.fold_in(rng, index),
+                              num_targets=num_targets, share=1.0 / count),  # fmt: skip
+            has_aux=True,
+        )
+        out, grads = grad_fn(params)
+        return jax.tree.map(jnp.add, carry, (out, grads)), None
+
+    first = jax.tree.map(lambda x: x[0], micro_batches(batch, count, setup.mesh))
+    shapes = jax.eval_shape(
+        lambda: jax.value_and_grad(
+            lambda p: loss_fn(setup, p, first, rng, num_targets=num_targets), has_aux=True
+        )(params)
+    )
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    grad_zeros = jax.tree.map(lambda z, p: z.astype(p.dtype), zeros[1], params)
+    grad_zeros = jax.lax.with_sharding_constraint(grad_zeros, setup.state_shardings["params"])
+    zeros = (zeros[0], grad_zeros)
+    summed, _ = jax.lax.scan(
+        one, zeros, (jnp.arange(count), micro_batches(batch, count, setup.mesh))
+    )
+    return summed
 
 
 def train_step(setup: Setup, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     step_rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-    grad_fn = jax.value_and_grad(lambda p: loss_fn(setup, p, batch, step_rng), has_aux=True)
-    (total, metrics), grads = grad_fn(state["params"])
+    (total, metrics), grads = gradients(setup, state["params"], batch, step_rng)
     updates, opt_state = setup.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics |= {

@@ -98,3 +98,51 @@ def test_weight_decay_skips_norms_and_schedule_shape(root):
     assert float(sched(20)) == pytest.approx(1e-4, rel=1e-5)  # reaches the floor at the end
     assert 1e-4 < float(sched(19)) < 1.1e-4
     assert float(sched(10)) < float(sched(5)) < 1e-3
+
+
+@pytest.mark.parametrize(
+    "moe", [["--config.model.moe.num_experts=0"], ["--config.model.moe.aux_loss_coef=0.0"]]
+)
+def test_grad_accumulation_equals_the_large_batch(root, moe):
+    """4 micro-batches of 2 sequences = one batch of 8: the first gradients within 1e-6 and
+    every metric of 3 steps. (The MoE balance loss is measured per micro-batch, so the MoE case sets its
+    weight to 0.)"""
+    from hanuman_jax.step import gradients
+
+    runs = {}
+    for accum in (1, 4):
+        cfg = _cfg(root, "--config.train.batch_size=8", f"--config.train.grad_accum_steps={accum}",
+                   *moe)  # fmt: skip
+        mesh = sharding.make_mesh(cfg.mesh)
+        setup = build_setup(cfg, mesh)
+        state, step = init_state(setup), jit_train_step(setup)
+        grad_fn = jax.jit(lambda p, b, setup=setup: gradients(setup, p, b, jax.random.key(0)))
+        history, grads = [], []
+        for seed in range(3):
+            batch = _batch(seed, b=8)
+            batch["loss_mask"][seed, 3:9] = 0  # micro-batches with different target counts
+            batch = sharding.global_batch(batch, mesh)
+            if seed == 0:  # the same parameters in both runs
+                grads.append(jax.device_get(grad_fn(state["params"], batch)[1]))
+            state, metrics = step(state, batch)
+            history.append({k: float(v) for k, v in metrics.items()})
+        runs[accum] = history, grads, jax.device_get(state["params"])
+    (one, grads_one, params_one), (four, grads_four, params_four) = runs[1], runs[4]
+    for a, b in zip(one, four, strict=True):
+        assert a.keys() == b.keys()
+        for name in a:
+            if name == "aux_loss" or name.startswith("moe/load_"):
+                continue  # balance statistics of each micro-batch, averaged: not the same
+            assert b[name] == pytest.approx(a[name], rel=1e-6, abs=1e-7), name
+    for x, y in zip(jax.tree.leaves(grads_one), jax.tree.leaves(grads_four), strict=True):
+        np.testing.assert_allclose(y, x, rtol=1e-6, atol=1e-8)
+    # Adam divides by sqrt(v): float rounding in the sums moves a few updates by ~1e-4 relative
+    for x, y in zip(jax.tree.leaves(params_one), jax.tree.leaves(params_four), strict=True):
+        np.testing.assert_allclose(y, x, rtol=1e-3, atol=1e-5)
+
+
+def test_grad_accumulation_must_split_every_shard(root):
+    from hanuman_jax.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train.grad_accum_steps=4 .*must divide"):
+        _cfg(root, "--config.train.batch_size=6", "--config.train.grad_accum_steps=4")
