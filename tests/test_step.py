@@ -105,8 +105,8 @@ def test_weight_decay_skips_norms_and_schedule_shape(root):
 )
 def test_grad_accumulation_equals_the_large_batch(root, moe):
     """4 micro-batches of 2 sequences = one batch of 8: the first gradients within 1e-6 and
-    every metric of 3 steps. (The MoE balance loss is measured per micro-batch, so the MoE case sets its
-    weight to 0.)"""
+    every metric of 3 steps. (The MoE balance loss is measured per micro-batch, so the MoE case
+    sets its weight to 0.)"""
     from hanuman_jax.step import gradients
 
     runs = {}
