@@ -62,6 +62,8 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.optimizer.eps = 1e-8  # AdamW epsilon
     cfg.optimizer.weight_decay = 0.1  # decoupled weight decay on matrices only
     cfg.optimizer.grad_clip = 1.0  # global-norm gradient clipping; 0 = off
+    cfg.optimizer.loss_scale = 32768.0  # float16 only: the dynamic loss scale to start from
+    cfg.optimizer.loss_scale_period = 500  # float16: finite steps before the scale doubles
 
     cfg.train = ml_collections.ConfigDict()
     cfg.train.steps = 152_600  # optimizer steps: 80B tokens (stage A) at 64 x 8192 per step

@@ -269,6 +269,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _check(o.eps > 0, "optimizer.eps", o.eps, "must be > 0")
     _check(o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, "must be >= 0")
     _check(o.grad_clip >= 0, "optimizer.grad_clip", o.grad_clip, "must be >= 0 (0 = no clipping)")
+    _check(o.loss_scale >= 1, "optimizer.loss_scale", o.loss_scale,
+           "must be >= 1 (the float16 loss scale to start from)")  # fmt: skip
+    _positive_ints(cfg, "optimizer", ("loss_scale_period",))
 
     _positive_ints(cfg, "train", ("steps", "batch_size", "log_every", "checkpoint_every"))
     _positive_ints(cfg, "train", ("keep_checkpoints", "grad_accum_steps"))

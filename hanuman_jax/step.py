@@ -16,7 +16,8 @@ from hanuman_jax.config import ConfigError, ModelConfig
 from hanuman_jax.model import Transformer
 from hanuman_jax.optim import make_optimizer
 
-# state = {"step": int32[], "params": pure dict, "opt_state": optax state, "rng": uint32[2]}
+# state = {"step": int32[], "params": pure dict, "opt_state": optax state, "rng": uint32[2],
+#          "guard": {"nonfinite_steps", "nonfinite_in_a_row", "loss_scale", "finite_in_a_row"}}
 TrainState = dict[str, Any]
 
 
@@ -36,6 +37,8 @@ class Setup:
     z_loss_coef: float
     seed: int
     grad_accum_steps: int = 1
+    loss_scale: float = 1.0  # the initial loss scale; dynamic (halves, regrows) under float16
+    loss_scale_period: int = 0  # finite steps before it doubles; 0 = static (not float16)
 
     def model(self, params: dict) -> Transformer:
         state = jax.tree.map(lambda v: v, self.param_template)
@@ -84,6 +87,9 @@ def build_setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setu
         z_loss_coef=cfg.model.moe.z_loss_coef if model_cfg.moe.num_experts else 0.0,
         seed=cfg.train.seed,
         grad_accum_steps=accum,
+        # float16 overflows without a loss scale (a T4 has no fast bfloat16)
+        loss_scale=cfg.optimizer.loss_scale if model_cfg.dtype == "float16" else 1.0,
+        loss_scale_period=cfg.optimizer.loss_scale_period if model_cfg.dtype == "float16" else 0,
     )
     setup.abstract_state = jax.eval_shape(lambda: _init_state(setup))
     replicated = sharding.replicated(mesh)
@@ -99,6 +105,7 @@ def build_setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setu
         "params": param_shardings,
         "opt_state": opt_shardings,
         "rng": replicated,
+        "guard": jax.tree.map(lambda _: replicated, setup.abstract_state["guard"]),
     }
     return setup
 
@@ -113,6 +120,13 @@ def _init_state(setup: Setup) -> TrainState:
         "params": params,
         "opt_state": setup.tx.init(params),
         "rng": jax.random.key_data(train_key),
+        # numerical faults: steps skipped for a non-finite loss or gradient, and the loss scale
+        "guard": {
+            "nonfinite_steps": jnp.zeros((), jnp.int32),
+            "nonfinite_in_a_row": jnp.zeros((), jnp.int32),
+            "loss_scale": jnp.asarray(setup.loss_scale, jnp.float32),
+            "finite_in_a_row": jnp.zeros((), jnp.int32),
+        },
     }
 
 
@@ -183,23 +197,37 @@ def micro_batches(batch: dict, count: int, mesh: jax.sharding.Mesh) -> dict:
     return jax.tree.map(split, batch)
 
 
-def gradients(setup: Setup, params: dict, batch: dict, rng: jax.Array):
-    """(total loss, metrics), gradients of the whole batch, over `grad_accum_steps`
-    micro-batches when it is more than 1 (a scan: one micro-batch's activations live at a
-    time; the gradients accumulate in the parameters' dtype and sharding)."""
+def _scaled(fn, scale):
+    """`fn` with its first output multiplied by `scale` (the loss scale; 1.0 but in float16)."""
+
+    def scaled(*args):
+        total, metrics = fn(*args)
+        return total * scale, metrics
+
+    return scaled
+
+
+def gradients(setup: Setup, params: dict, batch: dict, rng: jax.Array, scale=1.0):
+    """(total loss x scale, metrics), gradients of that, for the whole batch: over
+    `grad_accum_steps` micro-batches when it is more than 1 (a scan: one micro-batch's
+    activations live at a time; the gradients accumulate in the parameters' dtype and
+    sharding)."""
     count = setup.grad_accum_steps
     if count == 1:
-        grad_fn = jax.value_and_grad(lambda p: loss_fn(setup, p, batch, rng), has_aux=True)
+        grad_fn = jax.value_and_grad(
+            _scaled(lambda p: loss_fn(setup, p, batch, rng), scale), has_aux=True
+        )
         return grad_fn(params)
     num_targets = jnp.sum(target_mask(batch))
 
     def one(carry, micro):
         index, micro_batch = micro
-        grad_fn = jax.value_and_grad(
-            lambda p: loss_fn(setup, p, micro_batch, jax.random.fold_in(rng, index),
-                              num_targets=num_targets, share=1.0 / count),  # fmt: skip
-            has_aux=True,
-        )
+
+        def micro_loss(p):
+            return loss_fn(setup, p, micro_batch, jax.random.fold_in(rng, index),
+                           num_targets=num_targets, share=1.0 / count)  # fmt: skip
+
+        grad_fn = jax.value_and_grad(_scaled(micro_loss, scale), has_aux=True)
         out, grads = grad_fn(params)
         return jax.tree.map(jnp.add, carry, (out, grads)), None
 
@@ -220,17 +248,58 @@ def gradients(setup: Setup, params: dict, batch: dict, rng: jax.Array):
 
 
 def train_step(setup: Setup, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    """One optimizer step. A step whose loss or gradient is not finite changes neither the
+    parameters nor the optimizer state; it is counted in `guard` (and under float16 it halves
+    the loss scale, which doubles again after `loss_scale_period` finite steps)."""
+    guard = state["guard"]
+    scale = guard["loss_scale"]
     step_rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-    (total, metrics), grads = gradients(setup, state["params"], batch, step_rng)
+    (total, metrics), grads = gradients(setup, state["params"], batch, step_rng, scale)
+    total = total / scale
+    grads = jax.tree.map(lambda g: g / scale.astype(g.dtype), grads)
+    finite = jnp.isfinite(total) & jnp.all(
+        jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
+    )
     updates, opt_state = setup.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
+
+    def keep(new, old):
+        return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+    guard = _next_guard(setup, guard, finite)
     metrics |= {
         "total_loss": total,
         "grad_norm": optax.global_norm(grads),
         "lr": setup.schedule(state["step"]),
+        "nonfinite_steps": guard["nonfinite_steps"],
+        "nonfinite_in_a_row": guard["nonfinite_in_a_row"],
     }
-    new_state = {**state, "step": state["step"] + 1, "params": params, "opt_state": opt_state}
+    if setup.loss_scale_period:
+        metrics["loss_scale"] = guard["loss_scale"]
+    new_state = {
+        **state,
+        "step": state["step"] + 1,
+        "params": keep(params, state["params"]),
+        "opt_state": keep(opt_state, state["opt_state"]),
+        "guard": guard,
+    }
     return new_state, metrics
+
+
+def _next_guard(setup: Setup, guard: dict, finite: jax.Array) -> dict:
+    in_a_row = jnp.where(finite, 0, guard["nonfinite_in_a_row"] + 1)
+    finite_run = jnp.where(finite, guard["finite_in_a_row"] + 1, 0)
+    scale = guard["loss_scale"]
+    if setup.loss_scale_period:  # dynamic: halve on overflow, double after a finite period
+        grow = finite_run >= setup.loss_scale_period
+        scale = jnp.where(finite, jnp.where(grow, scale * 2, scale), jnp.maximum(scale / 2, 1.0))
+        finite_run = jnp.where(grow, 0, finite_run)
+    return {
+        "nonfinite_steps": guard["nonfinite_steps"] + (~finite).astype(jnp.int32),
+        "nonfinite_in_a_row": in_a_row,
+        "loss_scale": scale,
+        "finite_in_a_row": finite_run,
+    }
 
 
 def _under_mesh(fn, mesh: jax.sharding.Mesh):

@@ -146,3 +146,85 @@ def test_grad_accumulation_must_split_every_shard(root):
 
     with pytest.raises(ConfigError, match=r"train.grad_accum_steps=4 .*must divide"):
         _cfg(root, "--config.train.batch_size=6", "--config.train.grad_accum_steps=4")
+
+
+def _poisonable(monkeypatch):
+    """Makes the loss NaN for a batch whose `poison` row values are NaN: a fault on purpose."""
+    import hanuman_jax.step as step_module
+
+    real = step_module.loss_fn
+
+    def loss_fn(setup, params, batch, rng, **kw):
+        batch = dict(batch)
+        poison = batch.pop("poison")
+        total, metrics = real(setup, params, batch, rng, **kw)
+        return total + jnp.mean(poison), metrics
+
+    monkeypatch.setattr(step_module, "loss_fn", loss_fn)
+
+
+def test_nonfinite_step_changes_nothing_and_is_counted(root, monkeypatch):
+    _poisonable(monkeypatch)
+    cfg = _cfg(root)
+    mesh = sharding.make_mesh(cfg.mesh)
+    setup = build_setup(cfg, mesh)
+    state, step = init_state(setup), jit_train_step(setup)
+
+    def run(state, poison):
+        batch = _batch() | {"poison": np.full(4, poison, np.float32)}
+        return step(state, sharding.global_batch(batch, mesh))
+
+    state, _ = run(state, 0.0)
+    before = jax.device_get({k: state[k] for k in ("params", "opt_state")})
+    for n in (1, 2):
+        state, metrics = run(state, np.nan)
+        assert int(metrics["nonfinite_steps"]) == n and int(metrics["nonfinite_in_a_row"]) == n
+        after = jax.device_get({k: state[k] for k in ("params", "opt_state")})
+        for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):
+            np.testing.assert_array_equal(x, y)  # exactly unchanged
+    state, metrics = run(state, 0.0)
+    assert int(metrics["nonfinite_steps"]) == 2 and int(metrics["nonfinite_in_a_row"]) == 0
+    assert int(state["step"]) == 4 and "loss_scale" not in metrics  # float32: no loss scale
+
+
+def test_float16_loss_scale_halves_on_overflow_and_regrows(root, monkeypatch):
+    _poisonable(monkeypatch)
+    cfg = _cfg(root, "--config.model.dtype=float16", "--config.optimizer.loss_scale=1024",
+               "--config.optimizer.loss_scale_period=2")  # fmt: skip
+    mesh = sharding.make_mesh(cfg.mesh)
+    setup = build_setup(cfg, mesh)
+    state, step = init_state(setup), jit_train_step(setup)
+    scales = []
+    for poison in (0.0, np.inf, np.inf, 0.0, 0.0, 0.0):
+        batch = _batch() | {"poison": np.full(4, poison, np.float32)}
+        state, metrics = step(state, sharding.global_batch(batch, mesh))
+        scales.append(float(metrics["loss_scale"]))
+    assert scales == [1024, 512, 256, 256, 512, 512]
+
+
+@pytest.mark.slow
+def test_tiny_in_float16_ends_within_5_percent_of_float32(root):
+    """The T4 path: tiny (2 layers, 64 tokens) for 60 steps on a fixed stream of batches."""
+    final = {}
+    for dtype in ("float32", "float16"):
+        cfg = load_config(root / "configs" / "tiny.py", [
+            f"--config.model.dtype={dtype}", "--config.model.vocab_size=512",
+            "--config.model.num_layers=2", "--config.data.seq_len=64",
+            "--config.train.batch_size=8", "--config.train.steps=60"])  # fmt: skip
+        mesh = sharding.make_mesh(cfg.mesh)
+        setup = build_setup(cfg, mesh)
+        state, step = init_state(setup), jit_train_step(setup)
+        rng = np.random.default_rng(0)
+        pattern = rng.integers(0, 512, 97)  # a learnable, repeating "language"
+        for i in range(60):
+            start = rng.integers(0, 97, 8)
+            tokens = pattern[(start[:, None] + np.arange(64)) % 97].astype(np.int32)
+            batch = {"tokens": tokens, "segment_ids": np.ones((8, 64), np.int32),
+                     "positions": np.tile(np.arange(64, dtype=np.int32), (8, 1)),
+                     "loss_mask": np.ones((8, 64), np.int32)}  # fmt: skip
+            state, metrics = step(state, sharding.global_batch(batch, mesh))
+        final[dtype] = float(metrics["loss"])
+        if dtype == "float16":
+            assert int(metrics["nonfinite_steps"]) < 60 and float(metrics["loss_scale"]) >= 1
+    assert final["float32"] < 4.0  # it learned something: log(512) = 6.2
+    assert final["float16"] == pytest.approx(final["float32"], rel=0.05)
