@@ -216,7 +216,7 @@ def test_tiny_in_float16_ends_within_5_percent_of_float32(root):
         state, step = init_state(setup), jit_train_step(setup)
         rng = np.random.default_rng(0)
         pattern = rng.integers(0, 512, 97)  # a learnable, repeating "language"
-        for i in range(60):
+        for _ in range(60):
             start = rng.integers(0, 97, 8)
             tokens = pattern[(start[:, None] + np.arange(64)) % 97].astype(np.int32)
             batch = {"tokens": tokens, "segment_ids": np.ones((8, 64), np.int32),
