@@ -173,7 +173,8 @@ def test_remat_keeps_loss_and_gradients_and_saves_memory(moe):
         assert float(loss) == pytest.approx(float(base_loss), rel=1e-6)
         for g, b in zip(jax.tree.leaves(grads), jax.tree.leaves(base_grads), strict=True):
             np.testing.assert_allclose(g, b, rtol=1e-5, atol=1e-7)
-    assert temps["full"] < temps["save_matmuls"] < base_temp, (temps, base_temp)
+    # both keep less (which keeps least depends on XLA:CPU's scheduler: see BENCHMARKS.md)
+    assert max(temps.values()) < base_temp, (temps, base_temp)
 
 
 def test_fused_attention_call_equals_ours():
