@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -14,54 +13,27 @@ import ml_collections
 import numpy as np
 
 from hanuman_jax import sharding
-from hanuman_jax.checkpoint import (
-    Checkpointer,
-    abstract_with_shardings,
-    check_resumable,
-    load_params,
-    run_meta,
-)
+from hanuman_jax.checkpoint import Checkpointer, abstract_with_shardings
 from hanuman_jax.config import ConfigError
-from hanuman_jax.data import DataError, make_dataset, records, resolve_file
+from hanuman_jax.data import DataError, make_dataset, resolve_file
 from hanuman_jax.data.pipeline import stats_metrics
 from hanuman_jax.metrics import MetricsWriter, ProgressBar
 from hanuman_jax.model import count_params
-from hanuman_jax.preemption import StopRequest
 from hanuman_jax.step import build_setup, init_state, jit_eval_step, jit_train_step
 from hanuman_jax.tokenizer import Tokenizer
 
 log = logging.getLogger("hanuman_jax")
 
 
-class NonFiniteError(ConfigError):
-    """The loss stayed NaN/inf for `train.max_nonfinite_steps` steps (a ConfigError, so the CLI
-    prints it as one line and exits 2)."""
-
-
 def prepare_workdir(workdir: Path) -> None:
     """Fails now, not at the first save hours later, if the workdir cannot be written."""
-    for directory in (workdir, workdir / "checkpoints"):
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            probe = directory / ".write_test"
-            probe.write_text("ok")
-            probe.unlink()
-        except OSError as e:
-            raise ConfigError(
-                f"--workdir {workdir}: {directory} is not writable ({e.strerror})"
-            ) from None
-
-
-def check_disk_space(workdir: Path, state_bytes: int, keep: int) -> None:
-    """Warns at start when the disk cannot hold the checkpoints this run will keep."""
-    free = shutil.disk_usage(workdir).free
-    need = (keep + 1) * state_bytes  # the kept ones and the one being written
-    if free < need:
-        log.warning(
-            "%s has %.2f GB free, and train.keep_checkpoints=%d checkpoints of %.2f GB need "
-            "%.2f GB: the disk may fill before the run ends",
-            workdir, free / 1e9, keep, state_bytes / 1e9, need / 1e9,
-        )  # fmt: skip
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"--workdir {workdir} is not writable: {e.strerror}") from None
 
 
 def load_tokenizer(cfg: ml_collections.ConfigDict) -> Tokenizer:
@@ -84,12 +56,39 @@ def load_tokenizer(cfg: ml_collections.ConfigDict) -> Tokenizer:
     return tokenizer
 
 
+def _flatten(tree, prefix=""):
+    if isinstance(tree, dict):
+        return {k: v for key in tree for k, v in _flatten(tree[key], f"{prefix}{key}.").items()}
+    return {prefix[:-1]: list(tree) if isinstance(tree, tuple) else tree}
+
+
+def check_resumable(cfg: ml_collections.ConfigDict, saved: dict, where: Path) -> None:
+    """The checkpoint must hold this model; a changed run length only reshapes the schedule."""
+    now = _flatten(cfg.model.to_dict(), "model.")
+    then = _flatten(saved.get("model", {}), "model.")
+    diffs = [
+        f"{k}={then.get(k)!r} there, {now.get(k)!r} now"
+        for k in sorted(now | then)
+        if now.get(k) != then.get(k)
+    ]
+    if diffs:
+        raise ConfigError(
+            f"checkpoint {where} was trained with a different model ({'; '.join(diffs[:4])}); "
+            "use another --workdir or the same model config"
+        )
+    if saved.get("train", {}).get("steps") not in (None, cfg.train.steps):
+        log.warning(
+            "train.steps changed from %s to %s: the learning-rate schedule is stretched from here",
+            saved["train"]["steps"],
+            cfg.train.steps,
+        )
+
+
 def train(cfg: ml_collections.ConfigDict, workdir: Path, *, progress: bool = True) -> dict:
     """Trains to `train.steps`, resuming from the newest checkpoint in `workdir`; returns the last
-    logged metrics. SIGTERM or SIGINT: finishes the step, saves and returns."""
+    logged metrics."""
     prepare_workdir(workdir)
     tokenizer = load_tokenizer(cfg)
-    tokenizer_sha = records.file_sha256(tokenizer.path)
     mesh = sharding.make_mesh(cfg.mesh)
     setup = build_setup(cfg, mesh)
     counts = count_params(setup.model_cfg)
@@ -99,8 +98,6 @@ def train(cfg: ml_collections.ConfigDict, workdir: Path, *, progress: bool = Tru
         f"{counts['active']:,}",
         dict(mesh.shape),
     )
-    state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(setup.abstract_state))
-    check_disk_space(workdir, state_bytes, cfg.train.keep_checkpoints)
     batches = iter(
         make_dataset(
             cfg,
@@ -109,67 +106,30 @@ def train(cfg: ml_collections.ConfigDict, workdir: Path, *, progress: bool = Tru
             process_count=jax.process_count(),
         )
     )
-    ckpt = Checkpointer(
-        workdir / "checkpoints", keep=cfg.train.keep_checkpoints, tokenizer=tokenizer.path
-    )
-    meta = run_meta(cfg, counts, tokenizer, tokenizer_sha)
-    stop = StopRequest()
+    ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.train.keep_checkpoints)
     try:
-        with stop:
-            state, start = _start_state(cfg, setup, ckpt, batches, tokenizer_sha)
-            if jax.process_index() == 0:
-                (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2) + "\n")
-            if start >= cfg.train.steps:
-                log.info(
-                    "%s is already at step %d of %d: nothing to do",
-                    workdir, start, cfg.train.steps,
-                )  # fmt: skip
-                return {}
-            evaluator = Evaluator(setup, eval_batches(cfg, tokenizer.path))
-            loop = _Loop(cfg, workdir, setup, ckpt, meta, stop)
-            last = loop.run(state, batches, start, progress, evaluator)
+        start = ckpt.latest_step() or 0
+        if start:
+            check_resumable(
+                cfg, ckpt.read_meta(start).get("config", {}), ckpt.directory / str(start)
+            )
+            target = abstract_with_shardings(setup.abstract_state, setup.state_shardings)
+            state = ckpt.restore(start, target, batches)
+            log.info("resumed from %s at step %d", ckpt.directory / str(start), start)
+        else:
+            state = init_state(setup)
+        if jax.process_index() == 0:
+            (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2) + "\n")
+        if start >= cfg.train.steps:
+            log.info(
+                "%s is already at step %d of %d: nothing to do", workdir, start, cfg.train.steps
+            )
+            return {}
+        evaluator = Evaluator(setup, eval_batches(cfg, tokenizer.path))
+        return _loop(cfg, workdir, setup, state, batches, ckpt, start, progress, evaluator)
     finally:
         batches.close()  # stops the prefetch thread before interpreter shutdown
         ckpt.close()
-    if ckpt.saves:
-        log.info(
-            "%d checkpoint saves blocked the loop for %.1f ms each on average (the writing goes "
-            "on in the background)", ckpt.saves, 1e3 * ckpt.blocked_s / ckpt.saves,
-        )  # fmt: skip
-    if loop.stopped_at is not None:
-        where = ckpt.directory / str(loop.stopped_at)
-        if loop.nonfinite:
-            raise NonFiniteError(
-                f"{cfg.train.max_nonfinite_steps} steps in a row had a non-finite loss or "
-                f"gradient (train.max_nonfinite_steps), the last at step {loop.nonfinite}; they "
-                f"were skipped, and step {loop.stopped_at} is saved to {where}. Lower "
-                "optimizer.peak_lr, check the data, or use bfloat16 instead of float16"
-            )
-        log.warning("stopped by %s: saved step %d to %s; rerun the same command to resume",
-                    stop.received, loop.stopped_at, where)  # fmt: skip
-    return last
-
-
-def _start_state(cfg, setup, ckpt, batches, tokenizer_sha):
-    """(state, step): resumed from the newest whole checkpoint of this run, or new, with the
-    parameters of `train.init_from` when it names another run."""
-    if ckpt.steps():
-        target = abstract_with_shardings(setup.abstract_state, setup.state_shardings)
-        start, state = ckpt.restore_newest(
-            target, batches, lambda meta, where: check_resumable(cfg, meta, where, tokenizer_sha)
-        )
-        log.info("resumed from %s at step %d", ckpt.directory / str(start), start)
-        if cfg.train.init_from:
-            log.info("train.init_from applies to a new run only: this one resumes")
-        return state, start
-    if cfg.train.init_from:
-        target = abstract_with_shardings(
-            setup.abstract_state["params"], setup.state_shardings["params"]
-        )
-        params, where = load_params(cfg, target, tokenizer_sha)
-        log.info("initialised the parameters from %s (new optimizer, schedule and data)", where)
-        return init_state(setup, params), 0
-    return init_state(setup), 0
 
 
 def _process_sum(stats: dict) -> dict:
@@ -215,98 +175,74 @@ class Evaluator:
         return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": tokens}
 
 
-class _Loop:
-    """The steps, with logging one step late, periodic saves and evaluation, and the two ways to
-    stop early: a signal, or too many non-finite steps in a row."""
+def _loop(cfg, workdir, setup, state, batches, ckpt, start, progress, evaluator) -> dict:
+    mesh = setup.mesh
+    step_fn = jit_train_step(setup)
+    writer = MetricsWriter(workdir, resume_step=start, enabled=jax.process_index() == 0)
+    bar = ProgressBar(cfg.train.steps, start, enabled=progress and jax.process_index() == 0)
+    tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+    last: dict = {}
+    data_stats: dict = {}
+    pending = None  # (step, device metrics, data stats): read one step late, the host never waits
+    t_mark, step_mark = time.perf_counter(), start
 
-    def __init__(self, cfg, workdir, setup, ckpt, meta, stop):
-        self.cfg, self.workdir, self.setup, self.ckpt = cfg, workdir, setup, ckpt
-        self.meta, self.stop = meta, stop
-        self.stopped_at: int | None = None  # the step saved when stopping early
-        self.nonfinite = 0  # the step where the non-finite streak reached the limit
+    def report(step: int, metrics, stats) -> None:
+        nonlocal t_mark, step_mark, last, data_stats
+        bar.update(step)
+        data_stats = stats
+        is_first = step == start + 1
+        if not (is_first or step % cfg.train.log_every == 0 or step == cfg.train.steps):
+            return
+        now = time.perf_counter()
+        values = jax.device_get(metrics)
+        values["tokens_per_s"] = tokens_per_step * (step - step_mark) / (now - t_mark)
+        values |= stats_metrics(_process_sum(stats))
+        t_mark, step_mark = now, step
+        writer.write(step, values)
+        bar.update(step, float(values["loss"]), values["tokens_per_s"])
+        last = {"step": step, **{k: float(v) for k, v in values.items()}}
 
-    def run(self, state, batches, start, progress, evaluator) -> dict:
-        cfg, mesh, ckpt = self.cfg, self.setup.mesh, self.ckpt
-        step_fn = jit_train_step(self.setup)
-        writer = MetricsWriter(self.workdir, resume_step=start,
-                               enabled=jax.process_index() == 0)  # fmt: skip
-        bar = ProgressBar(cfg.train.steps, start, enabled=progress and jax.process_index() == 0)
-        tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
-        last: dict = {}
-        data_stats: dict = {}
-        pending = None  # (step, device metrics, data stats): read one step late
-        t_mark, step_mark = time.perf_counter(), start
+    def evaluate(step: int) -> None:
+        result = evaluator(state["params"])
+        writer.write(step, {f"eval_{k}": v for k, v in result.items()}, section="eval")
+        log.info("step %d: eval loss %.4f, perplexity %.2f over %d tokens", step,
+                 result["loss"], result["perplexity"], result["tokens"])  # fmt: skip
+        last.update({f"eval_{k}": float(v) for k, v in result.items()})
 
-        def report(step: int, metrics, stats) -> None:
-            nonlocal t_mark, step_mark, last, data_stats
-            bar.update(step)
-            data_stats = stats
-            # one scalar of the step before the one running: the host does not wait on it
-            if int(metrics["nonfinite_in_a_row"]) >= cfg.train.max_nonfinite_steps:
-                self.nonfinite = self.nonfinite or step
-            is_first = step == start + 1
-            if not (is_first or step % cfg.train.log_every == 0 or step == cfg.train.steps
-                    or self.nonfinite):  # fmt: skip
-                return
-            now = time.perf_counter()
-            values = jax.device_get(metrics)
-            values["tokens_per_s"] = tokens_per_step * (step - step_mark) / (now - t_mark)
-            values |= stats_metrics(_process_sum(stats))
-            t_mark, step_mark = now, step
-            writer.write(step, values)
-            bar.update(step, float(values["loss"]), values["tokens_per_s"])
-            last = {"step": step, **{k: float(v) for k, v in values.items()}}
-
-        def flush() -> None:
-            nonlocal pending
+    step = start
+    try:
+        for step in range(start, cfg.train.steps):
+            position = batches.get_state()  # where the data stands before this step's batch
+            try:
+                host_batch = next(batches)
+            except DataError:
+                if step > start:  # keep the steps done so far (data.strict stopped the run)
+                    ckpt.save(step, state, position, {"config": cfg.to_dict()})
+                    log.error("saved step %d to %s before stopping", step, ckpt.directory)
+                raise
+            stats = host_batch.pop("stats")
+            state, metrics = step_fn(state, sharding.global_batch(host_batch, mesh))
             if pending is not None:
                 report(*pending)
-                pending = None
+            pending = (step + 1, metrics, stats)
+            if (step + 1) % cfg.train.checkpoint_every == 0 or step + 1 == cfg.train.steps:
+                ckpt.save(step + 1, state, batches.get_state(), {"config": cfg.to_dict()})
+            if evaluator.batches and (
+                (step + 1) % cfg.train.eval_every == 0 or step + 1 == cfg.train.steps
+            ):
+                evaluate(step + 1)
+        if pending is not None:
+            report(*pending)
+    finally:
+        writer.close()
+        bar.close()
+    if last:
+        log.info("finished at step %d: %s", last["step"], json.dumps(last))
+        if jax.process_index() == 0:
+            from hanuman_jax.plot import plot  # matplotlib: imported only when there is a plot
 
-        def save(step: int) -> None:
-            flush()  # a checkpoint's rows are written before it, never lost after it
-            ckpt.save(step, state, batches.get_state(), self.meta)
-
-        def evaluate(step: int) -> None:
-            result = evaluator(state["params"])
-            writer.write(step, {f"eval_{k}": v for k, v in result.items()}, section="eval")
-            log.info("step %d: eval loss %.4f, perplexity %.2f over %d tokens", step,
-                     result["loss"], result["perplexity"], result["tokens"])  # fmt: skip
-            last.update({f"eval_{k}": float(v) for k, v in result.items()})
-
-        try:
-            for step in range(start, cfg.train.steps):
-                position = batches.get_state()  # where the data stands before this batch
-                try:
-                    host_batch = next(batches)
-                except DataError:
-                    if step > start:  # keep the steps done so far (data.strict stopped the run)
-                        flush()
-                        ckpt.save(step, state, position, self.meta)
-                        log.error("saved step %d to %s before stopping", step, ckpt.directory)
-                    raise
-                stats = host_batch.pop("stats")
-                state, metrics = step_fn(state, sharding.global_batch(host_batch, mesh))
-                if pending is not None:
-                    report(*pending)
-                pending = (step + 1, metrics, stats)
-                done = step + 1 == cfg.train.steps
-                if done or (step + 1) % cfg.train.checkpoint_every == 0:
-                    save(step + 1)
-                if evaluator.batches and (done or (step + 1) % cfg.train.eval_every == 0):
-                    evaluate(step + 1)
-                if self.nonfinite or self.stop.should_stop(step + 1):
-                    if not (done or (step + 1) % cfg.train.checkpoint_every == 0):
-                        save(step + 1)
-                    self.stopped_at = step + 1
-                    break
-            flush()
-        finally:
-            writer.close()
-            bar.close()
-        if last and self.stopped_at is None:
-            log.info("finished at step %d: %s", last["step"], json.dumps(last))
-        skipped = {k: v for k, v in stats_metrics(data_stats).items() if "skipped" in k and v}
-        if skipped:
-            log.warning("unusable records skipped (this process): %s", skipped)
-        return last
+            log.info("loss, learning rate and throughput plotted in %s", plot(workdir))
+    skipped = {k: v for k, v in stats_metrics(data_stats).items() if "skipped" in k and v}
+    if skipped:
+        log.warning("unusable records skipped (this process): %s", skipped)
+    return last
