@@ -231,19 +231,13 @@ def gradients(setup: Setup, params: dict, batch: dict, rng: jax.Array, scale=1.0
         out, grads = grad_fn(params)
         return jax.tree.map(jnp.add, carry, (out, grads)), None
 
-    first = jax.tree.map(lambda x: x[0], micro_batches(batch, count, setup.mesh))
-    shapes = jax.eval_shape(
-        lambda: jax.value_and_grad(
-            lambda p: loss_fn(setup, p, first, rng, num_targets=num_targets), has_aux=True
-        )(params)
-    )
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    grad_zeros = jax.tree.map(lambda z, p: z.astype(p.dtype), zeros[1], params)
+    micros = micro_batches(batch, count, setup.mesh)
+    first = jax.tree.map(lambda x: x[0], micros)
+    out_shapes = jax.eval_shape(lambda: loss_fn(setup, params, first, rng, num_targets=num_targets))
+    out_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shapes)
+    grad_zeros = jax.tree.map(jnp.zeros_like, params)  # gradients have the params' dtypes
     grad_zeros = jax.lax.with_sharding_constraint(grad_zeros, setup.state_shardings["params"])
-    zeros = (zeros[0], grad_zeros)
-    summed, _ = jax.lax.scan(
-        one, zeros, (jnp.arange(count), micro_batches(batch, count, setup.mesh))
-    )
+    summed, _ = jax.lax.scan(one, (out_zeros, grad_zeros), (jnp.arange(count), micros))
     return summed
 
 
