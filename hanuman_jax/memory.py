@@ -140,13 +140,16 @@ def _loss_residuals(setup, b: int, t: int) -> int:
 
 
 def activation_bytes(cfg: ml_collections.ConfigDict, micro_batch: int) -> int:
-    """Residuals of one micro-batch under `model.remat`. With remat, add one block's share of
-    what remat saves: the residuals that block recomputes and holds while it runs its backward."""
+    """Residuals of one micro-batch under `model.remat`, and the gradient of the logits (fp32),
+    which the backward holds beside all of them when it starts. With remat, add one block's share
+    of what remat saves: the residuals that block recomputes and holds while it runs its
+    backward."""
     t = cfg.data.seq_len
-    kept = _loss_residuals(_setup(_one_device_cfg(cfg)), micro_batch, t)
+    logits_grad = micro_batch * t * cfg.model.vocab_size * 4
+    kept = _loss_residuals(_setup(_one_device_cfg(cfg)), micro_batch, t) + logits_grad
     if cfg.model.get("remat", "none") == "none":
         return kept
-    plain = _loss_residuals(_setup(_one_device_cfg(cfg, "none")), micro_batch, t)
+    plain = _loss_residuals(_setup(_one_device_cfg(cfg, "none")), micro_batch, t) + logits_grad
     return kept + (plain - kept) // cfg.model.num_layers
 
 

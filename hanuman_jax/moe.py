@@ -1,8 +1,8 @@
 """Mixture-of-Experts feed-forward: top-k router, and dropless or capacity dispatch.
 
 Each token is computed only by its selected experts.
-- `dropless`: the (token, expert) assignments are sorted by expert and the SwiGLU experts run as
-  grouped matmuls over those rows; no assignment is ever dropped.
+- `dropless`: each (token, expert) assignment is a row, and the SwiGLU experts run as grouped
+  matmuls over those rows (grouped.py); no assignment is ever dropped.
 - `capacity`: each expert takes at most capacity_factor x tokens x top_k / num_experts
   assignments into a fixed [experts, capacity] buffer (first choices before second choices,
   then in token order); an assignment over capacity is dropped (the token keeps its residual and
@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hanuman_jax import moe_parallel
+from hanuman_jax.grouped import grouped_swiglu
 from hanuman_jax.layers import group_ranks, param
 
 if typing.TYPE_CHECKING:
@@ -131,60 +132,6 @@ def dropless_dispatch(x_TD: Array, routing: Routing, experts_fn: ExpertsFn) -> A
     # with repeated indices anywhere and the result is deterministic on every backend
     y_TKD = experts_fn(jnp.repeat(x_TD, k, axis=0), routing.experts_TK.reshape(-1))
     return jnp.einsum("TKD,TK->TD", y_TKD.reshape(t, k, d), routing.weights_TK.astype(x_TD.dtype))
-
-
-def _block_layout(expert_R: Array, num_experts: int, block: int):
-    """Lays each expert's rows out from a block boundary, in row order; returns each row's
-    position, the expert of each block and the number of blocks (static: the worst case)."""
-    num_rows = expert_R.shape[0]
-    num_blocks = (num_rows + num_experts * (block - 1)) // block
-    group_sizes_E = jnp.bincount(expert_R, length=num_experts)
-    padded_E = (group_sizes_E + block - 1) // block * block
-    padded_end_E = jnp.cumsum(padded_E)
-    dest_R = (padded_end_E - padded_E)[expert_R] + group_ranks(expert_R, num_experts)
-    block_expert_N = jnp.searchsorted(padded_end_E, jnp.arange(num_blocks) * block, side="right")
-    return dest_R, jnp.minimum(block_expert_N, num_experts - 1), num_blocks
-
-
-def grouped_swiglu(
-    x_RD: Array,
-    expert_R: Array,
-    w_gate_EDF: Array,
-    w_up_EDF: Array,
-    w_down_EFD: Array,
-    *,
-    impl: str,
-    block_size: int,
-) -> Array:
-    """Row r through expert expert_R[r]'s SwiGLU; rows in any order, outputs in the same order."""
-    num_rows, d = x_RD.shape
-    num_experts = w_gate_EDF.shape[0]
-    if impl == "ragged_dot":  # wants rows grouped by expert: sort, and undo the sort after
-        order_R = jnp.argsort(expert_R, stable=True)
-        sizes_E = jnp.bincount(expert_R, length=num_experts).astype(jnp.int32)
-        x_sorted = x_RD.at[order_R].get(unique_indices=True)
-        gate = jax.lax.ragged_dot(x_sorted, w_gate_EDF, sizes_E)
-        up = jax.lax.ragged_dot(x_sorted, w_up_EDF, sizes_E)
-        y_sorted = jax.lax.ragged_dot(jax.nn.silu(gate) * up, w_down_EFD, sizes_E)
-        return jnp.zeros_like(y_sorted).at[order_R].set(y_sorted, unique_indices=True)
-    # "blocked": rows are laid out in blocks that each belong to one expert, so the work is one
-    # batched matmul per weight; padding is below one block per expert. On CPU this is ~4x faster
-    # than ragged_dot, which lowers to a masked dense expansion there (see BENCHMARKS.md). Rows go
-    # straight to their places (one scatter with unique indices, and one gather back): no sort.
-    # Each block also copies its expert's weights, so blocks should be large; but the buffer is
-    # sized for the worst case, num_experts - 1 rows of padding each, so they should be small. A
-    # block of about rows / (8 x experts) keeps the padding under 1/8 of the rows; `block_size`
-    # caps it. On one tiny layer of 8,192 tokens, 512-row blocks took 0.75x the time of 128-row.
-    block = min(block_size, max(8, 1 << int(math.log2(max(1, num_rows // (8 * num_experts))))))
-    dest_R, expert_N, num_blocks = _block_layout(expert_R, num_experts, block)
-    x_NBD = (
-        jnp.zeros((num_blocks * block, d), x_RD.dtype)
-        .at[dest_R]
-        .set(x_RD, mode="drop", unique_indices=True)
-        .reshape(num_blocks, block, d)
-    )
-    out_NBD = _batched_swiglu(x_NBD, w_gate_EDF[expert_N], w_up_EDF[expert_N], w_down_EFD[expert_N])
-    return out_NBD.reshape(num_blocks * block, d).at[dest_R].get(unique_indices=True)
 
 
 class MoEFeedForward(nnx.Module):

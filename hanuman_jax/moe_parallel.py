@@ -104,9 +104,9 @@ def exchange_rows(
     local = num_experts // x_count
     dest_R = expert_R // local
     slot_R = dest_R * slots + group_ranks(dest_R, x_count)
-    # An empty slot is a zero row for the last local expert: SwiGLU(0) = 0, no gradient.
+    # An empty slot names expert `local`, which is none: the experts skip it (grouped.py).
     send_XSD = jnp.zeros((x_count * slots, d), x_RD.dtype).at[slot_R].set(x_RD, unique_indices=True)
-    send_XS = jnp.full((x_count * slots,), local - 1, jnp.int32).at[slot_R].set(expert_R % local)
+    send_XS = jnp.full((x_count * slots,), local, jnp.int32).at[slot_R].set(expert_R % local)
     recv_QD = _swap(send_XSD.reshape(x_count, slots, d)).reshape(x_count * slots, d)
     expert_Q = _swap(send_XS.reshape(x_count, slots)).reshape(x_count * slots)
     y_QD = _sum_hidden(experts_fn(recv_QD, expert_Q))

@@ -15,7 +15,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from hanuman_jax.moe import grouped_swiglu
+from hanuman_jax.grouped import grouped_swiglu
 
 
 def _time(fn, *args, repeats: int) -> float:

@@ -1,3 +1,4 @@
+import functools
 import json
 import os
 import subprocess
@@ -12,7 +13,8 @@ from conftest import small_model_cfg
 from flax import nnx
 
 from hanuman_jax.config import MoeConfig
-from hanuman_jax.moe import MoEFeedForward, grouped_swiglu, route
+from hanuman_jax.grouped import grouped_swiglu
+from hanuman_jax.moe import MoEFeedForward, route
 
 
 def _moe(impl="blocked", block_size=8, num_experts=5, top_k=2, dispatch="dropless", factor=1.25):
@@ -92,20 +94,35 @@ def test_only_selected_experts_compute_each_token():
         assert np.isnan(np.asarray(out[0, users])).any()  # the poison is real where it is used
 
 
-def test_blocked_equals_ragged_with_empty_and_skewed_groups():
+def test_grouped_kernels_equal_a_loop_with_empty_skewed_and_expertless_rows():
+    """Outputs and gradients (the blocked kernel's backward is written by hand) of every row
+    through its expert; expert index 6 of 6 is no expert: zero output, zero gradient."""
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(37, 16)), jnp.float32)
-    wg, wu = (jnp.asarray(rng.normal(size=(6, 16, 24)), jnp.float32) for _ in range(2))
-    wd = jnp.asarray(rng.normal(size=(6, 24, 16)), jnp.float32)
-    for sizes in ([37, 0, 0, 0, 0, 0], [0, 0, 20, 0, 17, 0], [1, 9, 3, 0, 15, 9]):
-        expert = jnp.asarray(rng.permutation(np.repeat(np.arange(6), sizes)), jnp.int32)
-        loop = jnp.stack([(jax.nn.silu(x[r] @ wg[e]) * (x[r] @ wu[e])) @ wd[e]
-                          for r, e in enumerate(expert.tolist())])  # fmt: skip
-        ragged = grouped_swiglu(x, expert, wg, wu, wd, impl="ragged_dot", block_size=8)
-        np.testing.assert_allclose(ragged, loop, atol=1e-4, rtol=1e-5)
-        for block in (8, 16, 64):
-            blocked = grouped_swiglu(x, expert, wg, wu, wd, impl="blocked", block_size=block)
-            np.testing.assert_allclose(blocked, loop, atol=1e-4, rtol=1e-5)
+    wg, wu = (jnp.asarray(rng.normal(size=(6, 16, 24)) * 0.3, jnp.float32) for _ in range(2))
+    wd = jnp.asarray(rng.normal(size=(6, 24, 16)) * 0.3, jnp.float32)
+    cot = jnp.asarray(rng.normal(size=(37, 16)), jnp.float32)
+
+    def reference(x, expert, wg, wu, wd):
+        rows = [(jax.nn.silu(x[r] @ wg[e]) * (x[r] @ wu[e])) @ wd[e] if e < 6 else 0 * x[r]
+                for r, e in enumerate(expert.tolist())]  # fmt: skip
+        return jnp.stack(rows)
+
+    def value_and_grads(fn, expert):
+        loss = lambda x, wg, wu, wd: jnp.sum(fn(x, expert, wg, wu, wd) * cot)
+        return fn(x, expert, wg, wu, wd), jax.grad(loss, argnums=(0, 1, 2, 3))(x, wg, wu, wd)
+
+    for sizes in ([37, 0, 0, 0, 0, 0, 0], [0, 0, 20, 0, 17, 0, 0], [1, 9, 3, 0, 10, 9, 5]):
+        expert = jnp.asarray(rng.permutation(np.repeat(np.arange(7), sizes)), jnp.int32)
+        want, want_grads = value_and_grads(reference, expert)
+        kernels = [("ragged_dot", 8)] + [("blocked", b) for b in (8, 16, 64)]
+        for impl, block in kernels:
+            fn = functools.partial(grouped_swiglu, impl=impl, block_size=block)
+            got, grads = value_and_grads(fn, expert)
+            np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5, err_msg=impl)
+            for g, w in zip(grads, want_grads, strict=True):
+                np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-5, err_msg=impl)
+        assert not np.asarray(got)[np.asarray(expert) == 6].any()
 
 
 def test_router_losses_and_weights():

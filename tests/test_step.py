@@ -215,10 +215,10 @@ def test_tiny_in_float16_ends_within_5_percent_of_float32(root):
         setup = build_setup(cfg, mesh)
         state, step = init_state(setup), jit_train_step(setup)
         rng = np.random.default_rng(0)
-        pattern = rng.integers(0, 512, 97)  # a learnable, repeating "language"
+        pattern = rng.integers(0, 512, 997)  # a learnable, repeating "language"
         for _ in range(60):
-            start = rng.integers(0, 97, 8)
-            tokens = pattern[(start[:, None] + np.arange(64)) % 97].astype(np.int32)
+            start = rng.integers(0, 997, 8)
+            tokens = pattern[(start[:, None] + np.arange(64)) % 997].astype(np.int32)
             batch = {"tokens": tokens, "segment_ids": np.ones((8, 64), np.int32),
                      "positions": np.tile(np.arange(64, dtype=np.int32), (8, 1)),
                      "loss_mask": np.ones((8, 64), np.int32)}  # fmt: skip
@@ -227,4 +227,4 @@ def test_tiny_in_float16_ends_within_5_percent_of_float32(root):
         if dtype == "float16":
             assert int(metrics["nonfinite_steps"]) < 60 and float(metrics["loss_scale"]) >= 1
     assert final["float32"] < 4.0  # it learned something: log(512) = 6.2
-    assert final["float16"] == pytest.approx(final["float32"], rel=0.05)
+    assert final["float16"] == pytest.approx(final["float32"], rel=0.05), final
