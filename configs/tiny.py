@@ -76,6 +76,8 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.train.keep_checkpoints = 2  # newest checkpoints kept on disk
     cfg.train.eval_every = 0  # steps between evaluations on data.eval_sources; 0 = none
     cfg.train.eval_batches = 8  # batches per evaluation (the same ones every time)
+    cfg.train.max_nonfinite_steps = 25  # this many non-finite steps in a row: save and stop
+    cfg.train.init_from = ""  # another run's workdir: start from its parameters (only); "" = none
 
     cfg.mesh = ml_collections.ConfigDict()
     cfg.mesh.data = -1  # data-parallel replicas; -1 = all devices left over

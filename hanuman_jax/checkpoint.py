@@ -1,47 +1,95 @@
-"""Orbax checkpoints: the train state, each process's Grain iterator state, and JSON metadata."""
+"""Orbax checkpoints: the train state, each process's Grain iterator state, metadata, a copy of the
+tokenizer, and a manifest that tells a whole checkpoint from a damaged one."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grain
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
+
+from hanuman_jax import restore
+from hanuman_jax.config import ConfigError, ModelConfig
+from hanuman_jax.restore import TOKENIZER_DIR, TOKENIZER_FILE  # where restore.py looks
+
+log = logging.getLogger("hanuman_jax")
+
+MANIFEST = "manifest.json"  # <step>/manifest.json: the size of every file in the step's items
+_TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax writes <step> here, then renames it into place
+
+
+class CheckpointError(ConfigError):
+    """A workdir's checkpoints cannot be used as they are; the message says which and why."""
 
 
 class Checkpointer:
     """Saves `{state, data, meta}` under `WORKDIR/checkpoints/<step>/`, asynchronously.
 
-    Orbax writes each step to a temporary directory and renames it when complete, so a step that
-    `all_steps()` lists was written whole. Grain writes one iterator state per process.
+    Orbax writes each step to `<step>.orbax-checkpoint-tmp` and renames it when complete, so a
+    step that `steps()` lists was written whole. Just before the rename, `_seal` adds the tokenizer
+    copy and `manifest.json`, so a file truncated or lost later is caught by `damage()`.
     """
 
-    def __init__(self, directory: str | Path, *, keep: int):
+    def __init__(self, directory: str | Path, *, keep: int, tokenizer: Path | None = None):
         self.directory = Path(directory).absolute()
+        self.tokenizer = tokenizer
+        self._saving: int | None = None  # the step the background save is writing
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=True
+            max_to_keep=keep,
+            create=True,
+            enable_async_checkpointing=True,
+            cleanup_tmp_directories=True,  # what a killed save left behind
+            async_options=ocp.options.AsyncOptions(post_finalization_callback=self._seal),
         )
         self.manager = ocp.CheckpointManager(
             self.directory, item_names=("state", "data", "meta"), options=options
         )
 
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
 
-    def save(self, step: int, state, data_state: dict, meta: dict) -> None:
-        """`data_state`: the iterator's `get_state()` taken at this step (an async save must not
-        read the iterator later, after the loop has consumed more batches)."""
-        position = _Position(data_state)
+    def save(self, step: int, state, data_state: dict, meta: dict) -> float:
+        """Starts writing `step`; returns the seconds the caller was held (the device-to-host
+        copy, and any wait for the previous save). `data_state`: the iterator's `get_state()`
+        taken at this step (an async save must not read the iterator later)."""
+        start = time.perf_counter()
+        self.manager.wait_until_finished()  # `_seal` must see the step it belongs to
+        self._saving = step
         self.manager.save(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
-                data=grain.checkpoint.CheckpointSave(item=position),
+                data=grain.checkpoint.CheckpointSave(item=_Position(data_state)),
                 meta=ocp.args.JsonSave(meta),
             ),
             force=True,
         )
+        return time.perf_counter() - start
+
+    def _seal(self) -> None:
+        """Runs on the primary process after every process has written its part, before the
+        rename that commits the step."""
+        tmp = self.directory / f"{self._saving}{_TMP_SUFFIX}"
+        step_dir = tmp if tmp.is_dir() else self.directory / str(self._saving)
+        if self.tokenizer is not None:
+            (step_dir / TOKENIZER_DIR).mkdir(exist_ok=True)
+            shutil.copyfile(self.tokenizer, step_dir / TOKENIZER_DIR / TOKENIZER_FILE)
+        files = {
+            str(p.relative_to(step_dir)): p.stat().st_size
+            for p in sorted(step_dir.rglob("*"))
+            if p.is_file() and p.parent != step_dir  # Orbax rewrites its own top-level files
+        }
+        partial = step_dir / f"{MANIFEST}.partial"
+        partial.write_text(json.dumps({"files": files}, indent=1))
+        partial.rename(step_dir / MANIFEST)
 
     def read_meta(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
@@ -59,9 +107,85 @@ class Checkpointer:
         )
         return restored["state"]
 
+    def restore_newest(self, abstract_state, data_iterator, check: Callable[[dict, Path], None]):
+        """(step, state) of the newest whole checkpoint, or None when there is none at all.
+
+        `check(meta, step_dir)` raises for a checkpoint of another model or tokenizer. A damaged
+        step is named in a warning and set aside as `<step>.damaged`, once an older one restored;
+        if none restores, CheckpointError says why for each and nothing is moved."""
+        damaged: list[tuple[int, str]] = []
+        for step in reversed(self.steps()):
+            step_dir = self.directory / str(step)
+            reason = damage(step_dir)
+            if reason is None:
+                try:
+                    meta = self.read_meta(step)
+                except (ValueError, OSError, KeyError) as e:
+                    meta, reason = None, f"meta unreadable: {_first_line(e)}"
+            if reason is None:
+                check(meta, step_dir)
+                try:
+                    state = self.restore(step, abstract_state, data_iterator)
+                except (ValueError, OSError, KeyError) as e:
+                    reason = f"restore failed: {_first_line(e)}"
+                else:
+                    self._set_aside([s for s, _ in damaged])
+                    return step, state
+            log.warning("checkpoint %s is damaged (%s); trying the one before", step_dir, reason)
+            damaged.append((step, reason))
+        if damaged:
+            listed = "; ".join(f"step {s}: {r}" for s, r in damaged)
+            raise CheckpointError(
+                f"{self.directory} holds checkpoints but none is whole ({listed}); move them "
+                "away to start from scratch, or copy in a whole checkpoint"
+            )
+        return None
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Renames damaged steps out of Orbax's sight, so that new saves can take their numbers."""
+        if not steps:
+            return
+        if jax.process_index() == 0:
+            for step in steps:
+                target = self.directory / f"{step}.damaged"
+                while target.exists():
+                    target = target.with_name(target.name + "_")
+                (self.directory / str(step)).rename(target)
+                log.warning("moved damaged checkpoint step %d to %s", step, target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("hanuman_jax checkpoints set aside")
+        self.manager.reload()
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def damage(step_dir: Path) -> str | None:
+    """Why the checkpoint in `step_dir` is not whole (a file missing or truncated), or None."""
+    try:
+        files = json.loads((step_dir / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        return f"{MANIFEST} is missing"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{MANIFEST} is unreadable"
+    for name, size in files.items():
+        path = step_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} were written"
+    return None
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:300]
 
 
 class _Position:
@@ -79,3 +203,97 @@ def abstract_with_shardings(abstract_state, shardings):
     return jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
     )
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _flatten(tree, prefix=""):
+    if isinstance(tree, dict):
+        return {k: v for key in tree for k, v in _flatten(tree[key], f"{prefix}{key}.").items()}
+    return {prefix[:-1]: list(tree) if isinstance(tree, tuple) else tree}
+
+
+def model_diffs(now: dict, then: dict) -> list[str]:
+    """`model.KEY=VALUE there, VALUE now` for each model field that differs."""
+    now, then = _flatten(now, "model."), _flatten(then, "model.")
+    return [
+        f"{k}={then.get(k)!r} there, {now.get(k)!r} now"
+        for k in sorted(now | then)
+        if now.get(k) != then.get(k)
+    ]
+
+
+def check_tokenizer(meta: dict, where: Path, tokenizer_sha: str, cfg) -> None:
+    """The checkpoint's tokenizer must be the config's: the same ids must mean the same pieces."""
+    saved = meta.get("tokenizer") or {}
+    if saved.get("sha256") not in (None, tokenizer_sha):
+        raise CheckpointError(
+            f"checkpoint {where} was trained with another tokenizer ({saved.get('file')}, "
+            f"{saved.get('vocab_size')} pieces, a copy in {where / TOKENIZER_DIR}) than "
+            f"data.tokenizer={cfg.data.tokenizer!r}; train with that one, or use another --workdir"
+        )
+
+
+def check_resumable(cfg: ml_collections.ConfigDict, meta: dict, where: Path, tokenizer_sha: str):
+    """The checkpoint must hold this model and tokenizer; a changed run length only reshapes the
+    schedule."""
+    saved = meta.get("config", {})
+    diffs = model_diffs(cfg.model.to_dict(), saved.get("model", {}))
+    if diffs:
+        raise CheckpointError(
+            f"checkpoint {where} was trained with a different model ({'; '.join(diffs[:4])}); "
+            "use another --workdir or the same model config"
+        )
+    check_tokenizer(meta, where, tokenizer_sha, cfg)
+    if saved.get("train", {}).get("steps") not in (None, cfg.train.steps):
+        log.warning(
+            "train.steps changed from %s to %s: the learning-rate schedule is stretched from here",
+            saved["train"]["steps"],
+            cfg.train.steps,
+        )
+
+
+def init_params(cfg: ml_collections.ConfigDict, abstract_params: dict, shardings, tokenizer_sha):
+    """`train.init_from`: the parameters (only) of the newest whole checkpoint there, in
+    `shardings`; CheckpointError when they do not fit this model or its tokenizer."""
+    field = f"config train.init_from={cfg.train.init_from!r}"
+    try:
+        root = restore.checkpoint_root(cfg.train.init_from)
+    except ConfigError as e:
+        raise CheckpointError(f"{field}: {e}") from None
+    for step in reversed(restore.saved_steps(root)):
+        reason = damage(root / str(step))
+        if reason is None:
+            break
+        log.warning("checkpoint %s is damaged (%s); trying the one before", root / str(step),
+                    reason)  # fmt: skip
+    else:
+        raise CheckpointError(f"{field}: {root} holds no whole checkpoint")
+    step_dir = root / str(step)
+    meta = json.loads((step_dir / "meta" / "metadata").read_text())
+    saved = ml_collections.ConfigDict(meta["config"])
+    theirs = _shapes(restore.abstract_params(ModelConfig.from_config(saved.model)))
+    ours = _shapes(abstract_params)
+    wrong = [f"{k} is {theirs.get(k)} there, {ours.get(k)} now" for k in sorted(ours | theirs)
+             if theirs.get(k) != ours.get(k)]  # fmt: skip
+    if wrong:
+        diffs = model_diffs(cfg.model.to_dict(), saved.model.to_dict())
+        raise CheckpointError(
+            f"{field}: checkpoint {step_dir} holds parameters of another shape "
+            f"({'; '.join(wrong[:3])}) from a different model ({'; '.join(diffs[:4])})"
+        )
+    check_tokenizer(meta, step_dir, tokenizer_sha, cfg)
+    same_dtype = saved.model.param_dtype == cfg.model.param_dtype
+    loaded = restore.load_params(
+        root, step, shardings=shardings, dtype=None if same_dtype else cfg.model.param_dtype
+    )
+    log.info("initialised the parameters from %s (step %d); fresh optimizer, schedule and data",
+             step_dir, step)  # fmt: skip
+    return loaded.params
+
+
+def _shapes(tree) -> dict[str, tuple]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in leaves}

@@ -280,7 +280,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _check(isinstance(t.seed, int), "train.seed", t.seed, "must be an integer")
     _check(isinstance(t.eval_every, int) and t.eval_every >= 0, "train.eval_every", t.eval_every,
            "must be an integer >= 0 (0 = no periodic evaluation)")  # fmt: skip
-    _positive_ints(cfg, "train", ("eval_batches",))
+    _positive_ints(cfg, "train", ("eval_batches", "max_nonfinite_steps"))
+    _check(isinstance(t.init_from, str), "train.init_from", t.init_from,
+           "must be a path to another run's workdir or checkpoints/ (or '' for none)")  # fmt: skip
     _check(t.eval_every == 0 or len(d.eval_sources) > 0, "train.eval_every", t.eval_every,
            "needs data.eval_sources to evaluate on")  # fmt: skip
 

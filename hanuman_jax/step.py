@@ -110,11 +110,12 @@ def build_setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setu
     return setup
 
 
-def _init_state(setup: Setup) -> TrainState:
+def _init_state(setup: Setup, params: dict | None = None) -> TrainState:
     key = jax.random.key(setup.seed)
     init_key, train_key = jax.random.split(key)
-    model = Transformer(setup.model_cfg, rngs=nnx.Rngs(params=init_key))
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    if params is None:
+        model = Transformer(setup.model_cfg, rngs=nnx.Rngs(params=init_key))
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     return {
         "step": jnp.zeros((), jnp.int32),
         "params": params,
@@ -130,9 +131,16 @@ def _init_state(setup: Setup) -> TrainState:
     }
 
 
-def init_state(setup: Setup) -> TrainState:
-    """Creates parameters and optimizer state directly in their sharded layout."""
-    return jax.jit(lambda: _init_state(setup), out_shardings=setup.state_shardings)()
+def init_state(setup: Setup, params: dict | None = None) -> TrainState:
+    """Creates parameters and optimizer state directly in their sharded layout; with `params`
+    (already in `state_shardings["params"]`, e.g. another run's), a fresh state around them."""
+    if params is None:
+        return jax.jit(lambda: _init_state(setup), out_shardings=setup.state_shardings)()
+    return jax.jit(
+        lambda p: _init_state(setup, p),
+        in_shardings=(setup.state_shardings["params"],),
+        out_shardings=setup.state_shardings,
+    )(params)
 
 
 def target_mask(batch: dict) -> jax.Array:

@@ -113,10 +113,14 @@ def main(argv: list[str] | None = None) -> int:
                 load_tokenizer(cfg)
             dry_run(cfg)
             return 0
-        from hanuman_jax.trainer import train
+        from hanuman_jax.trainer import NonFiniteError, train
 
         workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)
-        train(cfg, workdir, progress=not args.no_progress)
+        try:
+            train(cfg, workdir, progress=not args.no_progress)
+        except NonFiniteError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -12,13 +12,20 @@ import jax
 import ml_collections
 import numpy as np
 
-from hanuman_jax import sharding
-from hanuman_jax.checkpoint import Checkpointer, abstract_with_shardings
+from hanuman_jax import __version__, sharding
+from hanuman_jax.checkpoint import (
+    Checkpointer,
+    abstract_with_shardings,
+    check_resumable,
+    file_sha256,
+    init_params,
+)
 from hanuman_jax.config import ConfigError
 from hanuman_jax.data import DataError, make_dataset, resolve_file
 from hanuman_jax.data.pipeline import stats_metrics
 from hanuman_jax.metrics import MetricsWriter, ProgressBar
 from hanuman_jax.model import count_params
+from hanuman_jax.preemption import StopRequest
 from hanuman_jax.step import build_setup, init_state, jit_eval_step, jit_train_step
 from hanuman_jax.tokenizer import Tokenizer
 
@@ -56,39 +63,13 @@ def load_tokenizer(cfg: ml_collections.ConfigDict) -> Tokenizer:
     return tokenizer
 
 
-def _flatten(tree, prefix=""):
-    if isinstance(tree, dict):
-        return {k: v for key in tree for k, v in _flatten(tree[key], f"{prefix}{key}.").items()}
-    return {prefix[:-1]: list(tree) if isinstance(tree, tuple) else tree}
-
-
-def check_resumable(cfg: ml_collections.ConfigDict, saved: dict, where: Path) -> None:
-    """The checkpoint must hold this model; a changed run length only reshapes the schedule."""
-    now = _flatten(cfg.model.to_dict(), "model.")
-    then = _flatten(saved.get("model", {}), "model.")
-    diffs = [
-        f"{k}={then.get(k)!r} there, {now.get(k)!r} now"
-        for k in sorted(now | then)
-        if now.get(k) != then.get(k)
-    ]
-    if diffs:
-        raise ConfigError(
-            f"checkpoint {where} was trained with a different model ({'; '.join(diffs[:4])}); "
-            "use another --workdir or the same model config"
-        )
-    if saved.get("train", {}).get("steps") not in (None, cfg.train.steps):
-        log.warning(
-            "train.steps changed from %s to %s: the learning-rate schedule is stretched from here",
-            saved["train"]["steps"],
-            cfg.train.steps,
-        )
-
-
 def train(cfg: ml_collections.ConfigDict, workdir: Path, *, progress: bool = True) -> dict:
-    """Trains to `train.steps`, resuming from the newest checkpoint in `workdir`; returns the last
-    logged metrics."""
+    """Trains to `train.steps`, resuming from the newest whole checkpoint in `workdir` (else
+    starting from `train.init_from`'s parameters, or from scratch); returns the last logged
+    metrics."""
     prepare_workdir(workdir)
     tokenizer = load_tokenizer(cfg)
+    tokenizer_sha = file_sha256(tokenizer.path)
     mesh = sharding.make_mesh(cfg.mesh)
     setup = build_setup(cfg, mesh)
     counts = count_params(setup.model_cfg)
@@ -106,18 +87,32 @@ def train(cfg: ml_collections.ConfigDict, workdir: Path, *, progress: bool = Tru
             process_count=jax.process_count(),
         )
     )
-    ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.train.keep_checkpoints)
+    ckpt = Checkpointer(
+        workdir / "checkpoints", keep=cfg.train.keep_checkpoints, tokenizer=tokenizer.path
+    )
+    meta = {
+        "config": cfg.to_dict(),
+        "version": __version__,
+        "parameters": counts,
+        "tokenizer": {"file": tokenizer.path.name, "vocab_size": tokenizer.vocab_size,
+                      "sha256": tokenizer_sha},
+    }  # fmt: skip
     try:
-        start = ckpt.latest_step() or 0
-        if start:
-            check_resumable(
-                cfg, ckpt.read_meta(start).get("config", {}), ckpt.directory / str(start)
-            )
-            target = abstract_with_shardings(setup.abstract_state, setup.state_shardings)
-            state = ckpt.restore(start, target, batches)
+        target = abstract_with_shardings(setup.abstract_state, setup.state_shardings)
+        resumed = ckpt.restore_newest(
+            target, batches, lambda saved, where: check_resumable(cfg, saved, where, tokenizer_sha)
+        )
+        if resumed:
+            start, state = resumed
             log.info("resumed from %s at step %d", ckpt.directory / str(start), start)
+            if cfg.train.init_from:
+                log.info("train.init_from is not read: the run goes on from its own checkpoint")
         else:
-            state = init_state(setup)
+            start, params = 0, None
+            if cfg.train.init_from:
+                params = init_params(cfg, setup.abstract_state["params"],
+                                     setup.state_shardings["params"], tokenizer_sha)  # fmt: skip
+            state = init_state(setup, params)
         if jax.process_index() == 0:
             (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2) + "\n")
         if start >= cfg.train.steps:
@@ -126,7 +121,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: Path, *, progress: bool = Tru
             )
             return {}
         evaluator = Evaluator(setup, eval_batches(cfg, tokenizer.path))
-        return _loop(cfg, workdir, setup, state, batches, ckpt, start, progress, evaluator)
+        return _loop(cfg, workdir, setup, state, batches, ckpt, meta, start, progress, evaluator)
     finally:
         batches.close()  # stops the prefetch thread before interpreter shutdown
         ckpt.close()
@@ -175,7 +170,11 @@ class Evaluator:
         return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": tokens}
 
 
-def _loop(cfg, workdir, setup, state, batches, ckpt, start, progress, evaluator) -> dict:
+class NonFiniteError(RuntimeError):
+    """`train.max_nonfinite_steps` steps in a row had a non-finite loss or gradient."""
+
+
+def _loop(cfg, workdir, setup, state, batches, ckpt, meta, start, progress, evaluator) -> dict:
     mesh = setup.mesh
     step_fn = jit_train_step(setup)
     writer = MetricsWriter(workdir, resume_step=start, enabled=jax.process_index() == 0)
@@ -184,12 +183,15 @@ def _loop(cfg, workdir, setup, state, batches, ckpt, start, progress, evaluator)
     last: dict = {}
     data_stats: dict = {}
     pending = None  # (step, device metrics, data stats): read one step late, the host never waits
+    in_a_row = 0  # non-finite steps in a row, as of the last step read
+    saved = start
     t_mark, step_mark = time.perf_counter(), start
 
     def report(step: int, metrics, stats) -> None:
-        nonlocal t_mark, step_mark, last, data_stats
+        nonlocal t_mark, step_mark, last, data_stats, in_a_row
         bar.update(step)
         data_stats = stats
+        in_a_row = int(jax.device_get(metrics["nonfinite_in_a_row"]))
         is_first = step == start + 1
         if not (is_first or step % cfg.train.log_every == 0 or step == cfg.train.steps):
             return
@@ -202,6 +204,20 @@ def _loop(cfg, workdir, setup, state, batches, ckpt, start, progress, evaluator)
         bar.update(step, float(values["loss"]), values["tokens_per_s"])
         last = {"step": step, **{k: float(v) for k, v in values.items()}}
 
+    def flush() -> None:
+        nonlocal pending
+        if pending is not None:
+            report(*pending)
+            pending = None
+
+    def save(step: int, position: dict) -> None:
+        nonlocal saved
+        flush()  # the step's metrics row is on disk before its checkpoint can be
+        waited = ckpt.save(step, state, position, meta)
+        saved = step
+        log.info("step %d: checkpoint writing in the background; the loop waited %.3f s",
+                 step, waited)  # fmt: skip
+
     def evaluate(step: int) -> None:
         result = evaluator(state["params"])
         writer.write(step, {f"eval_{k}": v for k, v in result.items()}, section="eval")
@@ -211,28 +227,52 @@ def _loop(cfg, workdir, setup, state, batches, ckpt, start, progress, evaluator)
 
     step = start
     try:
-        for step in range(start, cfg.train.steps):
-            position = batches.get_state()  # where the data stands before this step's batch
-            try:
-                host_batch = next(batches)
-            except DataError:
-                if step > start:  # keep the steps done so far (data.strict stopped the run)
-                    ckpt.save(step, state, position, {"config": cfg.to_dict()})
-                    log.error("saved step %d to %s before stopping", step, ckpt.directory)
-                raise
-            stats = host_batch.pop("stats")
-            state, metrics = step_fn(state, sharding.global_batch(host_batch, mesh))
-            if pending is not None:
-                report(*pending)
-            pending = (step + 1, metrics, stats)
-            if (step + 1) % cfg.train.checkpoint_every == 0 or step + 1 == cfg.train.steps:
-                ckpt.save(step + 1, state, batches.get_state(), {"config": cfg.to_dict()})
-            if evaluator.batches and (
-                (step + 1) % cfg.train.eval_every == 0 or step + 1 == cfg.train.steps
-            ):
-                evaluate(step + 1)
-        if pending is not None:
-            report(*pending)
+        with StopRequest() as stop:
+            for step in range(start, cfg.train.steps):
+                position = batches.get_state()  # where the data stands before this step's batch
+                try:
+                    host_batch = next(batches)
+                except DataError:
+                    if step > start:  # keep the steps done so far (data.strict stopped the run)
+                        save(step, position)
+                        log.error("saved step %d to %s before stopping", step, ckpt.directory)
+                    raise
+                stats = host_batch.pop("stats")
+                state, metrics = step_fn(state, sharding.global_batch(host_batch, mesh))
+                if pending is not None:
+                    report(*pending)
+                pending = (step + 1, metrics, stats)
+                stopping = stop.should_stop(step + 1)
+                faulty = in_a_row >= cfg.train.max_nonfinite_steps
+                last_step = step + 1 == cfg.train.steps
+                if (
+                    evaluator.batches
+                    and not (stopping or faulty)
+                    and ((step + 1) % cfg.train.eval_every == 0 or last_step)
+                ):
+                    flush()
+                    evaluate(step + 1)  # before the save: a kill then cannot lose its row
+                if faulty:
+                    fault = f"{in_a_row} steps in a row"  # up to `step`: read one step late
+                if stopping or faulty or (step + 1) % cfg.train.checkpoint_every == 0 or last_step:
+                    save(step + 1, batches.get_state())
+                if faulty:
+                    ckpt.wait()
+                    raise NonFiniteError(
+                        f"{fault} (train.max_nonfinite_steps="
+                        f"{cfg.train.max_nonfinite_steps}) had a non-finite loss or gradient, up "
+                        f"to step {step}; saved step {saved} to {ckpt.directory / str(saved)}. "
+                        "Lower optimizer.peak_lr, keep optimizer.grad_clip on, use bfloat16 "
+                        "rather than float16, or look for broken data near this step"
+                    )
+                if stopping:
+                    ckpt.wait()
+                    where = ckpt.directory / str(saved)
+                    log.info("stopped by %s: saved step %d to %s; run the same command to "
+                             "resume", stop.signal_name, saved, where)  # fmt: skip
+                    return last
+            flush()
+            ckpt.wait()  # under the handlers: a signal now cannot cut the last save short
     finally:
         writer.close()
         bar.close()

@@ -156,3 +156,19 @@ def test_source_options_are_checked():
         with pytest.raises(ConfigError) as err:
             load_config(tiny, [f"--config.data.sources={bad}"])
         assert message in str(err.value)
+
+
+def test_stages_b_and_c_keep_their_parents_model_and_start_from_its_run():
+    pairs = [
+        ("hanuman_1b_moe", "stage_b_thai_lapt", "runs/hanuman_1b_moe"),
+        ("hanuman_1b_moe", "stage_c_sft", "runs/stage_b_thai_lapt"),
+        ("tiny", "tiny_stage_b", "runs/tiny"),
+        ("tiny", "tiny_stage_c", "runs/tiny_stage_b"),
+    ]
+    for parent, stage, init_from in pairs:
+        a, b = (load_config(ROOT / "configs" / f"{n}.py") for n in (parent, stage))
+        assert b.model.to_dict() == a.model.to_dict() and b.train.init_from == init_from
+        assert b.optimizer.peak_lr < a.optimizer.peak_lr
+    assert load_config(ROOT / "configs" / "stage_c_sft.py").data.packing == "whole"
+    with pytest.raises(ConfigError, match=r"train.max_nonfinite_steps=0 is invalid: must be an"):
+        load_config(ROOT / "configs" / "tiny.py", ["--config.train.max_nonfinite_steps=0"])

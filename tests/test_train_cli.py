@@ -1,11 +1,14 @@
 """End to end: the CLI trains `tiny`, logs, checkpoints, and resumes exactly where it stopped."""
 
+import contextlib
 import json
 import os
-import shutil
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -17,8 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 EXACT = ("loss", "grad_norm", "aux_loss", "z_loss", "lr", "tokens", "total_loss")
 
 
-def _train(workdir, *overrides, expect=0, devices=None):
-    cmd = [
+def _cmd(workdir, *overrides):
+    return [
         sys.executable,
         "-m",
         "hanuman_jax.train",
@@ -35,12 +38,38 @@ def _train(workdir, *overrides, expect=0, devices=None):
         "--config.data.eval_sources=[{'path': 'bundled:mixed.txt'}]",
         *overrides,
     ]
+
+
+def _env(devices=None, cache=None):
+    """CPU; `cache`: a directory where the runs of one test share their compilations."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     if devices:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if cache:
+        env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
+    return env
+
+
+def _train(workdir, *overrides, expect=0, devices=None, cache=None):
+    proc = subprocess.run(_cmd(workdir, *overrides), cwd=ROOT, env=_env(devices, cache),
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == expect, proc.stderr[-3000:]
     return proc
+
+
+def _start(workdir, *overrides, cache=None):
+    """The CLI in the background, its output in `workdir`.log."""
+    log = open(f"{workdir}.log", "w")  # noqa: SIM115 (the child holds it)
+    return subprocess.Popen(_cmd(workdir, *overrides), cwd=ROOT, env=_env(cache=cache),
+                            stdout=log, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+
+def _wait_for(condition, proc, what, timeout=300):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None or condition(), f"the run ended before {what}"
+        assert time.monotonic() < deadline, f"no {what} in {timeout} s"
+        time.sleep(0.02)
 
 
 def _metrics(workdir):
@@ -57,11 +86,11 @@ def _params(step_dir):
 
 
 @pytest.mark.slow
-def test_cli_trains_checkpoints_and_resumes_exactly(tmp_path):
-    workdir = tmp_path / "run"
-    _train(workdir)
+def test_cli_trains_checkpoints_and_resumes_exactly_after_sigkill(tmp_path):
+    workdir, cache, every_step = tmp_path / "run", tmp_path / "xla", "--config.train.log_every=1"
+    _train(workdir, every_step, cache=cache)
     first, steps, first_evals = _metrics(workdir)
-    assert steps == [1, 2, 4, 6, 8]
+    assert steps == [1, 2, 3, 4, 5, 6, 7, 8]
     for row in first.values():
         assert {"loss", "lr", "tokens_per_s", "grad_norm", "aux_loss", "z_loss"} <= set(row)
         assert row["packing_efficiency"] == 1.0 and row["data/skipped_malformed_json"] == 0
@@ -77,17 +106,21 @@ def test_cli_trains_checkpoints_and_resumes_exactly(tmp_path):
     assert saved["train"]["steps"] == 8
     assert saved["model"]["vocab_size"] == 4096  # tiny says 0: taken from its tokenizer
 
-    # Lose the last checkpoint: the rerun must resume from step 4 and redo 5-8 identically,
+    # SIGKILL (no chance to clean up) once step 4 is saved; the rerun must redo 5-8 identically,
     # which needs the parameters, optimizer state, step, RNG and data position all restored.
-    shutil.move(ckpts / "8", tmp_path / "uninterrupted_8")
-    proc = _train(workdir)
-    assert "resumed from" in proc.stderr and "at step 4" in proc.stderr
-    again, steps, evals = _metrics(workdir)
-    assert steps == [1, 2, 4, 5, 6, 8]  # rows after step 4 were replaced, none duplicated
-    for step in (6, 8):
+    killed = tmp_path / "killed"
+    proc = _start(killed, every_step, cache=cache)
+    _wait_for((killed / "checkpoints" / "4").is_dir, proc, "checkpoint 4")
+    proc.kill()
+    assert proc.wait() == -signal.SIGKILL and not (killed / "checkpoints" / "8").exists()
+    proc = _train(killed, every_step, cache=cache)
+    assert f"resumed from {killed / 'checkpoints' / '4'} at step 4" in proc.stderr
+    again, steps, evals = _metrics(killed)
+    assert steps == [1, 2, 3, 4, 5, 6, 7, 8]  # each step once: rows after step 4 were replaced
+    for step in steps:
         assert {k: again[step][k] for k in EXACT} == {k: first[step][k] for k in EXACT}
     assert evals == first_evals
-    want, got = _params(tmp_path / "uninterrupted_8"), _params(ckpts / "8")
+    want, got = _params(ckpts / "8"), _params(killed / "checkpoints" / "8")
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
         np.testing.assert_array_equal(a, b)
 
@@ -97,6 +130,33 @@ def test_cli_trains_checkpoints_and_resumes_exactly(tmp_path):
     proc = _train(workdir, "--config.model.d_model=64", expect=2)
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "different model (model.d_model=128 there, 64 now" in lines[0]
+
+
+def test_sigterm_finishes_the_step_saves_and_exits_0(tmp_path, tmp_path_factory):
+    from hanuman_jax.checkpoint import damage
+
+    workdir = tmp_path / "run"
+    small = ("--config.model.num_layers=2", "--config.model.d_model=64",
+             "--config.data.seq_len=64", "--config.train.batch_size=4",
+             "--config.train.log_every=1", "--config.train.steps=100000",
+             "--config.train.checkpoint_every=100000", "--config.data.eval_sources=[]",
+             "--config.train.eval_every=0")  # fmt: skip
+    proc = _start(workdir, *small, cache=tmp_path_factory.getbasetemp() / "xla")  # as in-process
+    metrics = workdir / "metrics.jsonl"
+    _wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 2, proc, "step 2")
+    proc.send_signal(signal.SIGTERM)
+    log = Path(f"{workdir}.log")
+    _wait_for(lambda: "SIGTERM: stopping after this step" in log.read_text(), proc, "a reply")
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGINT)  # a second signal: the save must still complete
+    assert proc.wait(timeout=300) == 0
+    log = log.read_text()
+    found = re.search(r"stopped by SIGTERM: saved step (\d+) to (\S+);", log)
+    assert found, log[-3000:]
+    step = int(found[1])
+    assert Path(found[2]) == workdir / "checkpoints" / str(step) and damage(Path(found[2])) is None
+    _, steps, _ = _metrics(workdir)
+    assert step >= 2 and steps == list(range(1, step + 1))
 
 
 def test_strict_data_stops_at_the_bad_line_and_keeps_the_steps_done(tmp_path):

@@ -1,0 +1,24 @@
+"""configs/stage_c_sft.py at tiny's size: chat fine-tuning on the bundled sample chats (loss on
+the assistant's tokens only), from a tiny_stage_b run's checkpoint (train.init_from)."""
+
+import importlib.util
+from pathlib import Path
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    spec = importlib.util.spec_from_file_location(
+        "_tiny_stage_c_base", Path(__file__).with_name("tiny.py")
+    )
+    tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny)
+    cfg = tiny.get_config()
+
+    cfg.train.init_from = "runs/tiny_stage_b"  # the stage B (tiny) workdir
+    cfg.data.sources = [{"path": "bundled:chat.jsonl", "weight": 1.0}]  # chats: messages rows
+    cfg.data.packing = "whole"  # a conversation is never split across rows
+    cfg.train.steps = 60  # optimizer steps
+    cfg.optimizer.peak_lr = 3e-4  # fine-tuning: a tenth of tiny's
+    cfg.train.checkpoint_every = 30  # steps between checkpoints (and one at the end)
+    return cfg

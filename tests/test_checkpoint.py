@@ -1,0 +1,124 @@
+"""Checkpoints in process: damaged steps, mismatched checkpoints, non-finite runs, bad workdirs."""
+
+import json
+import logging
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from hanuman_jax import __version__, sharding
+from hanuman_jax.checkpoint import CheckpointError, check_resumable, damage
+from hanuman_jax.config import ConfigError, load_config
+from hanuman_jax.step import build_setup, init_state
+from hanuman_jax.trainer import NonFiniteError, train
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ("--config.model.num_layers=2", "--config.model.d_model=64", "--config.data.seq_len=64",
+         "--config.train.batch_size=4", "--config.train.log_every=1")  # fmt: skip
+TOKENIZER = ROOT / "hanuman_jax" / "assets" / "sample" / "tokenizer.model"
+
+
+def _cfg(*extra, config="tiny.py"):
+    return load_config(ROOT / "configs" / config, [*SMALL, *extra])
+
+
+def _steps(workdir):
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["step"] for line in lines]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compile_cache(tmp_path_factory):
+    """The runs here share their compilations through JAX's persistent cache (this session's)."""
+    from jax._src import compilation_cache
+
+    before = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.getbasetemp() / "xla"))
+    compilation_cache.reset_cache()
+    yield
+    jax.config.update("jax_compilation_cache_dir", before)
+    compilation_cache.reset_cache()
+
+
+def test_a_damaged_checkpoint_is_named_and_the_one_before_restored(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="hanuman_jax")
+    run = tmp_path / "run"
+    cfg = ("--config.train.steps=6", "--config.train.checkpoint_every=2",
+           "--config.train.keep_checkpoints=3")  # fmt: skip
+    train(_cfg(*cfg), run, progress=False)
+    ckpts = run / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["2", "4", "6"]
+    for step in ("2", "4", "6"):
+        assert damage(ckpts / step) is None
+        assert (
+            ckpts / step / "tokenizer" / "tokenizer.model"
+        ).read_bytes() == TOKENIZER.read_bytes()
+    meta = json.loads((ckpts / "6" / "meta" / "metadata").read_text())
+    assert meta["version"] == __version__ and meta["parameters"]["total"] == 680_768
+    assert meta["config"]["train"]["steps"] == 6 and meta["tokenizer"]["vocab_size"] == 4096
+
+    (ckpts / "8.orbax-checkpoint-tmp" / "state").mkdir(parents=True)  # a save killed half way
+    shard = next(p for p in (ckpts / "6" / "state").rglob("*") if p.parent.name == "d")
+    with open(shard, "r+b") as f:
+        f.truncate(5)
+    train(_cfg(*cfg), run, progress=False)
+    assert f"checkpoint {ckpts / '6'} is damaged (state/" in caplog.text
+    assert f"resumed from {ckpts / '4'} at step 4" in caplog.text
+    assert sorted(p.name for p in ckpts.iterdir()) == ["2", "4", "6", "6.damaged"]
+    assert _steps(run) == [1, 2, 3, 4, 5, 6]  # each step once: 5 and 6 were redone
+
+    (ckpts / "6" / "meta" / "metadata").unlink()
+    (ckpts / "4" / "tokenizer" / "tokenizer.model").write_bytes(b"")
+    next((ckpts / "2" / "data").iterdir()).unlink()
+    with pytest.raises(CheckpointError, match="holds checkpoints but none is whole") as error:
+        train(_cfg(*cfg), run, progress=False)
+    assert "step 6: meta/metadata is missing; step 4: tokenizer/tokenizer.model has 0" in str(
+        error.value
+    )
+    assert sorted(p.name for p in ckpts.iterdir()) == ["2", "4", "6", "6.damaged"]  # none moved
+
+
+def test_a_checkpoint_of_another_model_or_tokenizer_is_refused(tmp_path):
+    cfg = _cfg("--config.model.vocab_size=4096")
+    tokenizer = {"file": "tokenizer.model", "vocab_size": 4096, "sha256": "aa"}
+    meta = {"config": cfg.to_dict(), "tokenizer": tokenizer}
+    check_resumable(cfg, meta, tmp_path, "aa")
+    with pytest.raises(CheckpointError, match=r"another tokenizer \(tokenizer.model, 4096 pie"):
+        check_resumable(cfg, meta, tmp_path, "bb")
+    other = _cfg("--config.model.vocab_size=5000")
+    with pytest.raises(CheckpointError, match=r"model \(model.vocab_size=4096 there, 5000 now\)"):
+        check_resumable(other, meta, tmp_path, "aa")
+
+
+def test_nonfinite_steps_in_a_row_save_and_stop(tmp_path, monkeypatch):
+    import hanuman_jax.step as step_module
+
+    real = step_module.loss_fn
+
+    def poisoned(*args, **kw):  # every step's loss (so its gradient) is NaN: a fault on purpose
+        total, metrics = real(*args, **kw)
+        return total * jnp.nan, metrics
+
+    monkeypatch.setattr(step_module, "loss_fn", poisoned)
+    run = tmp_path / "nan"
+    cfg = _cfg("--config.train.steps=50", "--config.train.max_nonfinite_steps=3")
+    with pytest.raises(NonFiniteError, match=r"3 steps in a row \(train.max_nonfinite_steps=3\)"
+                       " .* up to step 3; saved step 4 to"):  # fmt: skip
+        train(cfg, run, progress=False)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["nonfinite_steps"]) for r in rows] == [(1, 1), (2, 2), (3, 3), (4, 4)]
+    saved = ocp.StandardCheckpointer().restore(run / "checkpoints" / "4" / "state")
+    assert int(saved["step"]) == 4 and int(saved["guard"]["nonfinite_in_a_row"]) == 4
+    fresh = jax.device_get(init_state(build_setup(cfg, sharding.make_mesh(cfg.mesh)))["params"])
+    for a, b in zip(jax.tree.leaves(fresh), jax.tree.leaves(saved["params"]), strict=True):
+        np.testing.assert_array_equal(a, b)  # no update was applied
+
+
+def test_a_workdir_that_cannot_be_written_fails_at_start(tmp_path):
+    (tmp_path / "a_file").write_text("not a directory")
+    with pytest.raises(ConfigError, match=r"--workdir .*a_file/run is not writable"):
+        train(_cfg(), tmp_path / "a_file" / "run", progress=False)

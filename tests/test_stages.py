@@ -1,0 +1,92 @@
+"""Stages A -> B -> C at tiny size: each starts from the previous one's parameters only."""
+
+import json
+import logging
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from hanuman_jax import sharding
+from hanuman_jax.checkpoint import CheckpointError
+from hanuman_jax.config import load_config
+from hanuman_jax.data import make_dataset
+from hanuman_jax.restore import load_params
+from hanuman_jax.step import build_setup, loss_fn
+from hanuman_jax.trainer import train
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ("--config.model.num_layers=2", "--config.model.d_model=64", "--config.data.seq_len=64",
+         "--config.train.batch_size=4", "--config.train.log_every=1",
+         "--config.train.checkpoint_every=2")  # fmt: skip
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compile_cache(tmp_path_factory):
+    """Shares compilations with tests/test_checkpoint.py (stage A is its run) through JAX's
+    persistent cache, in this session's temporary directory."""
+    from jax._src import compilation_cache
+
+    before = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.getbasetemp() / "xla"))
+    compilation_cache.reset_cache()
+    yield
+    jax.config.update("jax_compilation_cache_dir", before)
+    compilation_cache.reset_cache()
+
+
+def _cfg(config, *extra):
+    return load_config(ROOT / "configs" / config, [*SMALL, *extra])
+
+
+def _rows(workdir):
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r for r in map(json.loads, lines)}
+
+
+def _state(workdir, step):
+    return ocp.StandardCheckpointer().restore(workdir / "checkpoints" / str(step) / "state")
+
+
+def test_stages_a_b_c_each_start_from_the_last_ones_parameters(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="hanuman_jax")
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    train(_cfg("tiny.py", "--config.train.steps=6", "--config.train.keep_checkpoints=3"), a,
+          progress=False)  # fmt: skip
+
+    cfg_b = _cfg("tiny_stage_b.py", "--config.train.steps=4", f"--config.train.init_from={a}")
+    train(cfg_b, b, progress=False)
+    assert f"initialised the parameters from {a / 'checkpoints' / '6'} (step 6)" in caplog.text
+    # step 1 of B ran on A's final parameters: its loss is theirs on B's first batch
+    params = load_params(a).params
+    batch = next(iter(make_dataset(cfg_b, ROOT / "hanuman_jax/assets/sample/tokenizer.model",
+                                   process_index=0, process_count=1, prefetch=0)))  # fmt: skip
+    batch.pop("stats")
+    setup = build_setup(cfg_b, sharding.make_mesh(cfg_b.mesh))
+    loss = float(loss_fn(setup, params, jax.tree.map(np.asarray, batch), None)[1]["loss"])
+    rows = _rows(b)
+    assert sorted(rows) == [1, 2, 3, 4] and rows[1]["loss"] == pytest.approx(loss, rel=1e-5)
+    assert rows[4]["data/source_0_token_share"] > 0.5  # Thai-heavy (A's: 0.3)
+    assert rows[1]["lr"] == pytest.approx(cfg_b.optimizer.peak_lr)  # a fresh schedule
+    state = _state(b, 4)
+    leaves = jax.tree_util.tree_flatten_with_path(state["opt_state"])[0]
+    counts = [int(v) for k, v in leaves if "count" in jax.tree_util.keystr(k)]
+    assert int(state["step"]) == 4 and counts and set(counts) == {4}  # a fresh optimizer
+
+    cfg_c = _cfg("tiny_stage_c.py", "--config.train.steps=2", f"--config.train.init_from={b}")
+    train(cfg_c, c, progress=False)
+    assert f"initialised the parameters from {b / 'checkpoints' / '4'} (step 4)" in caplog.text
+    rows = _rows(c)
+    assert rows[2]["data/padding_share"] > 0  # whole chats: rows are padded, never split
+    assert rows[2]["tokens"] < 0.8 * 4 * 63  # prompts are masked out of the loss
+    assert (c / "checkpoints" / "2" / "tokenizer" / "tokenizer.model").is_file()
+
+    wrong = _cfg("tiny_stage_c.py", "--config.model.d_model=32", f"--config.train.init_from={b}")
+    with pytest.raises(CheckpointError, match=r"another shape \(\['embed'\] is \(4096, 64\) "
+                       r"there, \(4096, 32\) now.*model.d_model=64 there, 32 now"):  # fmt: skip
+        train(wrong, tmp_path / "wrong", progress=False)
+    missing = _cfg("tiny_stage_c.py", f"--config.train.init_from={tmp_path / 'nowhere'}")
+    with pytest.raises(CheckpointError, match=r"train.init_from=.*nowhere does not exist"):
+        train(missing, tmp_path / "missing", progress=False)
