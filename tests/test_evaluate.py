@@ -1,0 +1,101 @@
+"""Evaluation: the loss is the mean next-token loss of each document as training sees it, long
+documents are windowed so that every token is predicted once, and the CLI's last line is JSON.
+(Equality with transformers' loss: test_export.py.)"""
+
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+from conftest import small_model_cfg
+
+from hanuman_jax.config import ConfigError
+from hanuman_jax.data import Document
+from hanuman_jax.evaluate import evaluate, main, windows
+from hanuman_jax.generate import build_model, inference_config
+from hanuman_jax.import_hf import write_checkpoint
+from hanuman_jax.restore import abstract_params
+from hanuman_jax.tokenizer import Tokenizer
+
+TOKENIZER = Tokenizer("hanuman_jax/assets/sample/tokenizer.model")
+CFG = small_model_cfg(vocab_size=TOKENIZER.vocab_size, init_std=0.1)  # 5 experts, max_seq_len 64
+TEXTS = ["Hello there, this is a test.", "ภาษาไทยเป็นภาษาที่มีวรรณยุกต์", "x"]
+CHAT = Document(messages=({"role": "user", "content": "Hi"},
+                          {"role": "assistant", "content": "สวัสดีครับ"}))  # fmt: skip
+
+
+def _params(cfg, seed=0):
+    rng = np.random.default_rng(seed)
+
+    def draw(path, a):
+        x = cfg.init_std * rng.standard_normal(a.shape)
+        return (1.0 + x if path[-1].key == "scale" else x).astype(a.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, abstract_params(cfg))
+
+
+@pytest.fixture(scope="module")
+def params():
+    return _params(CFG)
+
+
+@jax.jit
+def _forward(params, tokens_BT, segment_ids_BT):
+    return build_model(params, inference_config(CFG))(tokens_BT, segment_ids_BT)[0]
+
+
+def _nll(params, ids, mask):
+    """Summed next-token loss of one whole sequence (the model's plain forward) and targets."""
+    tokens = np.zeros((2, 1, CFG.max_seq_len), np.int32)  # one shape: one compilation
+    tokens[:, 0, : len(ids)] = [ids, np.ones(len(ids))]
+    logits = np.asarray(_forward(params, *tokens)[0, : len(ids)], np.float64)[:-1]
+    log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    nll = log_z - logits[np.arange(len(ids) - 1), ids[1:]]
+    return float(np.sum(nll * np.asarray(mask[1:]))), int(np.sum(mask[1:]))
+
+
+def test_loss_is_the_mean_over_every_predicted_token(params):
+    docs = [Document(text=t) for t in TEXTS] + [CHAT]
+    result = evaluate(params, CFG, TOKENIZER, docs, batch_size=3)  # two batches, one partial
+    sequences = [(TOKENIZER.encode_document(t), None) for t in TEXTS]
+    sequences.append(TOKENIZER.encode_chat(CHAT.messages))
+    nll = tokens = 0
+    for ids, mask in sequences:
+        n, t = _nll(params, ids, mask or [1] * len(ids))
+        nll, tokens = nll + n, tokens + t
+    chat_bytes = len("สวัสดีครับ".encode())  # a chat scores only the assistant's reply
+    assert result["tokens"] == tokens
+    assert result["bytes"] == sum(len(t.encode()) for t in TEXTS) + chat_bytes
+    assert result["loss"] == pytest.approx(nll / tokens, rel=1e-5)
+    assert result["perplexity"] == pytest.approx(math.exp(nll / tokens), rel=1e-5)
+    assert result["bits_per_byte"] == pytest.approx(nll / math.log(2) / result["bytes"], rel=1e-5)
+
+
+def test_windows_predict_every_token_once():
+    ids = list(range(100, 137))
+    for length in (2, 5, 36, 37, 64):
+        targets = [t for w, _ in windows(ids, ids, length) for t in w[1:]]
+        assert targets == ids[1:]
+        assert all(len(w) <= length for w, _ in windows(ids, ids, length))
+
+
+def test_cli_prints_a_table_and_json_last(params, tmp_path, capsys):
+    write_checkpoint(params, CFG, tmp_path / "run", tokenizer=TOKENIZER.path)
+    long_text = " ".join(f"word{i}" for i in range(60))  # longer than the 16-token window
+    (tmp_path / "a.txt").write_text(f"{TEXTS[0]}\n{long_text}\n")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"messages": list(CHAT.messages)}) + "\n")
+    argv = ["--workdir", str(tmp_path / "run"), "--seq-len", "16", "--input"]
+    assert main([*argv, str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split()[:3] == ["input", "tokens", "bytes"] and lines[-2].startswith("all")
+    result = json.loads(lines[-1])
+    assert set(result) == {"step", "loss", "perplexity", "bits_per_byte", "tokens", "bytes"}
+    texts = [TEXTS[0], long_text]
+    chat_targets = sum(TOKENIZER.encode_chat(CHAT.messages)[1][1:])
+    assert result["tokens"] == sum(len(TOKENIZER.encode(t)) + 1 for t in texts) + chat_targets
+    assert result["bytes"] == sum(len(t.encode()) for t in texts) + len("สวัสดีครับ".encode())
+    assert main([*argv, str(tmp_path / "missing.txt")]) == 2
+    assert "matches no file" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="--seq-len=65 is invalid"):
+        evaluate(params, CFG, TOKENIZER, TEXTS, seq_len=65)

@@ -1,0 +1,280 @@
+"""Export to and import from Hugging Face: transformers computes what we compute.
+
+A tiny dense model (untied, llama3 RoPE) trained 3 steps in-process and a tiny MoE (tied, linear
+RoPE) trained 3 steps on 8 simulated devices (data x fsdp x expert = 2 x 2 x 2, in a subprocess:
+so the MoE export also reads a checkpoint written on a mesh) are exported and compared with
+transformers on Thai and English: logits, greedy continuations, the fp16 export's top-1 tokens
+and `evaluate`'s loss. Random transformers Llama and Mixtral models check the import.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from hanuman_jax.config import ConfigError, load_config
+from hanuman_jax.evaluate import evaluate
+from hanuman_jax.export import export, load
+from hanuman_jax.export import main as export_main
+from hanuman_jax.generate import build_model, generate_ids, inference_config, prompt_ids
+from hanuman_jax.hf_mapping import model_config_from_hf
+from hanuman_jax.import_hf import import_hf
+from hanuman_jax.tokenizer import Tokenizer
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+safetensors_numpy = pytest.importorskip("safetensors.numpy")
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "hanuman_jax" / "assets" / "sample"
+SMALL = [  # odd sizes: 6 heads of 8 over 2 key/value heads, 40 hidden
+    "--config.model.num_layers=2", "--config.model.d_model=48", "--config.model.num_heads=6",
+    "--config.model.num_kv_heads=2", "--config.model.ffn_hidden=40",
+    "--config.model.max_seq_len=128", "--config.data.seq_len=64", "--config.train.batch_size=4",
+    "--config.train.steps=3", "--config.train.log_every=1",
+]  # fmt: skip
+KINDS = {
+    "moe": ["--config.model.moe.num_experts=6", "--config.model.rope.scaling=linear",
+            "--config.model.rope.factor=2.0", "--config.mesh.data=2", "--config.mesh.fsdp=2",
+            "--config.mesh.expert=2", "--config.train.batch_size=8"],
+    "dense": ["--config.model.moe.num_experts=0", "--config.model.tie_embeddings=false",
+              "--config.model.rope.scaling=llama3", "--config.model.rope.factor=4.0",
+              "--config.model.rope.original_context=32", "--config.model.rope.theta=5000.0"],
+}  # fmt: skip
+
+
+def _lines(name: str, count: int, min_chars: int = 60) -> list[str]:
+    lines = (SAMPLE / name).read_text(encoding="utf-8").splitlines()
+    return [x for x in lines if len(x) >= min_chars][:count]
+
+
+TEXTS = _lines("english.txt", 2) + _lines("thai.txt", 2)
+
+
+@pytest.fixture(scope="module")
+def runs(request, tmp_path_factory):
+    """Workdirs of the two tiny models. The MoE trains in a subprocess on 8 simulated devices,
+    started at once when a test here needs it, so that it overlaps the tests before it."""
+    from hanuman_jax.trainer import train
+
+    done: dict[str, Path] = {}
+    moe_dir = tmp_path_factory.mktemp("moe")
+    wanted = any(
+        i.path == request.path and i.get_closest_marker("slow") for i in request.session.items
+    )
+    proc = None
+    if wanted:
+        cmd = [sys.executable, "-m", "hanuman_jax.train", "--config", "configs/tiny.py",
+               "--workdir", str(moe_dir), "--no_progress", *SMALL, *KINDS["moe"]]  # fmt: skip
+        env = dict(os.environ, JAX_PLATFORMS="cpu",
+                   XLA_FLAGS="--xla_force_host_platform_device_count=8")  # fmt: skip
+        log = open(moe_dir / "train.log", "w")  # noqa: SIM115 (closed below)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def get(kind: str) -> Path:
+        if kind in done:
+            return done[kind]
+        if kind == "moe":
+            assert proc is not None and proc.wait(timeout=600) == 0, (
+                moe_dir / "train.log"
+            ).read_text()[-3000:]
+            assert json.loads((moe_dir / "config.json").read_text())["mesh"]["expert"] == 2
+            done[kind] = moe_dir
+        else:
+            done[kind] = tmp_path_factory.mktemp(kind)
+            train(load_config(ROOT / "configs" / "tiny.py", SMALL + KINDS[kind]), done[kind],
+                  progress=False)  # fmt: skip
+        return done[kind]
+
+    yield get
+    if proc is not None:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def _ours(loaded, *ids: list[int]) -> list[np.ndarray]:
+    """Our logits of each sequence: one jitted call, the sequences padded to the same length."""
+    cfg = inference_config(loaded.model_cfg)
+    tokens = np.zeros((2, len(ids), max(map(len, ids))), np.int32)
+    for i, x in enumerate(ids):
+        tokens[:, i, : len(x)] = [x, np.ones(len(x))]  # ids, and segment 1 where not padding
+    logits = jax.jit(lambda p, t, s: build_model(p, cfg)(t, s)[0])(loaded.params, *tokens)
+    return [np.asarray(logits[i, : len(x)]) for i, x in enumerate(ids)]
+
+
+def _hf(path, dtype=None):
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(
+        path, output_loading_info=True, **kwargs
+    )
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    return model.eval()
+
+
+def _hf_logits(model, ids: list[int]) -> np.ndarray:
+    return _hf_forward(model, ids)[0]
+
+
+def _hf_forward(model, ids: list[int]) -> tuple[np.ndarray, float]:
+    """Logits, and transformers' loss with labels = inputs (the mean over every token but the
+    first)."""
+    with torch.no_grad():
+        out = model(torch.tensor([ids]), labels=torch.tensor([ids]))
+    return out.logits[0].float().numpy(), out.loss.item()
+
+
+def _hf_greedy(model, ids: list[int], n: int) -> list[int]:
+    """n greedy tokens, not stopping at <eos> (generate fills an unset eos from the model's)."""
+    model.generation_config.eos_token_id = None
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, pad_token_id=0)
+    return out[0, len(ids) :].tolist()
+
+
+def _check_export(kind: str, workdir: Path, tmp_path: Path) -> None:
+    loaded = load(workdir)
+    out = export(workdir, tmp_path / "fp32")
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["MixtralForCausalLM" if kind == "moe" else
+                                       "LlamaForCausalLM"]  # fmt: skip
+    model = _hf(out)
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    tokenizer = Tokenizer(loaded.tokenizer)
+    ids = [prompt_ids(tokenizer, t) + [tokenizer.eos_id] for t in TEXTS]
+    assert [hf_tokenizer(t).input_ids + [tokenizer.eos_id] for t in TEXTS] == ids
+
+    ours = _ours(loaded, *ids)
+    theirs, losses = zip(*[_hf_forward(model, x) for x in ids], strict=True)
+    diff = max(float(np.abs(a - b).max()) for a, b in zip(ours, theirs, strict=True))
+    print(f"{kind}: max |logit diff| vs transformers fp32 = {diff:.2e}")
+    assert diff < 1e-4
+
+    # evaluate's loss is transformers' loss (labels = inputs: every token after <bos>)
+    result = evaluate(loaded.params, loaded.model_cfg, tokenizer, TEXTS)
+    assert result["tokens"] == sum(len(x) - 1 for x in ids)
+    nll = sum(loss * (len(x) - 1) for loss, x in zip(losses, ids, strict=True))
+    assert result["loss"] == pytest.approx(nll / result["tokens"], abs=1e-4)
+
+    # greedy continuations, English and Thai: one left-padded batch against transformers
+    prompts = [ids[0][:9], ids[2][:14]]
+    greedy = generate_ids(loaded.params, loaded.model_cfg, prompts, max_new_tokens=32)
+    assert greedy == [_hf_greedy(model, p, 32) for p in prompts]
+
+    fp16 = _hf(export(workdir, tmp_path / "fp16", dtype="float16"), torch.float16)
+    top1 = [
+        np.argmax(a, -1) == np.argmax(_hf_logits(fp16, x), -1)
+        for a, x in zip(ours, ids, strict=True)
+    ]
+    agree = np.mean(np.concatenate(top1))
+    print(f"{kind}: fp16 export top-1 agreement {agree:.4f}")
+    assert agree >= 0.99
+
+
+def test_dense_export_equals_transformers(runs, tmp_path):
+    _check_export("dense", runs("dense"), tmp_path)
+
+
+def _random_hf(kind: str, path: Path) -> Path:
+    torch.manual_seed(0)
+    common = dict(vocab_size=97, hidden_size=40, intermediate_size=36, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                  initializer_range=0.1, rms_norm_eps=1e-6)  # fmt: skip
+    if kind == "llama":  # head_dim != hidden / heads, untied, llama3 RoPE
+        config = transformers.LlamaConfig(
+            **common, head_dim=12, tie_word_embeddings=False,
+            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                          "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
+        )  # fmt: skip
+        model = transformers.LlamaForCausalLM(config)
+    else:  # tied, linear RoPE
+        config = transformers.MixtralConfig(
+            **common, num_local_experts=3, num_experts_per_tok=2, tie_word_embeddings=True,
+            rope_scaling={"rope_type": "linear", "factor": 2.0}, rope_theta=500.0,
+        )  # fmt: skip
+        model = transformers.MixtralForCausalLM(config)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["llama", "mixtral"])
+def test_import_transformers_model(kind, tmp_path):
+    hf_dir = _random_hf(kind, tmp_path / "hf")
+    model = _hf(hf_dir)
+    step_dir, _ = import_hf(hf_dir, tmp_path / "run")
+    loaded = load(step_dir.parents[1])
+    ids = [int(i) for i in np.random.default_rng(0).integers(4, 97, 40)]
+    diff = float(np.abs(_ours(loaded, ids)[0] - _hf_logits(model, ids)).max())
+    print(f"imported {kind}: max |logit diff| vs transformers = {diff:.2e}")
+    assert diff < 1e-4
+    if kind == "llama":  # (the MoE's greedy decoding is compared on the trained one)
+        greedy = generate_ids(loaded.params, loaded.model_cfg, [ids[:7]], max_new_tokens=32)[0]
+        assert greedy == _hf_greedy(model, ids[:7], 32)
+        assert len(set(greedy)) > 3  # a real continuation, not one token repeated
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"attention_bias": True}, "attention_bias=true"),
+        ({"sliding_window": 64}, "sliding_window=64"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope type 'yarn'"),
+        ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+        ({"model_type": "qwen2"}, "model_type='qwen2' is not supported"),
+    ],
+)
+def test_import_refuses_what_it_cannot_compute_exactly(change, message):
+    base = {"model_type": "mistral", "vocab_size": 97, "hidden_size": 40, "intermediate_size": 36,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 128, "sliding_window": None}  # fmt: skip
+    assert model_config_from_hf(base).num_kv_heads == 2
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        model_config_from_hf(base | change)
+
+
+def test_export_errors_and_shards(runs, tmp_path, capsys):
+    workdir = runs("dense")
+    with pytest.raises(
+        ConfigError, match=rf"does not exist; runs with checkpoints in .*: .*{workdir.name}"
+    ):
+        export(workdir.parent / "no_such_run", tmp_path / "x")
+    with pytest.raises(ConfigError, match="no checkpoint for step 7; saved steps: 3"):
+        export(workdir, tmp_path / "x", step=7)
+    assert export_main(["--workdir", str(tmp_path / "nothing"), "--out", str(tmp_path)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+    out = tmp_path / "sharded"
+    assert export_main(["--workdir", str(workdir), "--out", str(out)]) == 0
+    whole = _hf_logits(_hf(out), [1, 5, 900, 7])
+    export(workdir, out, max_shard_bytes=300_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1 and not (out / "model.safetensors").exists()
+    np.testing.assert_array_equal(_hf_logits(_hf(out), [1, 5, 900, 7]), whole)
+
+
+# The MoE trains in the background meanwhile; the tests that need it come last.
+@pytest.mark.slow
+def test_moe_export_equals_transformers(runs, tmp_path):
+    _check_export("moe", runs("moe"), tmp_path)
+
+
+@pytest.mark.slow
+def test_export_import_export_is_bit_identical(runs, tmp_path):
+    first = export(runs("moe"), tmp_path / "first")
+    workdir = import_hf(first, tmp_path / "imported")[0].parents[1]
+    loaded = load(workdir)
+    assert loaded.model_cfg.moe.router_temperature == 1.0  # folded into the gate weights
+    second = export(workdir, tmp_path / "second")
+    a = safetensors_numpy.load_file(first / "model.safetensors")
+    b = safetensors_numpy.load_file(second / "model.safetensors")
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype and a[name].tobytes() == b[name].tobytes(), name
+    assert (first / "config.json").read_text() == (second / "config.json").read_text()
+    assert (first / "tokenizer.json").read_bytes() == (second / "tokenizer.json").read_bytes()
