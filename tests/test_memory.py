@@ -63,3 +63,12 @@ def test_cli_says_whether_it_fits(root, capsys):
     assert memory.main(["--config", config, "--device", "v2-8",
                         "--config.train.batch_size=12"]) == 2  # fmt: skip
     assert "train.batch_size=12 is invalid" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("preset", "device"), [("t4_mini", "t4"), ("colab_tpu", "v2-8")])
+def test_presets_fit_their_hardware(root, capsys, preset, device):
+    """configs/t4_mini.py fits a 16 GB T4 in float16, configs/colab_tpu.py the 8 GiB cores of a
+    TPU v2-8 (the smaller of the two Colab TPUs), by the planner."""
+    config = str(root / "configs" / f"{preset}.py")
+    assert memory.main(["--config", config, "--device", device]) == 0
+    assert f"{device}: fits" in capsys.readouterr().out

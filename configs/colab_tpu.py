@@ -1,0 +1,37 @@
+"""The full recipe model on one Colab TPU (v2-8 or v5e-8: 8 cores), sharded with FSDP (ZeRO-3):
+parameters, gradients and AdamW state split 8 ways, each core computing its own sequences.
+
+`python -m hanuman_jax.memory --config configs/colab_tpu.py --device v2-8` (or v5e-8) checks
+that it fits. Sequences are 2,048 tokens: at 8,192 one sequence's attention scores and logits
+alone outgrow a v2 core's 8 GiB (the planner says 20 GiB per core). Every field not set here is
+configs/hanuman_1b_moe.py's (read from that file, so the two never drift apart).
+"""
+
+import importlib.util
+from pathlib import Path
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    spec = importlib.util.spec_from_file_location(
+        "_colab_tpu_base", Path(__file__).with_name("hanuman_1b_moe.py")
+    )
+    base = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(base)
+    cfg = base.get_config()
+
+    cfg.model.dtype = "bfloat16"  # TPUs compute in bfloat16 natively
+    cfg.model.param_dtype = "float32"  # master weights and AdamW state stay float32
+    cfg.model.remat = "full"  # keep one block's activations at a time
+    cfg.model.attention = "xla"  # cuDNN is GPU-only
+    cfg.data.seq_len = 2048  # tokens per packed training row
+    cfg.train.batch_size = 64  # global sequences per step (131,072 tokens)
+    cfg.train.grad_accum_steps = 8  # micro-batches: one sequence per core each
+    cfg.train.steps = 610_000  # optimizer steps: 80B tokens (stage A) at 64 x 2048 per step
+    cfg.train.checkpoint_every = 1000  # steps between checkpoints (and one at the end)
+    cfg.mesh.data = 1  # no pure data parallelism: FSDP already splits the batch
+    cfg.mesh.fsdp = 8  # ZeRO-3 over the 8 cores
+    cfg.mesh.expert = 1  # experts stay whole on every core
+    cfg.mesh.tensor = 1  # no tensor parallelism
+    return cfg
