@@ -156,7 +156,8 @@ def _blocked(block: int):
         return (dx_RD, no_grad, *(g.astype(w.dtype) for g, w in zip(dw, weights, strict=True)))
 
     swiglu.defvjp(_forward, _backward)
-    return swiglu
+    # jitted: called eagerly, the loop then compiles once per shape, not once per trip count
+    return jax.jit(swiglu)
 
 
 def _ragged(x_RD, expert_R, w_gate_EDF, w_up_EDF, w_down_EFD):

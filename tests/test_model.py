@@ -59,9 +59,9 @@ def test_packed_documents_do_not_attend_to_each_other(model_cfg):
     packed = jnp.concatenate([a, b, c], axis=1)
     seg = jnp.array([[1] * 7 + [2] * 5 + [3] * 9])
     pos = jnp.array([list(range(7)) + list(range(5)) + list(range(9))])
-    out, _ = model(packed, seg, pos)
+    out, _ = nnx.jit(lambda m, *args: m(*args))(model, packed, seg, pos)
     for doc, sl in ((a, slice(0, 7)), (b, slice(7, 12)), (c, slice(12, 21))):
-        alone, _ = model(doc)
+        alone, _ = nnx.jit(lambda m, t: m(t))(model, doc)
         np.testing.assert_allclose(out[:, sl], alone, atol=2e-5, rtol=1e-5)
 
 
