@@ -75,6 +75,10 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.train.keep_checkpoints = 3  # newest checkpoints kept on disk
     cfg.train.eval_every = 0  # steps between evaluations on data.eval_sources; 0 = none
     cfg.train.eval_batches = 8  # batches per evaluation (the same ones every time)
+    cfg.train.sample_every = 0  # steps between logged sample generations (greedy); 0 = none
+    cfg.train.sample_prompts = ["Bangkok is", "กรุงเทพมหานครเป็น"]  # prompts for them
+    cfg.train.sample_tokens = 32  # new tokens per sample
+    cfg.train.sample_chat = False  # True: each prompt is a user turn of a chat (stage C)
     cfg.train.max_nonfinite_steps = 25  # this many non-finite steps in a row: save and stop
     cfg.train.init_from = ""  # another run's workdir: start from its parameters (only); "" = none
 

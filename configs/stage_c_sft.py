@@ -30,4 +30,5 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.optimizer.peak_lr = 2e-5  # fine-tuning: small steps keep what stages A and B learned
     cfg.optimizer.warmup_fraction = 0.03  # share of the steps spent warming up linearly
     cfg.train.checkpoint_every = 500  # steps between checkpoints (and one at the end)
+    cfg.train.sample_chat = True  # samples answer the prompts as chats
     return cfg

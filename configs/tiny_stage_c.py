@@ -21,4 +21,5 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.train.steps = 60  # optimizer steps
     cfg.optimizer.peak_lr = 3e-4  # fine-tuning: a tenth of tiny's
     cfg.train.checkpoint_every = 30  # steps between checkpoints (and one at the end)
+    cfg.train.sample_chat = True  # samples answer the prompts as chats
     return cfg

@@ -18,11 +18,10 @@ import orbax.checkpoint as ocp
 
 from hanuman_jax import restore
 from hanuman_jax.config import ConfigError, ModelConfig
-from hanuman_jax.restore import TOKENIZER_DIR, TOKENIZER_FILE  # where restore.py looks
+from hanuman_jax.restore import MANIFEST, TOKENIZER_DIR, TOKENIZER_FILE, damage  # noqa: F401
 
 log = logging.getLogger("hanuman_jax")
 
-MANIFEST = "manifest.json"  # <step>/manifest.json: the size of every file in the step's items
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax writes <step> here, then renames it into place
 
 
@@ -164,23 +163,6 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
-
-
-def damage(step_dir: Path) -> str | None:
-    """Why the checkpoint in `step_dir` is not whole (a file missing or truncated), or None."""
-    try:
-        files = json.loads((step_dir / MANIFEST).read_text())["files"]
-    except FileNotFoundError:
-        return f"{MANIFEST} is missing"
-    except (OSError, ValueError, KeyError, TypeError):
-        return f"{MANIFEST} is unreadable"
-    for name, size in files.items():
-        path = step_dir / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != size:
-            return f"{name} has {path.stat().st_size} bytes, {size} were written"
-    return None
 
 
 def _first_line(e: Exception) -> str:

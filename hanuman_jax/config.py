@@ -285,6 +285,16 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
            "must be a path to another run's workdir or checkpoints/ (or '' for none)")  # fmt: skip
     _check(t.eval_every == 0 or len(d.eval_sources) > 0, "train.eval_every", t.eval_every,
            "needs data.eval_sources to evaluate on")  # fmt: skip
+    _check(isinstance(t.sample_every, int) and t.sample_every >= 0, "train.sample_every",
+           t.sample_every, "must be an integer >= 0 (0 = no sample generations)")  # fmt: skip
+    _positive_ints(cfg, "train", ("sample_tokens",))
+    prompts = list(t.sample_prompts)
+    _check(all(isinstance(p, str) and p.strip() for p in prompts), "train.sample_prompts",
+           prompts, "must be a list of non-empty strings")  # fmt: skip
+    _check(t.sample_every == 0 or prompts, "train.sample_every", t.sample_every,
+           "needs train.sample_prompts to generate from")  # fmt: skip
+    _check(isinstance(t.sample_chat, bool), "train.sample_chat", t.sample_chat,
+           "must be True or False")  # fmt: skip
 
     sizes = [cfg.mesh[a] for a in MESH_AXES]
     for a, v in zip(MESH_AXES, sizes, strict=True):

@@ -25,6 +25,7 @@ class MetricsWriter:
             return
         self.path = workdir / "metrics.jsonl"
         _truncate_after(self.path, resume_step)
+        _truncate_after(self.path.with_name("samples.jsonl"), resume_step)
         self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
         # purge_step hides events a killed run logged after the checkpoint we resumed from
         self.tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=resume_step + 1)
@@ -38,8 +39,19 @@ class MetricsWriter:
         self.file.flush()
         for key, value in row.items():
             if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                tag = key if "/" in key else f"{section}/{key}"
+                tag = key if "/" in key else f"{section}/{key.removeprefix(section + '_')}"
                 self.tb.add_scalar(tag, value, step)
+
+    def write_samples(self, step: int, samples: list[tuple[str, str]]) -> None:
+        """Sample generations: rows of `samples.jsonl`, and text in TensorBoard."""
+        if not self.enabled:
+            return
+        with open(self.path.with_name("samples.jsonl"), "a", encoding="utf-8") as f:
+            for prompt, text in samples:
+                f.write(json.dumps({"step": step, "prompt": prompt, "text": text},
+                                   ensure_ascii=False) + "\n")  # fmt: skip
+        for i, (prompt, text) in enumerate(samples):
+            self.tb.add_text(f"samples/{i}", f"{prompt} **→** {text}", step)
 
     def close(self) -> None:
         if self.enabled:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 import jax
@@ -19,8 +20,11 @@ from flax import nnx
 
 from hanuman_jax.config import ConfigError, ModelConfig
 
+log = logging.getLogger("hanuman_jax")
+
 TOKENIZER_DIR = "tokenizer"  # <step dir>/tokenizer/tokenizer.model: the run's tokenizer, copied
 TOKENIZER_FILE = "tokenizer.model"
+MANIFEST = "manifest.json"  # <step>/manifest.json: the size of every file in the step's items
 
 
 @dataclasses.dataclass
@@ -48,6 +52,23 @@ def checkpoint_root(path: str | Path) -> Path:
 def saved_steps(root: Path) -> list[int]:
     """Steps whose save finished (Orbax renames a step's directory into place when complete)."""
     return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def damage(step_dir: Path) -> str | None:
+    """Why the checkpoint in `step_dir` is not whole (a file missing or truncated), or None."""
+    try:
+        files = json.loads((step_dir / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        return f"{MANIFEST} is missing"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{MANIFEST} is unreadable"
+    for name, size in files.items():
+        path = step_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} were written"
+    return None
 
 
 def read_config(step_dir: Path) -> ml_collections.ConfigDict:
@@ -78,12 +99,21 @@ def load_params(path: str | Path, step: int | None = None, *, shardings=None, dt
     steps = saved_steps(root)
     if not steps:
         raise ConfigError(f"{root} holds no finished checkpoint")
-    if step is None:
-        step = steps[-1]
+    if step is None:  # the newest whole one
+        for step in reversed(steps):
+            reason = damage(root / str(step))
+            if reason is None:
+                break
+            log.warning("checkpoint %s is damaged (%s); trying the one before", root / str(step),
+                        reason)  # fmt: skip
+        else:
+            raise ConfigError(f"{root} holds no whole checkpoint (steps {steps} are damaged)")
     elif step not in steps:
         raise ConfigError(
             f"{root} has no checkpoint for step {step}; saved steps: {', '.join(map(str, steps))}"
         )
+    elif reason := damage(root / str(step)):
+        raise ConfigError(f"checkpoint {root / str(step)} is damaged: {reason}")
     step_dir = root / str(step)
     config = read_config(step_dir)
     model_cfg = ModelConfig.from_config(config.model)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -11,6 +12,7 @@ from pathlib import Path
 import jax
 import ml_collections
 import numpy as np
+from flax import nnx
 
 from hanuman_jax import __version__, sharding
 from hanuman_jax.checkpoint import (
@@ -121,7 +123,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: Path, *, progress: bool = Tru
             )
             return {}
         evaluator = Evaluator(setup, eval_batches(cfg, tokenizer.path))
-        return _loop(cfg, workdir, setup, state, batches, ckpt, meta, start, progress, evaluator)
+        sampler = Sampler(cfg, setup, tokenizer.path)
+        return _loop(cfg, workdir, setup, state, batches, ckpt, meta, start, progress,
+                     evaluator, sampler)  # fmt: skip
     finally:
         batches.close()  # stops the prefetch thread before interpreter shutdown
         ckpt.close()
@@ -153,11 +157,12 @@ def eval_batches(cfg: ml_collections.ConfigDict, tokenizer_path: Path) -> list[d
 
 
 class Evaluator:
-    """Mean loss per predicted token over the fixed evaluation batches."""
+    """Mean loss per predicted token over the fixed evaluation batches, computed by the model as
+    it runs outside training (dropless MoE, no router noise): the model that is exported."""
 
     def __init__(self, setup, batches: list[dict]):
         self.setup, self.batches = setup, batches
-        self.step_fn = jit_eval_step(setup) if batches else None
+        self.step_fn = jit_eval_step(_inference_setup(setup)) if batches else None
 
     def __call__(self, params) -> dict:
         nll, tokens = 0.0, 0
@@ -170,11 +175,43 @@ class Evaluator:
         return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": tokens}
 
 
+def _inference_setup(setup):
+    from hanuman_jax.generate import inference_config
+    from hanuman_jax.model import Transformer
+
+    cfg = inference_config(setup.model_cfg)
+    graphdef, template = nnx.split(
+        nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))), nnx.Param
+    )
+    return dataclasses.replace(setup, model_cfg=cfg, graphdef=graphdef, param_template=template)
+
+
+class Sampler:
+    """Greedy continuations of `train.sample_prompts`, logged every `train.sample_every` steps."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, setup, tokenizer: Path):
+        self.every, self.prompts = cfg.train.sample_every, list(cfg.train.sample_prompts)
+        self.tokens, self.chat = cfg.train.sample_tokens, cfg.train.sample_chat
+        self.setup, self.tokenizer = setup, tokenizer
+
+    def __call__(self, params) -> list[tuple[str, str]]:
+        from hanuman_jax.generate import sample
+
+        texts = sample(params, self.setup.model_cfg, self.tokenizer, self.prompts,
+                       max_new_tokens=self.tokens, chat=self.chat)  # fmt: skip
+        return list(zip(self.prompts, texts, strict=True))
+
+
+def _due(every: int, step: int, last: bool) -> bool:
+    """Whether a periodic action (every `every` steps and at the end; 0 = never) runs now."""
+    return every > 0 and (step % every == 0 or last)
+
+
 class NonFiniteError(RuntimeError):
     """`train.max_nonfinite_steps` steps in a row had a non-finite loss or gradient."""
 
 
-def _loop(cfg, workdir, setup, state, batches, ckpt, meta, start, progress, evaluator) -> dict:
+def _loop(cfg, workdir, setup, state, batches, ckpt, meta, start, progress, evaluator, sampler):
     mesh = setup.mesh
     step_fn = jit_train_step(setup)
     writer = MetricsWriter(workdir, resume_step=start, enabled=jax.process_index() == 0)
@@ -225,6 +262,12 @@ def _loop(cfg, workdir, setup, state, batches, ckpt, meta, start, progress, eval
                  result["loss"], result["perplexity"], result["tokens"])  # fmt: skip
         last.update({f"eval_{k}": float(v) for k, v in result.items()})
 
+    def samples(step: int) -> None:
+        pairs = sampler(state["params"])
+        writer.write_samples(step, pairs)
+        for prompt, text in pairs:
+            log.info("step %d sample: %r -> %r", step, prompt, text)
+
     step = start
     try:
         with StopRequest() as stop:
@@ -245,13 +288,13 @@ def _loop(cfg, workdir, setup, state, batches, ckpt, meta, start, progress, eval
                 stopping = stop.should_stop(step + 1)
                 faulty = in_a_row >= cfg.train.max_nonfinite_steps
                 last_step = step + 1 == cfg.train.steps
-                if (
-                    evaluator.batches
-                    and not (stopping or faulty)
-                    and ((step + 1) % cfg.train.eval_every == 0 or last_step)
-                ):
+                busy = stopping or faulty
+                if evaluator.batches and not busy and _due(cfg.train.eval_every, step + 1,
+                                                           last_step):  # fmt: skip
                     flush()
                     evaluate(step + 1)  # before the save: a kill then cannot lose its row
+                if not busy and _due(sampler.every, step + 1, last_step):
+                    samples(step + 1)
                 if faulty:
                     fault = f"{in_a_row} steps in a row"  # up to `step`: read one step late
                 if stopping or faulty or (step + 1) % cfg.train.checkpoint_every == 0 or last_step:

@@ -13,6 +13,7 @@ import pytest
 from hanuman_jax import __version__, sharding
 from hanuman_jax.checkpoint import CheckpointError, check_resumable, damage
 from hanuman_jax.config import ConfigError, load_config
+from hanuman_jax.restore import load_params
 from hanuman_jax.step import build_setup, init_state
 from hanuman_jax.trainer import NonFiniteError, train
 
@@ -65,6 +66,10 @@ def test_a_damaged_checkpoint_is_named_and_the_one_before_restored(tmp_path, cap
     shard = next(p for p in (ckpts / "6" / "state").rglob("*") if p.parent.name == "d")
     with open(shard, "r+b") as f:
         f.truncate(5)
+    # export, generate and evaluate read parameters through load_params: it skips the step too
+    assert load_params(run).step == 4
+    with pytest.raises(ConfigError, match=f"checkpoint {ckpts / '6'} is damaged: state/"):
+        load_params(run, 6)
     train(_cfg(*cfg), run, progress=False)
     assert f"checkpoint {ckpts / '6'} is damaged (state/" in caplog.text
     assert f"resumed from {ckpts / '4'} at step 4" in caplog.text

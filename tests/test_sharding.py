@@ -22,15 +22,20 @@ SCRIPT = textwrap.dedent(
     from hanuman_jax.config import load_config
     from hanuman_jax.step import build_setup, init_state, jit_train_step
 
+    START = {}
+
     def run(mesh_overrides, dispatch, devices=None):
-        cfg = load_config("configs/tiny.py", ["--config.model.num_layers=2",
+        cfg = load_config("configs/tiny.py", ["--config.model.num_layers=1",
             "--config.model.vocab_size=4096", "--config.data.seq_len=32",
             "--config.train.batch_size=8", f"--config.model.moe.dispatch={dispatch}",
             "--config.model.moe.capacity_factor=2.0",  # 4 experts, top-2: nothing can drop
             "--config.mesh.data=1", *mesh_overrides])
         mesh = sharding.make_mesh(cfg.mesh, devices)
         setup = build_setup(cfg, mesh)
-        state = init_state(setup)
+        # every run starts from the same values: created once, then laid out on each mesh
+        if "state" not in START:
+            START["state"] = jax.device_get(init_state(setup))
+        state = jax.device_put(START["state"], setup.state_shardings)
         step = jit_train_step(setup)
         rng = np.random.default_rng(0)
         losses, dropped, all_to_all = [], [], None
@@ -41,7 +46,9 @@ SCRIPT = textwrap.dedent(
                      "loss_mask": np.ones((8, 32), np.int32)}
             batch = sharding.global_batch(batch, mesh)
             if all_to_all is None:  # does the step send tokens to their experts' devices?
-                all_to_all = "all_to_all" in step.lower(state, batch).as_text()
+                lowered = step.lower(state, batch)
+                all_to_all = "all_to_all" in lowered.as_text()
+                step = lowered.compile()  # traced and compiled once
             state, metrics = step(state, batch)
             losses.append(float(metrics["loss"]))
             dropped.append(float(metrics["moe/dropped/layer_00"]))

@@ -75,8 +75,14 @@ def test_stages_a_b_c_each_start_from_the_last_ones_parameters(tmp_path, caplog)
     counts = [int(v) for k, v in leaves if "count" in jax.tree_util.keystr(k)]
     assert int(state["step"]) == 4 and counts and set(counts) == {4}  # a fresh optimizer
 
-    cfg_c = _cfg("tiny_stage_c.py", "--config.train.steps=2", f"--config.train.init_from={b}")
+    cfg_c = _cfg("tiny_stage_c.py", "--config.train.steps=2", f"--config.train.init_from={b}",
+                 "--config.train.sample_every=1", "--config.train.sample_tokens=4",
+                 "--config.train.sample_prompts=['Hello', 'สวัสดี']")  # fmt: skip
     train(cfg_c, c, progress=False)
+    samples = [json.loads(r) for r in (c / "samples.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["prompt"]) for r in samples] == [
+        (1, "Hello"), (1, "สวัสดี"), (2, "Hello"), (2, "สวัสดี")]  # fmt: skip
+    assert all(isinstance(r["text"], str) for r in samples)
     assert f"initialised the parameters from {b / 'checkpoints' / '4'} (step 4)" in caplog.text
     rows = _rows(c)
     assert rows[2]["data/padding_share"] > 0  # whole chats: rows are padded, never split
