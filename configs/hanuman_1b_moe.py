@@ -79,6 +79,7 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.train.sample_prompts = ["Bangkok is", "กรุงเทพมหานครเป็น"]  # prompts for them
     cfg.train.sample_tokens = 32  # new tokens per sample
     cfg.train.sample_chat = False  # True: each prompt is a user turn of a chat (stage C)
+    cfg.train.profile_steps = 0  # steps traced by jax.profiler into tensorboard/; 0 = none
     cfg.train.max_nonfinite_steps = 25  # this many non-finite steps in a row: save and stop
     cfg.train.init_from = ""  # another run's workdir: start from its parameters (only); "" = none
 

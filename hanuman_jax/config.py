@@ -295,6 +295,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
            "needs train.sample_prompts to generate from")  # fmt: skip
     _check(isinstance(t.sample_chat, bool), "train.sample_chat", t.sample_chat,
            "must be True or False")  # fmt: skip
+    _check(isinstance(t.profile_steps, int) and t.profile_steps >= 0, "train.profile_steps",
+           t.profile_steps, "must be an integer >= 0 (0 = no profile)")  # fmt: skip
 
     sizes = [cfg.mesh[a] for a in MESH_AXES]
     for a, v in zip(MESH_AXES, sizes, strict=True):

@@ -207,6 +207,33 @@ def _due(every: int, step: int, last: bool) -> bool:
     return every > 0 and (step % every == 0 or last)
 
 
+class Profiler:
+    """`train.profile_steps` steps traced with jax.profiler into the TensorBoard directory (its
+    Profile tab), from the second step of the run: the first one compiles."""
+
+    def __init__(self, directory: Path, start: int, count: int):
+        self.directory, self.first, self.last = directory, start + 1, start + count
+        self.active = False
+
+    def before(self, step: int) -> None:
+        if self.first <= step <= self.last and not self.active:
+            jax.profiler.start_trace(str(self.directory))
+            self.active = True
+
+    def after(self, step: int, state) -> None:
+        if self.active and step == self.last:
+            self.close(state)
+
+    def close(self, state=None) -> None:
+        if self.active:
+            if state is not None:
+                jax.block_until_ready(state)  # the traced steps' device work, whole
+            jax.profiler.stop_trace()
+            self.active = False
+            log.info("profile of steps %d-%d written to %s (TensorBoard: Profile)",
+                     self.first + 1, self.last + 1, self.directory)  # fmt: skip
+
+
 class NonFiniteError(RuntimeError):
     """`train.max_nonfinite_steps` steps in a row had a non-finite loss or gradient."""
 
@@ -268,6 +295,7 @@ def _loop(cfg, workdir, setup, state, batches, ckpt, meta, start, progress, eval
         for prompt, text in pairs:
             log.info("step %d sample: %r -> %r", step, prompt, text)
 
+    profiler = Profiler(workdir / "tensorboard", start, cfg.train.profile_steps)
     step = start
     try:
         with StopRequest() as stop:
@@ -281,7 +309,9 @@ def _loop(cfg, workdir, setup, state, batches, ckpt, meta, start, progress, eval
                         log.error("saved step %d to %s before stopping", step, ckpt.directory)
                     raise
                 stats = host_batch.pop("stats")
+                profiler.before(step)
                 state, metrics = step_fn(state, sharding.global_batch(host_batch, mesh))
+                profiler.after(step, state)
                 if pending is not None:
                     report(*pending)
                 pending = (step + 1, metrics, stats)
@@ -317,6 +347,7 @@ def _loop(cfg, workdir, setup, state, batches, ckpt, meta, start, progress, eval
             flush()
             ckpt.wait()  # under the handlers: a signal now cannot cut the last save short
     finally:
+        profiler.close()
         writer.close()
         bar.close()
     if last:

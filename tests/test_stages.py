@@ -56,8 +56,11 @@ def test_stages_a_b_c_each_start_from_the_last_ones_parameters(tmp_path, caplog)
     train(_cfg("tiny.py", "--config.train.steps=6", "--config.train.keep_checkpoints=3"), a,
           progress=False)  # fmt: skip
 
-    cfg_b = _cfg("tiny_stage_b.py", "--config.train.steps=4", f"--config.train.init_from={a}")
+    cfg_b = _cfg("tiny_stage_b.py", "--config.train.steps=4", f"--config.train.init_from={a}",
+                 "--config.train.profile_steps=2")  # fmt: skip
     train(cfg_b, b, progress=False)
+    assert "profile of steps 2-3 written to" in caplog.text
+    assert list((b / "tensorboard" / "plugins" / "profile").glob("*/*.xplane.pb"))
     assert f"initialised the parameters from {a / 'checkpoints' / '6'} (step 6)" in caplog.text
     # step 1 of B ran on A's final parameters: its loss is theirs on B's first batch
     params = load_params(a).params
