@@ -243,16 +243,9 @@ def init_params(cfg: ml_collections.ConfigDict, abstract_params: dict, shardings
     field = f"config train.init_from={cfg.train.init_from!r}"
     try:
         root = restore.checkpoint_root(cfg.train.init_from)
+        step = restore.newest_whole_step(root)
     except ConfigError as e:
         raise CheckpointError(f"{field}: {e}") from None
-    for step in reversed(restore.saved_steps(root)):
-        reason = damage(root / str(step))
-        if reason is None:
-            break
-        log.warning("checkpoint %s is damaged (%s); trying the one before", root / str(step),
-                    reason)  # fmt: skip
-    else:
-        raise CheckpointError(f"{field}: {root} holds no whole checkpoint")
     step_dir = root / str(step)
     meta = json.loads((step_dir / "meta" / "metadata").read_text())
     saved = ml_collections.ConfigDict(meta["config"])

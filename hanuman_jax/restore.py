@@ -71,6 +71,19 @@ def damage(step_dir: Path) -> str | None:
     return None
 
 
+def newest_whole_step(root: Path) -> int:
+    """The newest step under `root` that `damage` finds whole; each damaged one on the way is
+    named in a warning."""
+    steps = saved_steps(root)
+    for step in reversed(steps):
+        reason = damage(root / str(step))
+        if reason is None:
+            return step
+        log.warning("checkpoint %s is damaged (%s); trying the one before", root / str(step),
+                    reason)  # fmt: skip
+    raise ConfigError(f"{root} holds no whole checkpoint (saved steps: {steps})")
+
+
 def read_config(step_dir: Path) -> ml_collections.ConfigDict:
     meta = step_dir / "meta" / "metadata"
     try:
@@ -99,15 +112,8 @@ def load_params(path: str | Path, step: int | None = None, *, shardings=None, dt
     steps = saved_steps(root)
     if not steps:
         raise ConfigError(f"{root} holds no finished checkpoint")
-    if step is None:  # the newest whole one
-        for step in reversed(steps):
-            reason = damage(root / str(step))
-            if reason is None:
-                break
-            log.warning("checkpoint %s is damaged (%s); trying the one before", root / str(step),
-                        reason)  # fmt: skip
-        else:
-            raise ConfigError(f"{root} holds no whole checkpoint (steps {steps} are damaged)")
+    if step is None:
+        step = newest_whole_step(root)
     elif step not in steps:
         raise ConfigError(
             f"{root} has no checkpoint for step {step}; saved steps: {', '.join(map(str, steps))}"

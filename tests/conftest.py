@@ -40,3 +40,18 @@ def model_cfg() -> ModelConfig:
 @pytest.fixture
 def root() -> Path:
     return ROOT
+
+
+@pytest.fixture(scope="module")
+def shared_compile_cache(tmp_path_factory):
+    """The module's runs (and other modules using it) share their compilations through JAX's
+    persistent cache, in this session's temporary directory."""
+    import jax
+    from jax._src import compilation_cache
+
+    before = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.getbasetemp() / "xla"))
+    compilation_cache.reset_cache()
+    yield
+    jax.config.update("jax_compilation_cache_dir", before)
+    compilation_cache.reset_cache()

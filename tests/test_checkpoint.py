@@ -32,17 +32,7 @@ def _steps(workdir):
     return [json.loads(line)["step"] for line in lines]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _compile_cache(tmp_path_factory):
-    """The runs here share their compilations through JAX's persistent cache (this session's)."""
-    from jax._src import compilation_cache
-
-    before = jax.config.jax_compilation_cache_dir
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.getbasetemp() / "xla"))
-    compilation_cache.reset_cache()
-    yield
-    jax.config.update("jax_compilation_cache_dir", before)
-    compilation_cache.reset_cache()
+pytestmark = pytest.mark.usefixtures("shared_compile_cache")  # runs share compilations
 
 
 def test_a_damaged_checkpoint_is_named_and_the_one_before_restored(tmp_path, caplog):

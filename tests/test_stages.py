@@ -23,18 +23,7 @@ SMALL = ("--config.model.num_layers=2", "--config.model.d_model=64", "--config.d
          "--config.train.checkpoint_every=2")  # fmt: skip
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _compile_cache(tmp_path_factory):
-    """Shares compilations with tests/test_checkpoint.py (stage A is its run) through JAX's
-    persistent cache, in this session's temporary directory."""
-    from jax._src import compilation_cache
-
-    before = jax.config.jax_compilation_cache_dir
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.getbasetemp() / "xla"))
-    compilation_cache.reset_cache()
-    yield
-    jax.config.update("jax_compilation_cache_dir", before)
-    compilation_cache.reset_cache()
+pytestmark = pytest.mark.usefixtures("shared_compile_cache")  # runs share compilations
 
 
 def _cfg(config, *extra):
