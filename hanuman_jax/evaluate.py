@@ -94,14 +94,7 @@ def evaluate(
             batch[:, i, : len(ids)] = [ids, np.ones(len(ids)), np.arange(len(ids)), mask]
         out = jax.device_get(fn(params, *batch[:3], batch[3].astype(bool)))
         nll, tokens = nll + float(out[0]), tokens + int(out[1])
-    loss = nll / max(tokens, 1)
-    return {
-        "loss": loss,
-        "perplexity": math.exp(min(loss, 700.0)),
-        "bits_per_byte": nll / math.log(2) / max(total_bytes, 1),
-        "tokens": tokens,
-        "bytes": total_bytes,
-    }
+    return summary(nll, tokens, total_bytes)
 
 
 def _table(results: dict[str, dict]) -> str:
@@ -160,6 +153,11 @@ def _total(results) -> dict:
     nll = sum(r["loss"] * r["tokens"] for r in results)
     tokens = sum(r["tokens"] for r in results)
     nbytes = sum(r["bytes"] for r in results)
+    return summary(nll, tokens, nbytes)
+
+
+def summary(nll: float, tokens: int, nbytes: int) -> dict:
+    """Mean nats per predicted token, its perplexity, and bits per UTF-8 byte of the text."""
     loss = nll / max(tokens, 1)
     return {
         "loss": loss,
