@@ -55,3 +55,20 @@ def shared_compile_cache(tmp_path_factory):
     yield
     jax.config.update("jax_compilation_cache_dir", before)
     compilation_cache.reset_cache()
+
+
+def random_params(cfg: ModelConfig, seed: int = 0) -> dict:
+    """Random parameters of `cfg`'s shapes, from numpy (initialising the model costs seconds):
+    normal(0, init_std), and 1 + that for norm scales."""
+    import jax
+    import numpy as np
+
+    from hanuman_jax.restore import abstract_params
+
+    rng = np.random.default_rng(seed)
+
+    def draw(path, a):
+        x = cfg.init_std * rng.standard_normal(a.shape)
+        return (1.0 + x if path[-1].key == "scale" else x).astype(a.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, abstract_params(cfg))

@@ -8,14 +8,13 @@ import math
 import jax
 import numpy as np
 import pytest
-from conftest import small_model_cfg
+from conftest import random_params, small_model_cfg
 
 from hanuman_jax.config import ConfigError
 from hanuman_jax.data import Document
 from hanuman_jax.evaluate import evaluate, main, windows
 from hanuman_jax.generate import build_model, inference_config
 from hanuman_jax.import_hf import write_checkpoint
-from hanuman_jax.restore import abstract_params
 from hanuman_jax.tokenizer import Tokenizer
 
 TOKENIZER = Tokenizer("hanuman_jax/assets/sample/tokenizer.model")
@@ -25,19 +24,9 @@ CHAT = Document(messages=({"role": "user", "content": "Hi"},
                           {"role": "assistant", "content": "สวัสดีครับ"}))  # fmt: skip
 
 
-def _params(cfg, seed=0):
-    rng = np.random.default_rng(seed)
-
-    def draw(path, a):
-        x = cfg.init_std * rng.standard_normal(a.shape)
-        return (1.0 + x if path[-1].key == "scale" else x).astype(a.dtype)
-
-    return jax.tree_util.tree_map_with_path(draw, abstract_params(cfg))
-
-
 @pytest.fixture(scope="module")
 def params():
-    return _params(CFG)
+    return random_params(CFG)
 
 
 @jax.jit

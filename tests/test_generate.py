@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import small_model_cfg
+from conftest import random_params, small_model_cfg
 
 from hanuman_jax.config import ConfigError, MoeConfig, RopeConfig
 from hanuman_jax.generate import (
@@ -18,7 +18,6 @@ from hanuman_jax.generate import (
     prompt_ids,
 )
 from hanuman_jax.import_hf import write_checkpoint
-from hanuman_jax.restore import abstract_params
 from hanuman_jax.tokenizer import Tokenizer
 
 TOKENIZER = Tokenizer("hanuman_jax/assets/sample/tokenizer.model")
@@ -27,21 +26,9 @@ CFG = small_model_cfg(init_std=0.3, rope=RopeConfig(scaling="linear", factor=2.0
 PROMPTS = [[1, 17, 5, 88], [1, *range(30, 43)], [1, *range(50, 70)]]  # 4, 14, 21 tokens
 
 
-def _params(cfg, seed=0):
-    """Random parameters of `cfg`'s shapes, from numpy (initialising the model costs seconds)."""
-    abstract = abstract_params(cfg)
-    rng = np.random.default_rng(seed)
-
-    def draw(path, a):
-        x = cfg.init_std * rng.standard_normal(a.shape)
-        return (1.0 + x if path[-1].key == "scale" else x).astype(a.dtype)
-
-    return jax.tree_util.tree_map_with_path(draw, abstract)
-
-
 @pytest.fixture(scope="module")
 def params():
-    return _params(CFG)
+    return random_params(CFG)
 
 
 @jax.jit
@@ -118,7 +105,7 @@ def test_chat_prompt_is_the_training_template():
 
 def test_cli_generates_from_a_checkpoint(tmp_path, capsys):
     cfg = small_model_cfg(vocab_size=TOKENIZER.vocab_size, moe=MoeConfig())
-    write_checkpoint(_params(cfg), cfg, tmp_path / "run", tokenizer=TOKENIZER.path)
+    write_checkpoint(random_params(cfg), cfg, tmp_path / "run", tokenizer=TOKENIZER.path)
     argv = ["--workdir", str(tmp_path / "run"), "--max-new-tokens", "6"]
     assert main([*argv, "--prompt", "Hello", "--prompt", "ภาษาไทย", "--temperature", "0.8"]) == 0
     out = capsys.readouterr().out
