@@ -3,19 +3,15 @@
 Every other field is configs/tiny.py's, read from that file, so the two never drift apart.
 """
 
-import importlib.util
 from pathlib import Path
 
 import ml_collections
 
+from hanuman_jax.config import load_config
+
 
 def get_config() -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location(
-        "_bench_s_base", Path(__file__).with_name("tiny.py")
-    )
-    tiny = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tiny)
-    cfg = tiny.get_config()
+    cfg = load_config(Path(__file__).with_name("tiny.py"))  # validated, locked
 
     cfg.model.vocab_size = 8000  # embedding rows; the benchmark feeds random ids below this
     cfg.model.d_model = 256  # residual stream width

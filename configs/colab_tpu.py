@@ -7,19 +7,15 @@ alone outgrow a v2 core's 8 GiB (the planner says 20 GiB per core). Every field 
 configs/hanuman_1b_moe.py's (read from that file, so the two never drift apart).
 """
 
-import importlib.util
 from pathlib import Path
 
 import ml_collections
 
+from hanuman_jax.config import load_config
+
 
 def get_config() -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location(
-        "_colab_tpu_base", Path(__file__).with_name("hanuman_1b_moe.py")
-    )
-    base = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(base)
-    cfg = base.get_config()
+    cfg = load_config(Path(__file__).with_name("hanuman_1b_moe.py"))  # validated, locked
 
     cfg.model.dtype = "bfloat16"  # TPUs compute in bfloat16 natively
     cfg.model.param_dtype = "float32"  # master weights and AdamW state stay float32

@@ -5,19 +5,15 @@ Every other field is configs/hanuman_1b_moe.py's (stage A), read from that file,
 cannot drift from the checkpoint it starts from.
 """
 
-import importlib.util
 from pathlib import Path
 
 import ml_collections
 
+from hanuman_jax.config import load_config
+
 
 def get_config() -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location(
-        "_stage_b_base", Path(__file__).with_name("hanuman_1b_moe.py")
-    )
-    stage_a = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(stage_a)
-    cfg = stage_a.get_config()
+    cfg = load_config(Path(__file__).with_name("hanuman_1b_moe.py"))  # validated, locked
 
     cfg.train.init_from = "runs/hanuman_1b_moe"  # the stage A workdir: its newest whole checkpoint
     cfg.data.sources = [  # Thai-heavy; some English and code-switching replayed against forgetting

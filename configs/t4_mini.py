@@ -7,19 +7,15 @@ t4` checks that it fits. Every field not set here is configs/hanuman_1b_moe.py's
 file, so the two never drift apart): the stage A mixture, AdamW, the schedule.
 """
 
-import importlib.util
 from pathlib import Path
 
 import ml_collections
 
+from hanuman_jax.config import load_config
+
 
 def get_config() -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location(
-        "_t4_mini_base", Path(__file__).with_name("hanuman_1b_moe.py")
-    )
-    base = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(base)
-    cfg = base.get_config()
+    cfg = load_config(Path(__file__).with_name("hanuman_1b_moe.py"))  # validated, locked
 
     cfg.model.vocab_size = 32_000  # embedding rows: a 32k SentencePiece model (>= its pieces)
     cfg.model.num_layers = 12  # decoder blocks

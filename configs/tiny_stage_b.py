@@ -1,19 +1,15 @@
 """configs/stage_b_thai_lapt.py at tiny's size: Thai-heavy continued pretraining of a tiny run, on
 the bundled sample, from that run's checkpoint (train.init_from)."""
 
-import importlib.util
 from pathlib import Path
 
 import ml_collections
 
+from hanuman_jax.config import load_config
+
 
 def get_config() -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location(
-        "_tiny_stage_b_base", Path(__file__).with_name("tiny.py")
-    )
-    tiny = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tiny)
-    cfg = tiny.get_config()
+    cfg = load_config(Path(__file__).with_name("tiny.py"))  # validated, locked
 
     cfg.train.init_from = "runs/tiny"  # the stage A (tiny) workdir: its newest whole checkpoint
     cfg.data.sources = [  # Thai-heavy; some English and code-switching replayed against forgetting

@@ -1,19 +1,15 @@
 """configs/stage_c_sft.py at tiny's size: chat fine-tuning on the bundled sample chats (loss on
 the assistant's tokens only), from a tiny_stage_b run's checkpoint (train.init_from)."""
 
-import importlib.util
 from pathlib import Path
 
 import ml_collections
 
+from hanuman_jax.config import load_config
+
 
 def get_config() -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location(
-        "_tiny_stage_c_base", Path(__file__).with_name("tiny.py")
-    )
-    tiny = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tiny)
-    cfg = tiny.get_config()
+    cfg = load_config(Path(__file__).with_name("tiny.py"))  # validated, locked
 
     cfg.train.init_from = "runs/tiny_stage_b"  # the stage B (tiny) workdir
     cfg.data.sources = [{"path": "bundled:chat.jsonl", "weight": 1.0}]  # chats: messages rows
