@@ -22,6 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.model.remat = "full"  # keep one block's activations at a time
     cfg.model.attention = "xla"  # cuDNN is GPU-only
     cfg.data.seq_len = 2048  # tokens per packed training row
+    cfg.data.seq_len_schedule = []  # 2048 throughout
     cfg.train.batch_size = 64  # global sequences per step (131,072 tokens)
     cfg.train.grad_accum_steps = 8  # micro-batches: one sequence per core each
     cfg.train.steps = 610_000  # optimizer steps: 80B tokens (stage A) at 64 x 2048 per step

@@ -49,6 +49,9 @@ def get_config() -> ml_collections.ConfigDict:
     ]
     cfg.data.tokenizer = "tokenizers/hanuman_sp96k.model"  # the 96k Unigram SentencePiece model
     cfg.data.seq_len = 8192  # tokens per packed training row
+    # progressive length, [(fraction of train.steps, seq_len), ...] growing to data.seq_len;
+    # every batch keeps train.batch_size x data.seq_len tokens ([] = data.seq_len throughout)
+    cfg.data.seq_len_schedule = [(0.0, 2048), (0.25, 4096), (0.5, 8192)]  # the recipe: 2k to 8k
     cfg.data.eval_sources = []  # held-out sources for periodic evaluation (same form as sources)
     cfg.data.packing = "concat"  # concat: rows always full; whole: documents not split (chat)
     cfg.data.strict = False  # stop at the first unusable record instead of skipping and counting

@@ -16,6 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
     cfg = load_config(Path(__file__).with_name("hanuman_1b_moe.py"))  # validated, locked
 
     cfg.train.init_from = "runs/hanuman_1b_moe"  # the stage A workdir: its newest whole checkpoint
+    cfg.data.seq_len_schedule = []  # stage A ends at full length; B stays there
     cfg.data.sources = [  # Thai-heavy; some English and code-switching replayed against forgetting
         {"path": "data/stage_b/thai/*.jsonl", "weight": 0.8},
         {"path": "data/stage_a/english/*.jsonl", "weight": 0.1},

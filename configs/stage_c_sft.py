@@ -21,6 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
         {"path": "data/stage_c/english_chat/*.jsonl", "weight": 0.4},
         {"path": "data/stage_c/code_switch_chat/*.jsonl", "weight": 0.1},
     ]
+    cfg.data.seq_len_schedule = []  # full length throughout
     cfg.data.packing = "whole"  # a conversation is never split across rows
     cfg.train.steps = 3_500  # one epoch of ~3M pairs of ~600 tokens at 64 x 8192 per step
     cfg.optimizer.peak_lr = 2e-5  # fine-tuning: small steps keep what stages A and B learned

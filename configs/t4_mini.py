@@ -34,6 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.model.rope.original_context = 2048  # llama3 scaling: the context the base was meant for
     cfg.data.tokenizer = "tokenizers/hanuman_sp32k.model"  # 32k pieces; README: Tokenizer
     cfg.data.seq_len = 2048  # tokens per packed training row
+    cfg.data.seq_len_schedule = [(0.0, 1024), (0.5, 2048)]  # half the run at 1024 tokens
     cfg.train.steps = 20_000  # optimizer steps: 1.3B tokens at 32 x 2048 per step
     cfg.train.batch_size = 32  # global sequences per step
     cfg.train.grad_accum_steps = 16  # micro-batches of 2 sequences (4,096 tokens) each

@@ -50,6 +50,9 @@ def get_config() -> ml_collections.ConfigDict:
     ]
     cfg.data.tokenizer = "bundled:tokenizer.model"  # SentencePiece model
     cfg.data.seq_len = 128  # tokens per packed training row
+    # progressive length, [(fraction of train.steps, seq_len), ...] growing to data.seq_len, e.g.
+    # [(0.0, 32), (0.5, 128)]; every batch keeps train.batch_size x data.seq_len tokens
+    cfg.data.seq_len_schedule = []  # [] = data.seq_len throughout
     cfg.data.eval_sources = []  # held-out sources for periodic evaluation (same form as sources)
     cfg.data.packing = "concat"  # concat: rows always full; whole: documents not split (chat)
     cfg.data.strict = False  # stop at the first unusable record instead of skipping and counting

@@ -237,6 +237,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         d.seq_len,
         f"must be <= model.max_seq_len ({m.max_seq_len})",
     )
+    _check_seq_len_schedule(d.seq_len_schedule, d.seq_len)
     _check(
         isinstance(d.sources, (list, tuple)) and len(d.sources) > 0,
         "data.sources",
@@ -334,6 +335,38 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
             cfg.mesh.tensor,
             f"must divide model.num_kv_heads ({m.num_kv_heads})",
         )
+
+
+def _check_seq_len_schedule(schedule, seq_len: int) -> None:
+    """`data.seq_len_schedule`: [(fraction of train.steps, length), ...] growing to seq_len."""
+    key, shape = "data.seq_len_schedule", "a list of (fraction of train.steps, seq_len) pairs"
+    _check(isinstance(schedule, (list, tuple)), key, schedule, f"must be {shape}, or []")
+    if not schedule:
+        return
+    for i, pair in enumerate(schedule):
+        _check(
+            isinstance(pair, (list, tuple)) and len(pair) == 2
+            and isinstance(pair[0], (int, float)) and isinstance(pair[1], int),
+            f"{key}[{i}]", pair, "must be a (fraction, seq_len) pair like (0.5, 4096)",
+        )  # fmt: skip
+        fraction, length = pair
+        _check(0 <= fraction < 1, f"{key}[{i}]", pair, "its fraction must be in [0, 1)")
+        _check(
+            length >= 2 and seq_len % length == 0, f"{key}[{i}]", pair,
+            f"its seq_len must divide data.seq_len ({seq_len}), so that every batch keeps "
+            "train.batch_size x data.seq_len tokens",
+        )  # fmt: skip
+        if i:
+            before = schedule[i - 1]
+            _check(fraction > before[0] and length > before[1], f"{key}[{i}]", pair,
+                   f"fractions and lengths must both grow (after {tuple(before)})")  # fmt: skip
+    _check(schedule[0][0] == 0, f"{key}[0]", schedule[0], "the first phase must start at 0.0")
+    _check(
+        schedule[-1][1] == seq_len,
+        key,
+        schedule,
+        f"the last phase's seq_len must be data.seq_len ({seq_len}), the length it grows to",
+    )
 
 
 def _check_sources(sources, field: str) -> None:

@@ -25,6 +25,7 @@ from hanuman_jax.checkpoint import (
 from hanuman_jax.config import ConfigError
 from hanuman_jax.data import DataError, make_dataset, resolve_file
 from hanuman_jax.data.pipeline import stats_metrics
+from hanuman_jax.data.schedule import SeqLenSchedule
 from hanuman_jax.metrics import MetricsWriter, ProgressBar
 from hanuman_jax.model import count_params
 from hanuman_jax.preemption import StopRequest
@@ -243,7 +244,8 @@ def _loop(cfg, workdir, setup, state, batches, ckpt, meta, start, progress, eval
     step_fn = jit_train_step(setup)
     writer = MetricsWriter(workdir, resume_step=start, enabled=jax.process_index() == 0)
     bar = ProgressBar(cfg.train.steps, start, enabled=progress and jax.process_index() == 0)
-    tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+    tokens_per_step = cfg.train.batch_size * cfg.data.seq_len  # in every phase of the schedule
+    schedule = SeqLenSchedule.from_config(cfg)
     last: dict = {}
     data_stats: dict = {}
     pending = None  # (step, device metrics, data stats): read one step late, the host never waits
@@ -262,6 +264,7 @@ def _loop(cfg, workdir, setup, state, batches, ckpt, meta, start, progress, eval
         now = time.perf_counter()
         values = jax.device_get(metrics)
         values["tokens_per_s"] = tokens_per_step * (step - step_mark) / (now - t_mark)
+        values["seq_len"] = schedule.length(step - 1)
         values |= stats_metrics(_process_sum(stats))
         t_mark, step_mark = now, step
         writer.write(step, values)
@@ -309,6 +312,11 @@ def _loop(cfg, workdir, setup, state, batches, ckpt, meta, start, progress, eval
                         log.error("saved step %d to %s before stopping", step, ckpt.directory)
                     raise
                 stats = host_batch.pop("stats")
+                if step == start or step in schedule.starts():
+                    rows = len(host_batch["tokens"]) * jax.process_count()
+                    note = " (the step compiles for this length)" if step > start else ""
+                    log.info("step %d: rows of %d tokens, %d per batch%s", step,
+                             schedule.length(step), rows, note)  # fmt: skip
                 profiler.before(step)
                 state, metrics = step_fn(state, sharding.global_batch(host_batch, mesh))
                 profiler.after(step, state)

@@ -94,6 +94,19 @@ BAD = [
     ("--config.model.rope.scaling=yarn", "model.rope.scaling='yarn' is invalid"),
     ("--config.data.sources=[{'pth': 'x'}]", "data.sources[0]"),
     ("--config.model=3", "config model is a section"),
+    (
+        "--config.data.seq_len_schedule=[(0, 48), (0.5, 128)]",
+        "[0]=(0, 48) is invalid: its seq_len must divide data.seq_len (128)",
+    ),
+    ("--config.data.seq_len_schedule=[(0, 32), (1.0, 128)]", "its fraction must be in [0, 1)"),
+    ("--config.data.seq_len_schedule=[(0.1, 64), (0.5, 128)]", "the first phase must start at 0"),
+    (
+        "--config.data.seq_len_schedule=[(0, 32), (0.5, 64)]",
+        "the last phase's seq_len must be data.seq_len (128)",
+    ),
+    ("--config.data.seq_len_schedule=[(0, 64), (0.5, 32), (0.7, 128)]", "must both grow"),
+    ("--config.data.seq_len_schedule=[64, 128]", "must be a (fraction, seq_len) pair"),
+    ("--config.data.seq_len_schedule=2048", "expected a list"),
 ]
 
 

@@ -16,12 +16,13 @@ def tokenizer():
     return Tokenizer(resolve_file(TOKENIZER))
 
 
-def _cfg(sources, seq_len=32, batch=4, seed=0, **data):
+def _cfg(sources, seq_len=32, batch=4, seed=0, steps=100, **data):
     return ml_collections.ConfigDict(
         {
             "data": {"sources": sources, "seq_len": seq_len, "tokenizer": TOKENIZER,
-                     "strict": False, "packing": "concat", "eval_sources": [], **data},
-            "train": {"batch_size": batch, "seed": seed},
+                     "strict": False, "packing": "concat", "eval_sources": [],
+                     "seq_len_schedule": [], **data},
+            "train": {"batch_size": batch, "seed": seed, "steps": steps},
         }
     )  # fmt: skip
 
@@ -238,3 +239,35 @@ def test_whole_packing_keeps_conversations_in_one_row(corpus, tokenizer):
                 assert ids[0] == tokenizer.bos_id and ids[-1] == tokenizer.eos_id  # whole
             assert np.all(tok[~used] == 0)
     assert batch["stats"]["padding"] > 0
+
+
+def test_seq_len_schedule_keeps_tokens_per_batch_the_data_order_and_resumes(corpus, tokenizer):
+    text, chat, _ = corpus
+    sources = [{"path": str(text)}, {"path": str(chat), "weight": 0.5}]
+    schedule = [(0.0, 8), (0.3, 16), (0.6, 32)]  # 10 steps: rows of 8 for steps 0-2, 16 for 3-5
+    cfg = _cfg(sources, seq_len=32, batch=2, steps=10, seq_len_schedule=schedule)
+    plain = _take(iter(make_dataset(_cfg(sources, seq_len=32, batch=2), tokenizer.path)), 10)
+    it = iter(make_dataset(cfg, tokenizer.path))
+    batches = _take(it, 4)
+    state = json.loads(json.dumps(it.get_state()))
+    batches += _take(it, 6)
+    lengths = [8] * 3 + [16] * 3 + [32] * 4
+    for i, (b, n) in enumerate(zip(batches, lengths, strict=True)):
+        assert b["tokens"].shape == (2 * 32 // n, n), i
+        assert b["positions"].max() < n
+    for lane in range(2):  # each lane's rows, end to end, hold the very tokens of the plain run
+        rows = [b["tokens"].reshape(2, -1)[lane] for b in batches]
+        want = [b["tokens"][lane] for b in plain]
+        np.testing.assert_array_equal(np.concatenate(rows), np.concatenate(want))
+    np.testing.assert_array_equal(batches[-1]["stats"]["source_tokens"],
+                                  plain[-1]["stats"]["source_tokens"])  # fmt: skip
+    resumed = iter(make_dataset(cfg, tokenizer.path))
+    resumed.set_state(state)
+    for x, y in zip(batches[4:], _take(resumed, 6), strict=True):
+        for k in ("tokens", "segment_ids", "positions", "loss_mask"):
+            np.testing.assert_array_equal(x[k], y[k])
+    halves = [iter(make_dataset(cfg, tokenizer.path, process_index=i, process_count=2))
+              for i in range(2)]  # fmt: skip
+    for want in batches:
+        got = np.concatenate([next(h)["tokens"] for h in halves])
+        np.testing.assert_array_equal(got, want["tokens"])

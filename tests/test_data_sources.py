@@ -15,9 +15,9 @@ TOKENIZER = "bundled:tokenizer.model"
 
 def _cfg(sources, seq_len=32, batch=4, **data):
     base = {"sources": sources, "seq_len": seq_len, "tokenizer": TOKENIZER, "strict": False,
-            "packing": "concat", "eval_sources": []}  # fmt: skip
+            "packing": "concat", "eval_sources": [], "seq_len_schedule": []}  # fmt: skip
     return ml_collections.ConfigDict(
-        {"data": base | data, "train": {"batch_size": batch, "seed": 0}}
+        {"data": base | data, "train": {"batch_size": batch, "seed": 0, "steps": 100}}
     )
 
 

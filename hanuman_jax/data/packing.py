@@ -66,7 +66,10 @@ class _PackedRowsIterator(grain.DatasetIterator):
         self._doc_state, self._doc, self._offset = state, element, 0
 
     def __next__(self) -> dict:
-        n = self._seq_len
+        return self.next_row(self._seq_len)
+
+    def next_row(self, n: int) -> dict:
+        """The next row, of `n` tokens (the progressive sequence length changes it)."""
         row = {k: np.zeros(n, np.int32) for k in ("tokens", "loss_mask", "segment_ids")}
         row["positions"] = np.zeros(n, np.int32)
         filled, segment = 0, 0

@@ -16,6 +16,7 @@ import numpy as np
 
 from hanuman_jax.data import records
 from hanuman_jax.data.packing import PackedRows
+from hanuman_jax.data.schedule import SeqLenSchedule
 from hanuman_jax.data.sources import SKIP_REASONS, open_source
 from hanuman_jax.data.tokens import tokenize_record
 from hanuman_jax.schemas import DataError, Document
@@ -92,28 +93,45 @@ class _TokenMixIterator(grain.DatasetIterator):
 
 
 class Lanes(grain.IterDataset):
-    """Stacks one row from each lane into a batch, and sums the lanes' data counters into
-    `batch["stats"]` (host-side: the trainer logs it, it never reaches the device)."""
+    """Stacks the rows of all lanes into a batch, and sums the lanes' data counters into
+    `batch["stats"]` (host-side: the trainer logs it, it never reaches the device).
 
-    def __init__(self, lanes: list[grain.IterDataset]):
+    Batch i takes `schedule.rows_per_lane(i)` consecutive rows of `schedule.length(i)` tokens
+    from each lane, lane after lane; without a schedule, one row each."""
+
+    def __init__(self, lanes: list[PackedRows], schedule: SeqLenSchedule | None = None):
         super().__init__(lanes)
+        self._schedule = schedule
 
     def __iter__(self):
-        return _LanesIterator([p.__iter__() for p in self._parents])
+        return _LanesIterator([p.__iter__() for p in self._parents], self._schedule)
 
     def __str__(self) -> str:
-        return f"Lanes({len(self._parents)})"
+        return f"Lanes({len(self._parents)}, {self._schedule})"
 
 
 class _LanesIterator(grain.DatasetIterator):
+    def __init__(self, parents, schedule: SeqLenSchedule | None):
+        super().__init__(parents)
+        self._schedule = schedule
+        self._batches = 0  # batches produced: the step the next one is for
+
     def __next__(self):
-        rows = [next(p) for p in self._parents]
+        if self._schedule is None:
+            rows = [next(p) for p in self._parents]
+        else:
+            n = self._schedule.length(self._batches)
+            count = self._schedule.rows_per_lane(self._batches)
+            rows = [p.next_row(n) for p in self._parents for _ in range(count)]
         batch = {k: np.stack([r[k] for r in rows]) for k in rows[0] if k != "stats"}
-        batch["stats"] = {k: sum(r["stats"][k] for r in rows) for k in rows[0]["stats"]}
+        per_lane = len(rows) // len(self._parents)
+        last = rows[per_lane - 1 :: per_lane]  # the counters are cumulative: each lane's newest
+        batch["stats"] = {k: sum(r["stats"][k] for r in last) for k in rows[0]["stats"]}
+        self._batches += 1
         return batch
 
     def get_state(self) -> dict:
-        return {"lanes": [p.get_state() for p in self._parents]}
+        return {"lanes": [p.get_state() for p in self._parents], "batches": self._batches}
 
     def set_state(self, state: dict) -> None:
         if len(state["lanes"]) != len(self._parents):
@@ -123,6 +141,7 @@ class _LanesIterator(grain.DatasetIterator):
             )
         for parent, s in zip(self._parents, state["lanes"], strict=True):
             parent.set_state(s)
+        self._batches = int(state.get("batches", 0))
 
 
 def open_sources(specs, tokenizer_path: str | Path, field: str = "data.sources") -> list:
@@ -161,8 +180,9 @@ def make_dataset(
 
     Each batch holds `tokens`, `segment_ids` (document pieces numbered from 1 in each row, 0 for
     padding), `positions` (from 0 in each piece) and `loss_mask`, all int32 of shape
-    [local_batch, seq_len], plus host-side `stats` (cumulative counters of these lanes).
-    `eval_sources=True` reads `data.eval_sources` in file order (no shuffling).
+    [local_batch, seq_len], plus host-side `stats` (cumulative counters of these lanes). Under
+    `data.seq_len_schedule` batch i is [local_batch x seq_len / L, L] for its phase's L.
+    `eval_sources=True` reads `data.eval_sources` in file order (no shuffling), at full length.
     """
     batch = cfg.train.batch_size
     if batch % process_count:
@@ -191,7 +211,7 @@ def make_dataset(
         mixed = TokenMix(parts, weights)
         lanes.append(PackedRows(mixed, cfg.data.seq_len, mode=cfg.data.packing,
                                 num_sources=len(specs)))  # fmt: skip
-    ds = Lanes(lanes)
+    ds = Lanes(lanes, None if eval_sources else SeqLenSchedule.from_config(cfg))
     if prefetch:
         ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
     return ds
