@@ -37,6 +37,13 @@ def _series(rows: list[dict], key: str) -> tuple[list, list]:
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
+def _length_changes(rows: list[dict]) -> list[tuple[int, int]]:
+    """(the last logged step before it, seq_len) of each sequence length after the first."""
+    steps, lengths = _series(rows, "seq_len")
+    return [(s, n) for s, n, before in zip(steps, lengths[1:], lengths, strict=False)
+            if n != before]  # fmt: skip
+
+
 def plot(workdir: Path) -> Path:
     """Writes metrics.png next to metrics.jsonl and returns its path."""
     source = workdir / "metrics.jsonl"
@@ -61,6 +68,11 @@ def plot(workdir: Path) -> Path:
     # A window around a checkpoint save can read far off the steady rate: keep the scale on it.
     typical = float(np.median(speeds)) if speeds else 0.0
     ax_speed.set_ylim(0, 2 * typical if speeds and max(speeds) > 3 * typical else None)
+    for step, length in _length_changes(train):  # data.seq_len_schedule's phases
+        for ax in (ax_loss, ax_lr, ax_speed):
+            ax.axvline(step, color="grey", linestyle=":", linewidth=1)
+        ax_loss.annotate(f"{length}", (step, 1), xycoords=("data", "axes fraction"),
+                         va="top", fontsize=8, color="grey")  # fmt: skip
     fig.suptitle(str(workdir))
     out = workdir / "metrics.png"
     fig.savefig(out, dpi=100)
