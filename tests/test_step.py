@@ -135,10 +135,15 @@ def test_grad_accumulation_equals_the_large_batch(root, moe):
                 continue  # balance statistics of each micro-batch, averaged: not the same
             assert b[name] == pytest.approx(a[name], rel=1e-6, abs=1e-7), name
     for x, y in zip(jax.tree.leaves(grads_one), jax.tree.leaves(grads_four), strict=True):
-        np.testing.assert_allclose(y, x, rtol=1e-6, atol=1e-8)
-    # Adam divides by sqrt(v): float rounding in the sums moves a few updates by ~1e-4 relative
+        # within 1e-6 of each gradient's scale: the sums run in another order, and an element
+        # near 0 has no meaningful relative error (this CPU's AVX-512 kernels showed 4e-6 there)
+        np.testing.assert_allclose(y, x, rtol=1e-6, atol=1e-6 * np.abs(x).max())
+    # Adam divides by sqrt(v) + eps: where a gradient is near eps, rounding in the sums can move
+    # that element's update by up to the learning rate. All others agree to 1e-3 relative.
+    lr_sum = sum(h["lr"] for h in one)
     for x, y in zip(jax.tree.leaves(params_one), jax.tree.leaves(params_four), strict=True):
-        np.testing.assert_allclose(y, x, rtol=1e-3, atol=1e-5)
+        close = np.isclose(y, x, rtol=1e-3, atol=1e-5)
+        assert close.mean() > 0.999 and np.abs(y - x).max() <= lr_sum
 
 
 def test_grad_accumulation_must_split_every_shard(root):
