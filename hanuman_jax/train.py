@@ -79,6 +79,7 @@ def set_xla_flags(cfg) -> None:
 
 
 def dry_run(cfg) -> None:
+    from hanuman_jax.data.schedule import SeqLenSchedule
     from hanuman_jax.model import count_params, train_flops_per_token
 
     model_cfg = ModelConfig.from_config(cfg.model)
@@ -87,11 +88,17 @@ def dry_run(cfg) -> None:
     print(f"total parameters:  {counts['total']:,}")
     print(f"active parameters: {counts['active']:,} per token")
     print(f"training FLOPs per token: {flops:.4g} (seq_len {cfg.data.seq_len})")
-    tokens = cfg.train.steps * cfg.train.batch_size * cfg.data.seq_len
-    print(
-        f"run: {cfg.train.steps:,} steps x {cfg.train.batch_size * cfg.data.seq_len:,} tokens "
-        f"= {tokens:.4g} tokens, {tokens * flops:.4g} FLOPs"
-    )
+    per_step = cfg.train.batch_size * cfg.data.seq_len
+    phases = SeqLenSchedule.from_config(cfg).phases
+    ends = [first for first, _ in phases[1:]] + [cfg.train.steps]
+    total = 0.0
+    for (first, length), end in zip(phases, ends, strict=True):
+        total += (end - first) * per_step * train_flops_per_token(model_cfg, length)
+        if len(phases) > 1:
+            print(f"  steps {first:,}-{end - 1:,}: rows of {length} tokens")
+    tokens = cfg.train.steps * per_step
+    print(f"run: {cfg.train.steps:,} steps x {per_step:,} tokens = {tokens:.4g} tokens, "
+          f"{total:.4g} FLOPs")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

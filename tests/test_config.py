@@ -80,6 +80,12 @@ def test_recipe_parameter_counts_match_hand_count(capsys):
     assert count_params(model_cfg) == {"total": total, "active": active, "embedding": vocab * d}
     flops = train_flops_per_token(model_cfg, 8192)
     assert flops == 6 * (active - 2 * layers * d - d) + 12 * layers * 14 * head_dim * 8192
+    # the recipe's progressive length: a quarter of the steps at 2048, a quarter at 4096
+    steps, tokens = 152_600, 64 * 8192
+    run = sum(n * tokens * train_flops_per_token(model_cfg, length)
+              for n, length in ((38_150, 2048), (38_150, 4096), (76_300, 8192)))  # fmt: skip
+    assert "steps 38,150-76,299: rows of 4096 tokens" in out
+    assert f"{steps * tokens:.4g} tokens, {run:.4g} FLOPs" in out
 
 
 BAD = [
