@@ -271,3 +271,14 @@ def test_seq_len_schedule_keeps_tokens_per_batch_the_data_order_and_resumes(corp
     for want in batches:
         got = np.concatenate([next(h)["tokens"] for h in halves])
         np.testing.assert_array_equal(got, want["tokens"])
+
+
+def test_seq_len_schedule_phases_start_at_their_fraction_of_the_steps():
+    from hanuman_jax.data.schedule import SeqLenSchedule
+
+    cfg = _cfg([], seq_len=128, steps=100, seq_len_schedule=[(0.0, 32), (0.29, 64), (0.5, 128)])
+    schedule = SeqLenSchedule.from_config(cfg)
+    assert schedule.phases == ((0, 32), (29, 64), (50, 128))  # 0.29 x 100 is 28.999... in floats
+    assert [schedule.length(s) for s in (0, 28, 29, 49, 50, 99)] == [32, 32, 64, 64, 128, 128]
+    assert [schedule.rows_per_lane(s) for s in (0, 29, 50)] == [4, 2, 1]
+    assert SeqLenSchedule.from_config(_cfg([], seq_len=128)).phases == ((0, 128),)

@@ -25,7 +25,8 @@ class SeqLenSchedule:
         """The schedule of a validated config (one phase at `data.seq_len` when it has none)."""
         full, steps = cfg.data.seq_len, cfg.train.steps
         pairs = [(float(f), int(n)) for f, n in cfg.data.seq_len_schedule] or [(0.0, full)]
-        return cls(full, tuple((int(f * steps), n) for f, n in pairs))
+        # round first: 0.29 x 100 is 28.999999999999996 in floating point, and starts at 29
+        return cls(full, tuple((int(round(f * steps, 6)), n) for f, n in pairs))
 
     def length(self, step: int) -> int:
         """Tokens per row at `step`."""
