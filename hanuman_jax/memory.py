@@ -30,7 +30,7 @@ import numpy as np
 import optax
 from jax.extend import core as jax_core
 
-from hanuman_jax import sharding
+from hanuman_jax import cross_entropy, sharding
 from hanuman_jax.config import MESH_AXES, ConfigError, load_config
 
 # Named device -> (JAX devices, bytes of HBM each, GPU?). JAX devices are chips except on v2/v3,
@@ -139,13 +139,14 @@ def _loss_residuals(setup, b: int, t: int) -> int:
     )
 
 
-def activation_bytes(cfg: ml_collections.ConfigDict, micro_batch: int) -> int:
-    """Residuals of one micro-batch under `model.remat`, and the gradient of the logits (fp32),
-    which the backward holds beside all of them when it starts. With remat, add one block's share
-    of what remat saves: the residuals that block recomputes and holds while it runs its
-    backward."""
+def activation_bytes(cfg: ml_collections.ConfigDict, micro_batch: int, backend: str) -> int:
+    """Residuals of one micro-batch under `model.remat`, and what the loss holds beside all of
+    them while it runs: one chunk's float32 logits and their gradient (cross_entropy.py; the
+    chunks on `backend`). With remat, add one block's share of what remat saves: the residuals
+    that block recomputes and holds while it runs its backward."""
     t = cfg.data.seq_len
-    logits_grad = micro_batch * t * cfg.model.vocab_size * 4
+    chunks = cross_entropy.chunks_for(micro_batch, t - 1, 1, cross_entropy.min_chunk_rows(backend))
+    logits_grad = 2 * (micro_batch // chunks) * (t - 1) * cfg.model.vocab_size * 4
     kept = _loss_residuals(_setup(_one_device_cfg(cfg)), micro_batch, t) + logits_grad
     if cfg.model.get("remat", "none") == "none":
         return kept
@@ -177,8 +178,9 @@ def _shard_divisors(setup, mesh_sizes: dict[str, int]) -> dict:
     return nnx.to_pure_dict(nnx.from_flat_state(flat))
 
 
-def plan(cfg: ml_collections.ConfigDict, num_devices: int) -> Plan:
-    """Per-device memory of training `cfg` on `num_devices` devices."""
+def plan(cfg: ml_collections.ConfigDict, num_devices: int, backend: str | None = None) -> Plan:
+    """Per-device memory of training `cfg` on `num_devices` devices of `backend` (cpu, gpu or
+    tpu; default: this process's)."""
     mesh = sharding.mesh_shape(cfg.mesh, num_devices)
     shards = int(np.prod([mesh[a] for a in sharding.LOGICAL_RULES["batch"]]))
     accum = cfg.train.get("grad_accum_steps", 1)
@@ -204,7 +206,8 @@ def plan(cfg: ml_collections.ConfigDict, num_devices: int) -> Plan:
     # Accumulation keeps a running sum next to each micro-batch's gradients.
     grads = params * (2 if accum > 1 else 1)
     # Heads, FFN hidden and vocab split over `tensor`; the residual stream does not (an estimate).
-    activations = activation_bytes(cfg, micro) // mesh["tensor"]
+    backend = backend or jax.default_backend()
+    activations = activation_bytes(cfg, micro, backend) // mesh["tensor"]
     # the step's whole batch arrives at once: tokens, segment_ids, positions, loss_mask (int32)
     batch = 4 * 4 * micro * accum * cfg.data.seq_len
     return Plan(num_devices, mesh, micro, params, sum(jax.tree.leaves(opt_bytes)), grads,
@@ -225,7 +228,7 @@ def _fmt(n: int) -> str:
 
 def report(cfg: ml_collections.ConfigDict, device: str | None) -> str:
     num = DEVICES[device][0] if device else jax.device_count()
-    p = plan(cfg, num)
+    p = plan(cfg, num, ("gpu" if DEVICES[device][2] else "tpu") if device else None)
     accum = cfg.train.get("grad_accum_steps", 1)
     lines = [
         f"mesh {p.mesh} on {num} {device or jax.default_backend()} device(s); "

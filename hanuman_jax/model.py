@@ -75,6 +75,14 @@ def fused_attention(
     )
 
 
+@jax.checkpoint
+def _swish_gate(gate: Array, up: Array) -> Array:
+    """silu(gate) * up, recomputed in the backward from gate and up: the backward keeps two
+    hidden-width arrays instead of five (XLA:CPU already recomputes them; the memory planner then
+    counts what XLA keeps)."""
+    return jax.nn.silu(gate) * up
+
+
 class Attention(nnx.Module):
     """Grouped-query causal self-attention; tokens attend only within their packed document."""
 
@@ -133,7 +141,7 @@ class FeedForward(nnx.Module):
         dt = self.dtype
         gate_BTF = project(x_BTD, self.w_gate[...].astype(dt))
         up_BTF = project(x_BTD, self.w_up[...].astype(dt))
-        return project(jax.nn.silu(gate_BTF) * up_BTF, self.w_down[...].astype(dt))
+        return project(_swish_gate(gate_BTF, up_BTF), self.w_down[...].astype(dt))
 
 
 class Block(nnx.Module):
@@ -201,7 +209,26 @@ class Transformer(nnx.Module):
         """Returns float32 logits and the MoE auxiliaries: `aux_loss` and `z_loss` summed over
         layers, and each per-layer statistic (`load_max`, `load_min`, `router_entropy`,
         `dropped`) as an array with one value per layer."""
-        dt, f32 = jnp.dtype(self.cfg.dtype), jnp.float32
+        x_BTD, totals = self.features(tokens_BT, segment_ids_BT, positions_BT, rng)
+        logits_BTV = project(x_BTD, self.head_VD().T, preferred_element_type=jnp.float32)
+        return logits_BTV, totals
+
+    def head_VD(self) -> Array:
+        """The LM head as [vocab, d_model] in the compute dtype: logits = features @ head.T."""
+        dt = jnp.dtype(self.cfg.dtype)
+        if self.cfg.tie_embeddings:
+            return self.embed[...].astype(dt)
+        return self.lm_head[...].astype(dt).T
+
+    def features(
+        self,
+        tokens_BT: Array,
+        segment_ids_BT: Array | None = None,
+        positions_BT: Array | None = None,
+        rng: Array | None = None,
+    ) -> tuple[Array, dict[str, Array]]:
+        """The final-normed hidden states that the LM head reads, and the MoE auxiliaries."""
+        dt = jnp.dtype(self.cfg.dtype)
         if segment_ids_BT is None:
             segment_ids_BT = jnp.ones_like(tokens_BT)
         if positions_BT is None:
@@ -219,12 +246,7 @@ class Transformer(nnx.Module):
                 else:
                     per_layer.setdefault(name, []).append(value)
         totals |= {name: jnp.stack(values) for name, values in per_layer.items()}
-        x_BTD = self.final_norm(x_BTD)
-        if self.cfg.tie_embeddings:
-            logits_BTV = project(x_BTD, self.embed[...].astype(dt).T, preferred_element_type=f32)
-        else:
-            logits_BTV = project(x_BTD, self.lm_head[...].astype(dt), preferred_element_type=f32)
-        return logits_BTV, totals
+        return self.final_norm(x_BTD), totals
 
 
 def count_params(cfg: ModelConfig) -> dict[str, int]:

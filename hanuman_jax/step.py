@@ -11,7 +11,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from hanuman_jax import sharding
+from hanuman_jax import cross_entropy, sharding
 from hanuman_jax.config import ConfigError, ModelConfig
 from hanuman_jax.model import Transformer
 from hanuman_jax.optim import make_optimizer
@@ -39,6 +39,7 @@ class Setup:
     grad_accum_steps: int = 1
     loss_scale: float = 1.0  # the initial loss scale; dynamic (halves, regrows) under float16
     loss_scale_period: int = 0  # finite steps before it doubles; 0 = static (not float16)
+    loss_chunk_rows: int = 128  # the loss's chunks hold at least this many tokens (cross_entropy)
 
     def model(self, params: dict) -> Transformer:
         state = jax.tree.map(lambda v: v, self.param_template)
@@ -90,6 +91,7 @@ def build_setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setu
         # float16 overflows without a loss scale (a T4 has no fast bfloat16)
         loss_scale=cfg.optimizer.loss_scale if model_cfg.dtype == "float16" else 1.0,
         loss_scale_period=cfg.optimizer.loss_scale_period if model_cfg.dtype == "float16" else 0,
+        loss_chunk_rows=cross_entropy.min_chunk_rows(jax.default_backend()),
     )
     setup.abstract_state = jax.eval_shape(lambda: _init_state(setup))
     replicated = sharding.replicated(mesh)
@@ -166,15 +168,20 @@ def loss_fn(
     losses and statistics are the mean of the micro-batches' own (balance is measured per
     micro-batch, as Megatron-LM does)."""
     tokens, seg = batch["tokens"], batch["segment_ids"]
-    logits_BTV, aux = setup.model(params)(tokens, seg, batch["positions"], rng)
-    logits_BTV = logits_BTV[:, :-1]
-    targets_BT = tokens[:, 1:]
+    model = setup.model(params)
+    # the last position has no target: the LM head and the loss read the rest (cross_entropy.py)
+    h_BTD, aux = model.features(tokens, seg, batch["positions"], rng)
     mask_BT = target_mask(batch)
-    log_z_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-    target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
     if num_targets is None:
         num_targets = jnp.sum(mask_BT)
-    ce = jnp.sum((log_z_BT - target_logit_BT) * mask_BT) / jnp.maximum(num_targets, 1)
+    b, t = tokens.shape
+    shards = sharding.batch_shards(setup.mesh)
+    chunks = cross_entropy.chunks_for(b, t - 1, shards if b % shards == 0 else 1,
+                                      setup.loss_chunk_rows)  # fmt: skip
+    weight_BT = mask_BT / jnp.maximum(num_targets, 1).astype(jnp.float32)
+    ce = cross_entropy.linear_cross_entropy(
+        h_BTD[:, :-1], model.head_VD(), tokens[:, 1:], weight_BT, chunks=chunks
+    )
     n_moe = setup.model_cfg.num_layers if setup.model_cfg.moe.num_experts else 1
     aux_loss = share * aux.get("aux_loss", 0.0) / n_moe
     z_loss = share * aux.get("z_loss", 0.0) / n_moe

@@ -1,0 +1,60 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hanuman_jax.cross_entropy import chunks_for, linear_cross_entropy
+
+
+def _plain(h_BTD, w_VD, target_BT, weight_BT):
+    logits = jnp.einsum("BTD,VD->BTV", h_BTD.astype(jnp.float32), w_VD.astype(jnp.float32))
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, target_BT[..., None], axis=-1)[..., 0]
+    return jnp.sum((log_z - target_logit) * weight_BT)
+
+
+def _inputs(dtype=jnp.float32, b=6, t=7, d=24, v=53):
+    keys = jax.random.split(jax.random.key(0), 4)
+    h = jax.random.normal(keys[0], (b, t, d)).astype(dtype)
+    w = (jax.random.normal(keys[1], (v, d)) * 0.3).astype(dtype)
+    target = jax.random.randint(keys[2], (b, t), 0, v)
+    mask = (jax.random.uniform(keys[3], (b, t)) > 0.3).astype(jnp.float32)
+    return h, w, target, mask / mask.sum()
+
+
+@pytest.mark.parametrize("chunks", [1, 2, 3, 6])
+def test_equals_the_plain_loss_and_its_gradients(chunks):
+    h, w, target, weight = _inputs()
+    want, (dh_want, dw_want) = jax.value_and_grad(_plain, argnums=(0, 1))(h, w, target, weight)
+    got, (dh, dw) = jax.jit(
+        jax.value_and_grad(
+            lambda h, w: linear_cross_entropy(h, w, target, weight, chunks=chunks), argnums=(0, 1)
+        )
+    )(h, w)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_allclose(dh, dh_want, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(dw, dw_want, rtol=1e-5, atol=1e-7)
+    assert not np.any(dh[weight == 0])  # untrained positions get no gradient
+
+
+def test_float16_gradients_are_scaled_before_they_are_rounded():
+    """Under float16 the cotangent is the loss scale; unscaled, 1 / 100k-target gradients would
+    flush to zero in float16 before it is applied."""
+    h, w, target, _ = _inputs(jnp.float16)
+    weight = jnp.full(target.shape, 1e-5, jnp.float32)  # a 100k-target batch's per-target weight
+    scale = 2.0**15
+    dh = jax.grad(lambda h: scale * linear_cross_entropy(h, w, target, weight, chunks=2))(h)
+    dh_want = jax.grad(lambda h: scale * _plain(h, w.astype(jnp.float32), target, weight))(
+        h.astype(jnp.float32)
+    )
+    assert dh.dtype == jnp.float16
+    np.testing.assert_allclose(dh.astype(jnp.float32), dh_want, rtol=2e-2, atol=1e-4)
+    assert np.count_nonzero(dh) > 0.99 * dh.size
+
+
+def test_chunks_are_whole_sequences_of_at_least_the_minimum_on_every_shard():
+    assert chunks_for(8, 255, 1, 128) == 8  # bench_s: one sequence of 255 rows per chunk
+    assert chunks_for(8, 255, 2, 128) == 4  # 2 batch shards: 2 sequences per chunk
+    assert chunks_for(8, 255, 1, 600) == 2  # 4 sequences reach 600 rows
+    assert chunks_for(2, 8191, 1, 4096) == 2
+    assert chunks_for(1, 127, 1, 4096) == 1  # never fewer than one
