@@ -176,8 +176,7 @@ def loss_fn(
         num_targets = jnp.sum(mask_BT)
     b, t = tokens.shape
     shards = sharding.batch_shards(setup.mesh)
-    chunks = cross_entropy.chunks_for(b, t - 1, shards if b % shards == 0 else 1,
-                                      setup.loss_chunk_rows)  # fmt: skip
+    chunks = cross_entropy.chunks_for(b, t - 1, shards, setup.loss_chunk_rows)
     weight_BT = mask_BT / jnp.maximum(num_targets, 1).astype(jnp.float32)
     ce = cross_entropy.linear_cross_entropy(
         h_BTD[:, :-1], model.head_VD(), tokens[:, 1:], weight_BT, chunks=chunks
