@@ -97,9 +97,9 @@ class Lanes(grain.IterDataset):
     `batch["stats"]` (host-side: the trainer logs it, it never reaches the device).
 
     Batch i takes `schedule.rows_per_lane(i)` consecutive rows of `schedule.length(i)` tokens
-    from each lane, lane after lane; without a schedule, one row each."""
+    from each lane, lane after lane."""
 
-    def __init__(self, lanes: list[PackedRows], schedule: SeqLenSchedule | None = None):
+    def __init__(self, lanes: list[PackedRows], schedule: SeqLenSchedule):
         super().__init__(lanes)
         self._schedule = schedule
 
@@ -111,18 +111,15 @@ class Lanes(grain.IterDataset):
 
 
 class _LanesIterator(grain.DatasetIterator):
-    def __init__(self, parents, schedule: SeqLenSchedule | None):
+    def __init__(self, parents, schedule: SeqLenSchedule):
         super().__init__(parents)
         self._schedule = schedule
         self._batches = 0  # batches produced: the step the next one is for
 
     def __next__(self):
-        if self._schedule is None:
-            rows = [next(p) for p in self._parents]
-        else:
-            n = self._schedule.length(self._batches)
-            count = self._schedule.rows_per_lane(self._batches)
-            rows = [p.next_row(n) for p in self._parents for _ in range(count)]
+        n = self._schedule.length(self._batches)
+        count = self._schedule.rows_per_lane(self._batches)
+        rows = [p.next_row(n) for p in self._parents for _ in range(count)]
         batch = {k: np.stack([r[k] for r in rows]) for k in rows[0] if k != "stats"}
         per_lane = len(rows) // len(self._parents)
         last = rows[per_lane - 1 :: per_lane]  # the counters are cumulative: each lane's newest
@@ -211,7 +208,8 @@ def make_dataset(
         mixed = TokenMix(parts, weights)
         lanes.append(PackedRows(mixed, cfg.data.seq_len, mode=cfg.data.packing,
                                 num_sources=len(specs)))  # fmt: skip
-    ds = Lanes(lanes, None if eval_sources else SeqLenSchedule.from_config(cfg))
+    full_length = SeqLenSchedule.constant(cfg.data.seq_len)
+    ds = Lanes(lanes, full_length if eval_sources else SeqLenSchedule.from_config(cfg))
     if prefetch:
         ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
     return ds

@@ -21,10 +21,17 @@ class SeqLenSchedule:
     phases: tuple[tuple[int, int], ...]
 
     @classmethod
+    def constant(cls, length: int) -> SeqLenSchedule:
+        """Rows of `length` tokens throughout."""
+        return cls(length, ((0, length),))
+
+    @classmethod
     def from_config(cls, cfg) -> SeqLenSchedule:
-        """The schedule of a validated config (one phase at `data.seq_len` when it has none)."""
+        """The schedule of a validated config (constant at `data.seq_len` when it has none)."""
         full, steps = cfg.data.seq_len, cfg.train.steps
-        pairs = [(float(f), int(n)) for f, n in cfg.data.seq_len_schedule] or [(0.0, full)]
+        if not cfg.data.seq_len_schedule:
+            return cls.constant(full)
+        pairs = [(float(f), int(n)) for f, n in cfg.data.seq_len_schedule]
         # round first: 0.29 x 100 is 28.999999999999996 in floating point, and starts at 29
         return cls(full, tuple((int(round(f * steps, 6)), n) for f, n in pairs))
 
