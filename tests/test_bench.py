@@ -1,0 +1,38 @@
+"""The benchmark scripts run end to end on a small shape and report what BENCHMARKS.md quotes."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+SMALL = [
+    "--config.model.num_layers=1",
+    "--config.train.batch_size=2",
+    "--config.data.seq_len=64",
+]
+
+
+def run_script(root, *args) -> tuple[str, dict]:
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=root, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_bench_train_against_torch_reports_mfu_and_the_ratio_ceiling(root):
+    pytest.importorskip("transformers")
+    out, r = run_script(root, "scripts/bench_train.py", "--config", "configs/tiny.py",
+                        "--steps", "2", "--rounds", "1", "--compare-torch", *SMALL)  # fmt: skip
+    assert r["tokens_per_step"] == 2 * 64
+    assert r["tokens_per_s"] == pytest.approx(128 / (r["step_ms"] / 1e3), rel=1e-3)
+    assert r["torch_model"] == "MixtralForCausalLM"
+    # both MFUs against the one measured peak, so ratio = ours / torch MFU, ceiling = 1 / torch's
+    assert 0 < r["mfu_measured_peak"] < 1 and 0 < r["torch_mfu_measured_peak"] < 1
+    assert r["ratio"] == pytest.approx(r["torch_step_ms"] / r["step_ms"], rel=1e-2)
+    assert r["ratio"] == pytest.approx(
+        r["mfu_measured_peak"] / r["torch_mfu_measured_peak"], rel=1e-2
+    )
+    assert r["ratio_ceiling"] * r["torch_mfu_measured_peak"] == pytest.approx(1, rel=1e-2)
+    assert "ratio ours/torch" in out and "at most" in out
