@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import os
 import sys
+import typing
 
 import jax
 import jax.numpy as jnp
@@ -31,23 +32,40 @@ import optax
 from jax.extend import core as jax_core
 
 from hanuman_jax import cross_entropy, sharding
-from hanuman_jax.config import MESH_AXES, ConfigError, load_config
+from hanuman_jax.attention import Target, attention_impl, current_target, planning_for
+from hanuman_jax.config import MESH_AXES, ConfigError, ModelConfig, load_config
 
-# Named device -> (JAX devices, bytes of HBM each, GPU?). JAX devices are chips except on v2/v3,
-# where each of a chip's two TensorCores is one device with half the chip's HBM.
 GiB = 1 << 30
-DEVICES: dict[str, tuple[int, int, bool]] = {
-    "t4": (1, 15 * GiB, True),  # 16 GB GDDR6; nvidia-smi reports 15,360 MiB
-    "a100": (1, 40 * GiB, True),
-    "a100-80": (1, 80 * GiB, True),
-    "h100": (1, 80 * GiB, True),
-    "h200": (1, 141 * GiB, True),
-    "v2-8": (8, 8 * GiB, False),  # 4 chips x 2 cores x 8 GiB
-    "v3-8": (8, 16 * GiB, False),
-    "v4-8": (4, 32 * GiB, False),
-    "v5e-8": (8, 16 * GiB, False),
-    "v5p-8": (4, 95 * GiB, False),
-    "v6e-8": (8, 32 * GiB, False),
+
+
+class Device(typing.NamedTuple):
+    """A named device: how many JAX devices it is, the HBM of each, and what picks its kernels."""
+
+    devices: int  # JAX devices: chips, except on v2/v3 where each of a chip's 2 cores is one
+    hbm: int  # bytes per JAX device (v2/v3: half a chip's)
+    target: Target
+
+
+def _gpu(hbm_gib: int, capability: float) -> Device:
+    return Device(1, hbm_gib * GiB, Target("gpu", capability))
+
+
+def _tpu(devices: int, hbm_gib: int) -> Device:
+    return Device(devices, hbm_gib * GiB, Target("tpu"))
+
+
+DEVICES: dict[str, Device] = {
+    "t4": _gpu(15, 7.5),  # 16 GB GDDR6; nvidia-smi reports 15,360 MiB. No cuDNN flash attention
+    "a100": _gpu(40, 8.0),
+    "a100-80": _gpu(80, 8.0),
+    "h100": _gpu(80, 9.0),
+    "h200": _gpu(141, 9.0),
+    "v2-8": _tpu(8, 8),  # 4 chips x 2 cores x 8 GiB
+    "v3-8": _tpu(8, 16),
+    "v4-8": _tpu(4, 32),
+    "v5e-8": _tpu(8, 16),
+    "v5p-8": _tpu(4, 95),
+    "v6e-8": _tpu(8, 32),
 }
 
 
@@ -139,18 +157,21 @@ def _loss_residuals(setup, b: int, t: int) -> int:
     )
 
 
-def activation_bytes(cfg: ml_collections.ConfigDict, micro_batch: int, backend: str) -> int:
-    """Residuals of one micro-batch under `model.remat`, and what the loss holds beside all of
-    them while it runs: one chunk's float32 logits and their gradient (cross_entropy.py; the
-    chunks on `backend`). With remat, add one block's share of what remat saves: the residuals
-    that block recomputes and holds while it runs its backward."""
+def activation_bytes(cfg: ml_collections.ConfigDict, micro_batch: int, target: Target) -> int:
+    """Residuals of one micro-batch under `model.remat`, with the attention kernel that
+    `model.attention` means on `target`, and what the loss holds beside all of them while it
+    runs: one chunk's float32 logits and their gradient (cross_entropy.py; the chunks on
+    `target`). With remat, add one block's share of what remat saves: the residuals that block
+    recomputes and holds while it runs its backward."""
     t = cfg.data.seq_len
-    chunks = cross_entropy.chunks_for(micro_batch, t - 1, 1, cross_entropy.min_chunk_rows(backend))
+    min_rows = cross_entropy.min_chunk_rows(target.platform)
+    chunks = cross_entropy.chunks_for(micro_batch, t - 1, 1, min_rows)
     logits_grad = 2 * (micro_batch // chunks) * (t - 1) * cfg.model.vocab_size * 4
-    kept = _loss_residuals(_setup(_one_device_cfg(cfg)), micro_batch, t) + logits_grad
-    if cfg.model.get("remat", "none") == "none":
-        return kept
-    plain = _loss_residuals(_setup(_one_device_cfg(cfg, "none")), micro_batch, t) + logits_grad
+    with planning_for(target):
+        kept = _loss_residuals(_setup(_one_device_cfg(cfg)), micro_batch, t) + logits_grad
+        if cfg.model.get("remat", "none") == "none":
+            return kept
+        plain = _loss_residuals(_setup(_one_device_cfg(cfg, "none")), micro_batch, t) + logits_grad
     return kept + (plain - kept) // cfg.model.num_layers
 
 
@@ -178,9 +199,9 @@ def _shard_divisors(setup, mesh_sizes: dict[str, int]) -> dict:
     return nnx.to_pure_dict(nnx.from_flat_state(flat))
 
 
-def plan(cfg: ml_collections.ConfigDict, num_devices: int, backend: str | None = None) -> Plan:
-    """Per-device memory of training `cfg` on `num_devices` devices of `backend` (cpu, gpu or
-    tpu; default: this process's)."""
+def plan(cfg: ml_collections.ConfigDict, num_devices: int, target: Target | None = None) -> Plan:
+    """Per-device memory of training `cfg` on `num_devices` devices of `target` (default: this
+    process's)."""
     mesh = sharding.mesh_shape(cfg.mesh, num_devices)
     shards = int(np.prod([mesh[a] for a in sharding.LOGICAL_RULES["batch"]]))
     accum = cfg.train.get("grad_accum_steps", 1)
@@ -206,8 +227,7 @@ def plan(cfg: ml_collections.ConfigDict, num_devices: int, backend: str | None =
     # Accumulation keeps a running sum next to each micro-batch's gradients.
     grads = params * (2 if accum > 1 else 1)
     # Heads, FFN hidden and vocab split over `tensor`; the residual stream does not (an estimate).
-    backend = backend or jax.default_backend()
-    activations = activation_bytes(cfg, micro, backend) // mesh["tensor"]
+    activations = activation_bytes(cfg, micro, target or current_target()) // mesh["tensor"]
     # the step's whole batch arrives at once: tokens, segment_ids, positions, loss_mask (int32)
     batch = 4 * 4 * micro * accum * cfg.data.seq_len
     return Plan(num_devices, mesh, micro, params, sum(jax.tree.leaves(opt_bytes)), grads,
@@ -216,10 +236,10 @@ def plan(cfg: ml_collections.ConfigDict, num_devices: int, backend: str | None =
 
 def usable_bytes(device: str) -> int:
     """Memory XLA may use on one device: on GPUs JAX preallocates a fraction (75% by default)."""
-    _, capacity, gpu = DEVICES[device]
-    if not gpu:
-        return capacity
-    return int(capacity * float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75")))
+    d = DEVICES[device]
+    if d.target.platform != "gpu":
+        return d.hbm
+    return int(d.hbm * float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75")))
 
 
 def _fmt(n: int) -> str:
@@ -227,14 +247,20 @@ def _fmt(n: int) -> str:
 
 
 def report(cfg: ml_collections.ConfigDict, device: str | None) -> str:
-    num = DEVICES[device][0] if device else jax.device_count()
-    p = plan(cfg, num, ("gpu" if DEVICES[device][2] else "tpu") if device else None)
+    num = DEVICES[device].devices if device else jax.device_count()
+    target = DEVICES[device].target if device else current_target()
+    p = plan(cfg, num, target)
     accum = cfg.train.get("grad_accum_steps", 1)
+    with planning_for(target):
+        attention = attention_impl(
+            cfg.model.attention, cfg.model.dtype, ModelConfig.from_config(cfg.model).hd
+        )
     lines = [
         f"mesh {p.mesh} on {num} {device or jax.default_backend()} device(s); "
         f"micro-batch {p.micro_batch} x {cfg.data.seq_len} tokens per device; "
         f"model.dtype {cfg.model.dtype}, param_dtype {cfg.model.param_dtype}, "
-        f"remat {cfg.model.get('remat', 'none')}, grad_accum_steps {accum}",
+        f"remat {cfg.model.get('remat', 'none')}, grad_accum_steps {accum}, "
+        f"attention {attention}",
         f"parameters        {_fmt(p.params)}",
         f"optimizer state   {_fmt(p.opt_state)}",
         f"gradients         {_fmt(p.grads)}",

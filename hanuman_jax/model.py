@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hanuman_jax.config import ConfigError, ModelConfig, RopeConfig
+from hanuman_jax.attention import attention_impl, fused_attention
+from hanuman_jax.config import ModelConfig, RopeConfig
 from hanuman_jax.layers import RMSNorm, param, project
 from hanuman_jax.moe import MoEFeedForward
 
@@ -43,36 +44,6 @@ def apply_rope(x_BTNH: Array, positions_BT: Array, inv_freq: np.ndarray) -> Arra
     x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x_BTNH.dtype)
-
-
-def attention_impl(requested: str, dtype: str, head_dim: int) -> str:
-    """`model.attention` resolved on this backend: auto takes cuDNN flash attention where it runs
-    (an NVIDIA GPU of compute capability 8.0 or more, bf16/fp16, head_dim a multiple of 8 up to
-    128; a T4 is 7.5) and XLA's attention otherwise."""
-    device = jax.devices()[0]
-    capability = float(getattr(device, "compute_capability", 0) or 0)
-    fits = dtype in ("bfloat16", "float16") and head_dim % 8 == 0 and head_dim <= 128
-    runs = device.platform == "gpu" and capability >= 8.0 and fits
-    if requested == "cudnn" and not runs:
-        raise ConfigError(
-            f"config model.attention=cudnn cannot run here ({device.device_kind}, model.dtype="
-            f"{dtype}, head_dim {head_dim}): it needs an NVIDIA GPU of compute capability 8.0+, "
-            "bfloat16 or float16 and head_dim a multiple of 8 up to 128; use auto or xla"
-        )
-    if requested == "auto":
-        return "cudnn" if runs else "xla"
-    return requested
-
-
-def fused_attention(
-    q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, segment_ids_BT: Array, implementation: str
-) -> Array:
-    """jax.nn.dot_product_attention, causal and within each packed document (GQA: N query heads
-    share K key/value heads). The cuDNN path; tests run the same call with implementation=xla."""
-    same_doc_B1TS = (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])[:, None]
-    return jax.nn.dot_product_attention(
-        q_BTNH, k_BSKH, v_BSKH, mask=same_doc_B1TS, is_causal=True, implementation=implementation
-    )
 
 
 @jax.checkpoint

@@ -1,0 +1,144 @@
+"""Attention kernels: which one `model.attention` means on a device, and the fused (cuDNN) call.
+
+The memory planner traces the train step on this process's backend (usually a CPU) while planning
+for another (`python -m hanuman_jax.memory --device h100`). Under `planning_for(target)`, `auto`
+resolves as it would on the target, and where that is cuDNN flash attention the trace runs
+`_cudnn_stand_in`: the same function, keeping for the backward exactly what JAX's cuDNN rule
+keeps (q, k, v, the additive mask, the softmax statistics and the output), not XLA's T x T
+probabilities. That is the difference between "fits" and "does not fit" at long sequences.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+import typing
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hanuman_jax.config import ConfigError
+
+Array = jax.Array
+
+
+class Target(typing.NamedTuple):
+    """What decides the attention kernel: the platform and, on NVIDIA GPUs, compute capability."""
+
+    platform: str  # cpu, gpu or tpu
+    capability: float = 0.0  # CUDA compute capability (a T4 is 7.5, an A100 8.0, an H100 9.0)
+
+
+_planning: contextvars.ContextVar[Target | None] = contextvars.ContextVar("planning", default=None)
+
+
+@contextlib.contextmanager
+def planning_for(target: Target):
+    """Resolve `model.attention` for `target` instead of this process's device (memory planner)."""
+    token = _planning.set(target)
+    try:
+        yield
+    finally:
+        _planning.reset(token)
+
+
+def current_target() -> Target:
+    """The target being planned for, or this process's first device."""
+    planned = _planning.get()
+    if planned is not None:
+        return planned
+    device = jax.devices()[0]
+    return Target(device.platform, float(getattr(device, "compute_capability", 0) or 0))
+
+
+def attention_impl(requested: str, dtype: str, head_dim: int) -> str:
+    """`model.attention` resolved on the current target: auto takes cuDNN flash attention where
+    it runs (an NVIDIA GPU of compute capability 8.0 or more, bf16/fp16, head_dim a multiple of 8
+    up to 128; a T4 is 7.5) and XLA's attention otherwise."""
+    target = current_target()
+    fits = dtype in ("bfloat16", "float16") and head_dim % 8 == 0 and head_dim <= 128
+    runs = target.platform == "gpu" and target.capability >= 8.0 and fits
+    if requested == "cudnn" and not runs:
+        raise ConfigError(
+            f"config model.attention=cudnn cannot run here ({target.platform}, capability "
+            f"{target.capability:g}, model.dtype={dtype}, head_dim {head_dim}): it needs an NVIDIA "
+            "GPU of compute capability 8.0+, bfloat16 or float16 and head_dim a multiple of 8 up "
+            "to 128; use auto or xla"
+        )
+    if requested == "auto":
+        return "cudnn" if runs else "xla"
+    return requested
+
+
+def fused_attention(
+    q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, segment_ids_BT: Array, implementation: str
+) -> Array:
+    """jax.nn.dot_product_attention, causal and within each packed document (GQA: N query heads
+    share K key/value heads). The cuDNN path; tests run the same call with implementation=xla."""
+    same_doc_B1TS = (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])[:, None]
+    if implementation == "cudnn" and _planning.get() is not None and jax.default_backend() != "gpu":
+        return _cudnn_stand_in(q_BTNH, k_BSKH, v_BSKH, same_doc_B1TS)
+    return jax.nn.dot_product_attention(
+        q_BTNH, k_BSKH, v_BSKH, mask=same_doc_B1TS, is_causal=True, implementation=implementation
+    )
+
+
+def _scores(q_BTNH: Array, k_BSKH: Array, bias_B1TS: Array) -> Array:
+    """Scaled, masked logits [B, K, G, T, S] in float32 (query head n = k * G + g)."""
+    b, t, n, h = q_BTNH.shape
+    kv = k_BSKH.shape[2]
+    q_BTKGH = q_BTNH.reshape(b, t, kv, n // kv, h)
+    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
+    logits = logits / math.sqrt(h) + bias_B1TS[:, :, None].astype(jnp.float32)
+    causal_TS = jnp.tril(jnp.ones((t, k_BSKH.shape[1]), bool))
+    return jnp.where(causal_TS, logits, -jnp.inf)
+
+
+@jax.custom_vjp
+def _cudnn_stand_in(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_B1TS: Array) -> Array:
+    return _stand_in_forward(q_BTNH, k_BSKH, v_BSKH, mask_B1TS)[0]
+
+
+def _stand_in_forward(q_BTNH, k_BSKH, v_BSKH, mask_B1TS):
+    b, t, n, h = q_BTNH.shape
+    dt = q_BTNH.dtype
+    # as JAX's cuDNN call turns a boolean mask into an additive bias in the compute dtype
+    bias_B1TS = jnp.where(mask_B1TS, jnp.asarray(0, dt), jnp.asarray(jnp.finfo(dt).min / 2, dt))
+    logits_BKGTS = _scores(q_BTNH, k_BSKH, bias_B1TS)
+    lse_BKGT = jax.nn.logsumexp(logits_BKGTS, axis=-1)
+    probs_BKGTS = jnp.exp(logits_BKGTS - lse_BKGT[..., None]).astype(dt)
+    out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH)
+    out_BTNH = out_BTKGH.reshape(b, t, n, h)
+    # the residuals of JAX's cuDNN rule: inputs, bias, softmax statistics (float32) and output
+    return out_BTNH, (q_BTNH, k_BSKH, v_BSKH, bias_B1TS, lse_BKGT, out_BTNH)
+
+
+def _stand_in_backward(residuals, dout_BTNH):
+    q_BTNH, k_BSKH, v_BSKH, bias_B1TS, lse_BKGT, out_BTNH = residuals
+    b, t, n, h = q_BTNH.shape
+    kv = k_BSKH.shape[2]
+    f32 = jnp.float32
+    probs_BKGTS = jnp.exp(_scores(q_BTNH, k_BSKH, bias_B1TS) - lse_BKGT[..., None])
+    dout_BTKGH = dout_BTNH.reshape(b, t, kv, n // kv, h).astype(f32)
+    q_BTKGH = q_BTNH.reshape(b, t, kv, n // kv, h).astype(f32)
+    k32, v32 = k_BSKH.astype(f32), v_BSKH.astype(f32)
+    dv_BSKH = jnp.einsum("BKGTS,BTKGH->BSKH", probs_BKGTS, dout_BTKGH)
+    dprobs_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", dout_BTKGH, v32)
+    # softmax backward: p * (dp - sum_s p dp), where sum_s p dp = sum_h dout * out
+    row_BKGT = jnp.einsum("BTKGH,BTKGH->BKGT", dout_BTKGH,
+                          out_BTNH.reshape(b, t, kv, n // kv, h).astype(f32))  # fmt: skip
+    dlogits_BKGTS = probs_BKGTS * (dprobs_BKGTS - row_BKGT[..., None]) / math.sqrt(h)
+    dq_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", dlogits_BKGTS, k32)
+    dk_BSKH = jnp.einsum("BKGTS,BTKGH->BSKH", dlogits_BKGTS, q_BTKGH)
+    no_grad = np.zeros(bias_B1TS.shape, jax.dtypes.float0)
+    return (
+        dq_BTKGH.reshape(b, t, n, h).astype(q_BTNH.dtype),
+        dk_BSKH.astype(k_BSKH.dtype),
+        dv_BSKH.astype(v_BSKH.dtype),
+        no_grad,
+    )
+
+
+_cudnn_stand_in.defvjp(_stand_in_forward, _stand_in_backward)

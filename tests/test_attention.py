@@ -1,0 +1,79 @@
+"""The memory planner's stand-in for cuDNN flash attention: the same function and gradients as
+XLA's attention, keeping only what JAX's cuDNN rule keeps; and the planner using it."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hanuman_jax import attention, memory
+from hanuman_jax.attention import Target, attention_impl, fused_attention, planning_for
+from hanuman_jax.config import ConfigError, load_config
+
+H100 = Target("gpu", 9.0)
+
+
+def _qkv(dtype=jnp.float32, b=2, t=19, n=6, kv=2, h=8):
+    kq, kk, kv_ = jax.random.split(jax.random.key(3), 3)
+    q = jax.random.normal(kq, (b, t, n, h), dtype)
+    k = jax.random.normal(kk, (b, t, kv, h), dtype)
+    v = jax.random.normal(kv_, (b, t, kv, h), dtype)
+    third = t // 3  # three packed documents in the first row, one in the second
+    seg = jnp.array([[1] * third + [2] * third + [3] * (t - 2 * third), [1] * t])
+    return q, k, v, seg
+
+
+def test_attention_resolves_for_the_planned_target():
+    assert attention_impl("auto", "bfloat16", 64) == "xla"  # this CPU
+    with planning_for(H100):
+        assert attention_impl("auto", "bfloat16", 64) == "cudnn"
+        assert attention_impl("auto", "float32", 64) == "xla"  # cuDNN flash: bf16/fp16 only
+        assert attention_impl("auto", "bfloat16", 160) == "xla"  # head_dim up to 128
+    with planning_for(Target("gpu", 7.5)), pytest.raises(ConfigError, match="capability 7.5"):
+        attention_impl("cudnn", "float16", 64)  # a T4
+    assert attention.current_target().platform == "cpu"  # the context is gone
+
+
+def test_cudnn_stand_in_equals_xla_attention_and_its_gradients():
+    q, k, v, seg = _qkv()
+    dout = jax.random.normal(jax.random.key(4), q.shape)
+
+    def loss(impl):
+        return lambda q, k, v: jnp.sum(fused_attention(q, k, v, seg, impl) * dout)
+
+    with planning_for(H100):
+        out = fused_attention(q, k, v, seg, "cudnn")
+        grads = jax.grad(loss("cudnn"), argnums=(0, 1, 2))(q, k, v)
+    np.testing.assert_allclose(out, fused_attention(q, k, v, seg, "xla"), atol=1e-5, rtol=1e-5)
+    want = jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)
+    for got, ref in zip(grads, want, strict=True):
+        np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_cudnn_stand_in_keeps_what_cudnn_keeps():
+    q, k, v, seg = _qkv(jnp.bfloat16, t=64)
+    b, t, n, h = q.shape
+    with planning_for(H100):
+        kept = memory.residual_bytes(
+            lambda q, k, v: fused_attention(q, k, v, seg, "cudnn"), q, k, v
+        )
+    bias = b * t * t * 2  # the additive mask, bf16
+    stats = b * n * t * 4  # log-sum-exp per query row and head, float32
+    out = b * t * n * h * 2
+    assert kept == bias + stats + out
+    xla = memory.residual_bytes(lambda q, k, v: fused_attention(q, k, v, seg, "xla"), q, k, v)
+    assert xla > kept + b * n * t * t * 2  # XLA keeps the T x T probabilities of every head
+
+
+def test_planner_counts_flash_attention_on_gpus_that_run_it(root):
+    cfg = load_config(root / "configs" / "tiny.py",
+                      ["--config.model.vocab_size=512", "--config.model.num_layers=2",
+                       "--config.model.dtype=bfloat16", "--config.data.seq_len=512",
+                       "--config.train.batch_size=2"])  # fmt: skip
+    t4 = memory.plan(cfg, 1, memory.DEVICES["t4"].target).activations
+    h100 = memory.plan(cfg, 1, memory.DEVICES["h100"].target).activations
+    heads = cfg.model.num_heads
+    # remat full keeps one block's residuals beside the layer inputs: one layer's T x T probs
+    assert t4 - h100 > 2 * heads * 512 * 512 * 2, (t4, h100)
+    assert memory.main(["--config", str(root / "configs" / "tiny.py"), "--device", "h100",
+                        "--config.model.dtype=bfloat16"]) == 0  # fmt: skip
