@@ -1,4 +1,5 @@
-"""Attention kernels: which one `model.attention` means on a device, and the fused (cuDNN) call.
+"""Attention kernels: XLA's (all scores at once, or `model.attention_block` query rows at a
+time), cuDNN flash attention, and which one `model.attention` means on a device.
 
 The memory planner traces the train step on this process's backend (usually a CPU) while planning
 for another (`python -m hanuman_jax.memory --device h100`). Under `planning_for(target)`, `auto`
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
 import typing
 
@@ -70,6 +72,24 @@ def attention_impl(requested: str, dtype: str, head_dim: int) -> str:
     if requested == "auto":
         return "cudnn" if runs else "xla"
     return requested
+
+
+def xla_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, segment_ids_BT: Array) -> Array:
+    """Causal attention within each packed document, all T x T scores at once (GQA: N query
+    heads share K key/value heads); the backward keeps the probabilities."""
+    b, t, n, h = q_BTNH.shape
+    kv = k_BSKH.shape[2]
+    q_BTKGH = q_BTNH.reshape(b, t, kv, n // kv, h)
+    logits_BKGTS = jnp.einsum(
+        "BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32
+    ) / math.sqrt(h)
+    causal_TS = jnp.tril(jnp.ones((t, t), dtype=bool))
+    same_doc_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+    mask_B11TS = (causal_TS[None] & same_doc_BTS)[:, None, None]
+    logits_BKGTS = jnp.where(mask_B11TS, logits_BKGTS, jnp.finfo(jnp.float32).min)
+    probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(q_BTNH.dtype)
+    out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH)
+    return out_BTKGH.reshape(b, t, n, h)
 
 
 def fused_attention(
@@ -142,3 +162,117 @@ def _stand_in_backward(residuals, dout_BTNH):
 
 
 _cudnn_stand_in.defvjp(_stand_in_forward, _stand_in_backward)
+
+
+def _doc_causal_mask(seg_q_BC: Array, seg_k_BS: Array, start) -> Array:
+    """[B, 1, 1, C, S]: query row start + c may see key s (s <= start + c, same document)."""
+    c, s = seg_q_BC.shape[1], seg_k_BS.shape[1]
+    causal_CS = (jnp.arange(c)[:, None] + start) >= jnp.arange(s)[None, :]
+    same_doc_BCS = seg_q_BC[:, :, None] == seg_k_BS[:, None, :]
+    return (causal_CS[None] & same_doc_BCS)[:, None, None]
+
+
+def _block_logits(q_BCKGH, k_BSKH, mask_B11CS) -> Array:
+    h = q_BCKGH.shape[-1]
+    logits = jnp.einsum("BCKGH,BSKH->BKGCS", q_BCKGH, k_BSKH, preferred_element_type=jnp.float32)
+    return jnp.where(mask_B11CS, logits / math.sqrt(h), -jnp.inf)
+
+
+def _split(x_BT, block: int) -> Array:
+    """[B, T, ...] -> [T / block, B, block, ...]: the blocks of rows, leading."""
+    b, t = x_BT.shape[:2]
+    return jnp.moveaxis(x_BT.reshape(b, t // block, block, *x_BT.shape[2:]), 1, 0)
+
+
+def _join(x_NBC) -> Array:
+    """[T / block, B, block, ...] -> [B, T, ...]."""
+    n, b, c = x_NBC.shape[:3]
+    return jnp.moveaxis(x_NBC, 0, 1).reshape(b, n * c, *x_NBC.shape[3:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def blockwise_attention(
+    q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, segment_ids_BT: Array, block: int
+) -> Array:
+    """Causal attention within each packed document, `block` query rows at a time (a scan, so
+    only one block x T slice of scores exists at once; one block when `block` does not divide T).
+
+    The backward keeps q, k, v, the output and each row's log-sum-exp (float32), and recomputes
+    each block's probabilities from them, as flash attention does: nothing T x T is kept."""
+    return _blockwise_forward(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, block)[0]
+
+
+def _block_size(t: int, block: int) -> int:
+    return block if t % block == 0 else t
+
+
+def _blockwise_forward(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, block):
+    b, t, n, h = q_BTNH.shape
+    kv = k_BSKH.shape[2]
+    dt = q_BTNH.dtype
+    c = _block_size(t, block)
+
+    def body(_, xs):
+        i, q_BCKGH, seg_BC = xs
+        mask = _doc_causal_mask(seg_BC, segment_ids_BT, i * c)
+        logits_BKGCS = _block_logits(q_BCKGH, k_BSKH, mask)
+        lse_BKGC = jax.nn.logsumexp(logits_BKGCS, axis=-1)
+        probs_BKGCS = jnp.exp(logits_BKGCS - lse_BKGC[..., None]).astype(dt)
+        return None, (jnp.einsum("BKGCS,BSKH->BCKGH", probs_BKGCS, v_BSKH), lse_BKGC)
+
+    q_NBCKGH = _split(q_BTNH.reshape(b, t, kv, n // kv, h), c)
+    xs = (jnp.arange(t // c), q_NBCKGH, _split(segment_ids_BT, c))
+    _, (out_NBCKGH, lse_NBKGC) = jax.lax.scan(body, None, xs)
+    out_BTNH = _join(out_NBCKGH).reshape(b, t, n, h)
+    return out_BTNH, (q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, out_BTNH, lse_NBKGC)
+
+
+def _blockwise_backward(block, residuals, dout_BTNH):
+    q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, out_BTNH, lse_NBKGC = residuals
+    b, t, n, h = q_BTNH.shape
+    kv = k_BSKH.shape[2]
+    c = _block_size(t, block)
+    f32 = jnp.float32
+    dt = dout_BTNH.dtype
+    shape5 = (b, t, kv, n // kv, h)
+    dout_BTKGH = dout_BTNH.reshape(shape5)
+    # softmax backward: dlogits = p * (dp - sum_s p dp), and sum_s p dp = sum_h dout * out
+    row_BTKG = jnp.sum(dout_BTKGH.astype(f32) * out_BTNH.reshape(shape5).astype(f32), axis=-1)
+
+    def body(carry, xs):
+        dk_BSKH, dv_BSKH = carry
+        i, q_BCKGH, seg_BC, dout_BCKGH, row_BCKG, lse_BKGC = xs
+        mask = _doc_causal_mask(seg_BC, segment_ids_BT, i * c)
+        probs_BKGCS = jnp.exp(_block_logits(q_BCKGH, k_BSKH, mask) - lse_BKGC[..., None])
+        dv_BSKH += jnp.einsum("BKGCS,BCKGH->BSKH", probs_BKGCS.astype(dt), dout_BCKGH,
+                              preferred_element_type=f32)  # fmt: skip
+        dprobs_BKGCS = jnp.einsum("BCKGH,BSKH->BKGCS", dout_BCKGH, v_BSKH,
+                                  preferred_element_type=f32)  # fmt: skip
+        row_BKGC1 = jnp.moveaxis(row_BCKG, 1, -1)[..., None]
+        dlogits_BKGCS = (probs_BKGCS * (dprobs_BKGCS - row_BKGC1) / math.sqrt(h)).astype(dt)
+        dq_BCKGH = jnp.einsum("BKGCS,BSKH->BCKGH", dlogits_BKGCS, k_BSKH,
+                              preferred_element_type=f32)  # fmt: skip
+        dk_BSKH += jnp.einsum("BKGCS,BCKGH->BSKH", dlogits_BKGCS, q_BCKGH,
+                              preferred_element_type=f32)  # fmt: skip
+        return (dk_BSKH, dv_BSKH), dq_BCKGH
+
+    xs = (
+        jnp.arange(t // c),
+        _split(q_BTNH.reshape(shape5), c),
+        _split(segment_ids_BT, c),
+        _split(dout_BTKGH, c),
+        _split(row_BTKG, c),
+        lse_NBKGC,
+    )
+    zeros = (jnp.zeros(k_BSKH.shape, f32), jnp.zeros(v_BSKH.shape, f32))
+    (dk_BSKH, dv_BSKH), dq_NBCKGH = jax.lax.scan(body, zeros, xs)
+    no_grad = np.zeros(segment_ids_BT.shape, jax.dtypes.float0)
+    return (
+        _join(dq_NBCKGH).reshape(b, t, n, h).astype(q_BTNH.dtype),
+        dk_BSKH.astype(k_BSKH.dtype),
+        dv_BSKH.astype(v_BSKH.dtype),
+        no_grad,
+    )
+
+
+blockwise_attention.defvjp(_blockwise_forward, _blockwise_backward)

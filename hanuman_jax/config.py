@@ -158,6 +158,12 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         f"one of {', '.join(ATTENTION_IMPLS)}",
     )
     _check(
+        isinstance(m.get("attention_block", 0), int) and m.get("attention_block", 0) >= 0,
+        "model.attention_block",
+        m.get("attention_block", 0),
+        "must be an integer >= 0 (0 means the whole sequence at once)",
+    )
+    _check(
         m.param_dtype in PARAM_DTYPES,
         "model.param_dtype",
         m.param_dtype,
@@ -462,6 +468,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat: str = "none"
     attention: str = "auto"
+    attention_block: int = 0
     rope: RopeConfig = RopeConfig()
     moe: MoeConfig = MoeConfig()
 

@@ -9,7 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hanuman_jax.attention import attention_impl, fused_attention
+from hanuman_jax.attention import (
+    attention_impl,
+    blockwise_attention,
+    fused_attention,
+    xla_attention,
+)
 from hanuman_jax.config import ModelConfig, RopeConfig
 from hanuman_jax.layers import RMSNorm, param, project
 from hanuman_jax.moe import MoEFeedForward
@@ -69,6 +74,7 @@ class Attention(nnx.Module):
         self.num_kv_heads = k
         self.dtype = jnp.dtype(cfg.dtype)
         self.impl = attention_impl(cfg.attention, cfg.dtype, h)
+        self.block = cfg.attention_block  # 0: the plain attention, all T x T scores at once
 
     def __call__(self, x_BTD: Array, segment_ids_BT: Array, positions_BT: Array) -> Array:
         dt = self.dtype
@@ -80,19 +86,10 @@ class Attention(nnx.Module):
         k_BSKH = apply_rope(k_BSKH, positions_BT, inv_freq)
         if self.impl == "cudnn":
             out_BTNH = fused_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, "cudnn")
-            return project(out_BTNH, self.wo[...].astype(dt), contract=2)
-        b, t, n, h = q_BTNH.shape
-        q_BTKGH = q_BTNH.reshape(b, t, self.num_kv_heads, n // self.num_kv_heads, h)
-        logits_BKGTS = jnp.einsum(
-            "BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32
-        ) / math.sqrt(h)
-        causal_TS = jnp.tril(jnp.ones((t, t), dtype=bool))
-        same_doc_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
-        mask_B11TS = (causal_TS[None] & same_doc_BTS)[:, None, None]
-        logits_BKGTS = jnp.where(mask_B11TS, logits_BKGTS, jnp.finfo(jnp.float32).min)
-        probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(dt)
-        out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH)
-        out_BTNH = out_BTKGH.reshape(b, t, n, h)
+        elif self.block:
+            out_BTNH = blockwise_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, self.block)
+        else:
+            out_BTNH = xla_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
         return project(out_BTNH, self.wo[...].astype(dt), contract=2)
 
 

@@ -77,3 +77,76 @@ def test_planner_counts_flash_attention_on_gpus_that_run_it(root):
     assert t4 - h100 > 2 * heads * 512 * 512 * 2, (t4, h100)
     assert memory.main(["--config", str(root / "configs" / "tiny.py"), "--device", "h100",
                         "--config.model.dtype=bfloat16"]) == 0  # fmt: skip
+
+
+@pytest.mark.parametrize(("t", "block"), [(24, 8), (19, 8), (24, 24)])  # 19: block does not divide
+def test_blockwise_attention_equals_xla_attention_and_its_gradients(t, block):
+    q, k, v, seg = _qkv(t=t)
+    dout = jax.random.normal(jax.random.key(5), q.shape)
+
+    def loss(f):
+        return lambda q, k, v: jnp.sum(f(q, k, v) * dout)
+
+    blockwise = lambda q, k, v: attention.blockwise_attention(q, k, v, seg, block)  # noqa: E731
+    plain = lambda q, k, v: attention.xla_attention(q, k, v, seg)  # noqa: E731
+    np.testing.assert_allclose(blockwise(q, k, v), plain(q, k, v), atol=1e-5, rtol=1e-5)
+    got = jax.grad(loss(blockwise), argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(loss(plain), argnums=(0, 1, 2))(q, k, v)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4)
+    # bfloat16: the same within bf16 rounding
+    bf = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+    np.testing.assert_allclose(blockwise(*bf).astype(jnp.float32), plain(*bf).astype(jnp.float32),
+                               atol=3e-2, rtol=3e-2)  # fmt: skip
+
+
+def test_blockwise_attention_holds_a_block_of_scores_not_all_of_them():
+    b, t, n, kv, h = 4, 512, 4, 2, 32
+    q = jax.ShapeDtypeStruct((b, t, n, h), jnp.float32)
+    k = jax.ShapeDtypeStruct((b, t, kv, h), jnp.float32)
+    seg = jax.ShapeDtypeStruct((b, t), jnp.int32)
+
+    def temp(f):  # XLA's temporaries for forward + backward of one attention
+        def fwd_bwd(q, k, v, seg, dout):
+            return jax.vjp(lambda q, k, v: f(q, k, v, seg), q, k, v)[1](dout)
+
+        compiled = jax.jit(fwd_bwd).lower(q, k, k, seg, q).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    plain = temp(attention.xla_attention)
+    blocks = temp(lambda q, k, v, seg: attention.blockwise_attention(q, k, v, seg, 64))
+    scores = b * n * t * t * 4  # one float32 T x T array of every head
+    assert plain > 3 * scores and blocks < scores, (plain, blocks, scores)
+    # the residuals beside q, k, v (arguments): segment ids, the output, a float32 lse per row
+    kept = memory.residual_bytes(
+        lambda q, k, v: attention.blockwise_attention(q, k, v, jnp.ones((b, t), jnp.int32), 64),
+        *(jnp.zeros(x.shape) for x in (q, k, k)),
+    )
+    assert kept == b * t * 4 + b * t * n * h * 4 + b * n * t * 4
+
+
+def test_model_attention_block_changes_memory_not_results(root):
+    from hanuman_jax import sharding
+    from hanuman_jax.step import build_setup, init_state, loss_fn
+
+    def run(block):
+        cfg = load_config(root / "configs" / "tiny.py",
+                          ["--config.model.vocab_size=512", "--config.model.num_layers=2",
+                           "--config.data.seq_len=64", "--config.train.batch_size=2",
+                           f"--config.model.attention_block={block}"])  # fmt: skip
+        setup = build_setup(cfg, sharding.make_mesh(cfg.mesh))
+        params = init_state(setup)["params"]
+        rng = np.random.default_rng(0)
+        batch = {
+            "tokens": jnp.asarray(rng.integers(0, 512, (2, 64)), jnp.int32),
+            "segment_ids": jnp.asarray(np.repeat([[1] * 40 + [2] * 24], 2, 0), jnp.int32),
+            "positions": jnp.asarray(np.repeat([list(range(40)) + list(range(24))], 2, 0)),
+            "loss_mask": jnp.ones((2, 64), jnp.int32),
+        }
+        f = lambda p: loss_fn(setup, p, batch, None)[0]  # noqa: E731
+        return jax.value_and_grad(f)(params)
+
+    (loss0, g0), (loss16, g16) = run(0), run(16)
+    np.testing.assert_allclose(loss16, loss0, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g16), jax.tree.leaves(g0), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4)

@@ -12,6 +12,15 @@ CASES = {
         "bench_s.py",
         ["--config.model.num_layers=2", "--config.train.batch_size=4"],
     ),
+    # the attention 128 query rows at a time: long rows without T x T scores
+    "tiny_512_blockwise": (
+        "tiny.py",
+        [
+            "--config.data.seq_len=512",
+            "--config.train.batch_size=4",
+            "--config.model.attention_block=128",
+        ],
+    ),
 }
 
 
