@@ -8,7 +8,9 @@ one-hot) are made while the chunk is in cache, and the forward pass already leav
 of the hidden states and of the head's weight; the backward only scales them by the loss's
 cotangent. The FLOPs are the same three matmuls. bench_s's LM head + loss, forward + backward,
 on the 2-core CPU: 147 ms against 187 ms for the plain formulation (8 chunks of 255 rows; 2
-chunks took 158 ms, 24 chunks 171 ms).
+chunks took 158 ms, 24 chunks 171 ms). A chunk holds whole sequences, or, with a large
+vocabulary and long sequences, pieces of them (`chunk_plan`): a 96k vocabulary at 8k tokens
+would otherwise hold 3.1 GB of logits for one sequence.
 """
 
 from __future__ import annotations
@@ -76,21 +78,33 @@ _chunked.defvjp(_forward, _backward)
 
 
 def linear_cross_entropy(
-    h_BTD: Array, w_VD: Array, target_BT: Array, weight_BT: Array, *, chunks: int
+    h_BTD: Array, w_VD: Array, target_BT: Array, weight_BT: Array, *, chunks: int, pieces: int = 1
 ) -> Array:
     """sum over (b, t) of weight[b, t] x (logsumexp(logits[b, t]) - logits[b, t, target[b, t]]),
-    logits = h @ w.T in float32, in `chunks` chunks of B / chunks rows of the batch (chunk k:
-    rows k, k + chunks, ..., so that a batch split over devices keeps rows of every chunk on
-    every device). Differentiable in h and w."""
-    b = h_BTD.shape[0]
-    if b % chunks:
-        raise ValueError(f"batch of {b} rows does not split into {chunks} chunks")
+    logits = h @ w.T in float32. Each sequence is cut into `pieces` equal pieces (the last one
+    padded with untrained positions), and the B x pieces rows into `chunks` chunks of rows
+    (chunk k: rows k, k + chunks, ..., so that a batch split over devices keeps rows of every
+    chunk on every device). Differentiable in h and w."""
+    b, t = target_BT.shape
+    rows = b * pieces
+    if rows % chunks:
+        raise ValueError(f"{b} rows x {pieces} pieces do not split into {chunks} chunks")
+    weight_BT = weight_BT.astype(jnp.float32)
+    if pieces > 1:
+        pad = -t % pieces
+        if pad:
+            h_BTD = jnp.pad(h_BTD, ((0, 0), (0, pad), (0, 0)))
+            target_BT = jnp.pad(target_BT, ((0, 0), (0, pad)))
+            weight_BT = jnp.pad(weight_BT, ((0, 0), (0, pad)))  # padding: weight 0, no gradient
+        piece = (t + pad) // pieces  # [B, T] -> [B x pieces, piece], sequence by sequence
+        h_BTD = h_BTD.reshape(rows, piece, h_BTD.shape[-1])
+        target_BT, weight_BT = target_BT.reshape(rows, piece), weight_BT.reshape(rows, piece)
 
-    def split(x):  # [B, T, ...] -> [chunks, B / chunks x T, ...]
-        x = x.reshape(b // chunks, chunks, *x.shape[1:]).swapaxes(0, 1)
+    def split(x):  # [R, T, ...] -> [chunks, R / chunks x T, ...]
+        x = x.reshape(rows // chunks, chunks, *x.shape[1:]).swapaxes(0, 1)
         return x.reshape(chunks, -1, *x.shape[3:])
 
-    return _chunked(split(h_BTD), w_VD, split(target_BT), split(weight_BT.astype(jnp.float32)))
+    return _chunked(split(h_BTD), w_VD, split(target_BT), split(weight_BT))
 
 
 def min_chunk_rows(backend: str) -> int:
@@ -98,6 +112,26 @@ def min_chunk_rows(backend: str) -> int:
     cache (measured in BENCHMARKS.md). GPUs and TPUs want big matmuls; there, 4,096 rows is a
     guess, not yet measured, that still bounds the logits held at once for a 96k vocabulary."""
     return 128 if backend == "cpu" else 4096
+
+
+# A chunk's float32 logits (and their gradient, as many bytes again) stay within this where one
+# sequence's would pass it: a 96k vocabulary at 8,191 targets is 3.1 GB of logits.
+MAX_PIECE_LOGITS_BYTES = 512 << 20
+
+
+def chunk_plan(
+    batch_rows: int, seq_len: int, vocab: int, batch_shards: int, min_rows: int
+) -> tuple[int, int, int]:
+    """(pieces per sequence, chunks, token rows per chunk) of `linear_cross_entropy` for a batch
+    of `batch_rows` sequences of `seq_len` targets: whole sequences per chunk (`chunks_for`), or,
+    where one sequence's logits would pass MAX_PIECE_LOGITS_BYTES, equal pieces of sequences
+    that stay within it, one piece per chunk where the shards allow."""
+    cap_rows = max(1, MAX_PIECE_LOGITS_BYTES // (vocab * 4))
+    pieces = -(-seq_len // cap_rows)
+    piece = -(-seq_len // pieces)
+    least = min_rows if pieces == 1 else min(min_rows, piece)
+    chunks = chunks_for(batch_rows * pieces, piece, batch_shards, least)
+    return pieces, chunks, batch_rows * pieces // chunks * piece
 
 
 def chunks_for(batch_rows: int, seq_len: int, batch_shards: int, min_rows: int) -> int:

@@ -165,8 +165,9 @@ def activation_bytes(cfg: ml_collections.ConfigDict, micro_batch: int, target: T
     recomputes and holds while it runs its backward."""
     t = cfg.data.seq_len
     min_rows = cross_entropy.min_chunk_rows(target.platform)
-    chunks = cross_entropy.chunks_for(micro_batch, t - 1, 1, min_rows)
-    logits_grad = 2 * (micro_batch // chunks) * (t - 1) * cfg.model.vocab_size * 4
+    vocab = cfg.model.vocab_size
+    _, _, chunk_rows = cross_entropy.chunk_plan(micro_batch, t - 1, vocab, 1, min_rows)
+    logits_grad = 2 * chunk_rows * vocab * 4
     with planning_for(target):
         kept = _loss_residuals(_setup(_one_device_cfg(cfg)), micro_batch, t) + logits_grad
         if cfg.model.get("remat", "none") == "none":

@@ -176,10 +176,11 @@ def loss_fn(
         num_targets = jnp.sum(mask_BT)
     b, t = tokens.shape
     shards = sharding.batch_shards(setup.mesh)
-    chunks = cross_entropy.chunks_for(b, t - 1, shards, setup.loss_chunk_rows)
+    vocab = setup.model_cfg.vocab_size
+    pieces, chunks, _ = cross_entropy.chunk_plan(b, t - 1, vocab, shards, setup.loss_chunk_rows)
     weight_BT = mask_BT / jnp.maximum(num_targets, 1).astype(jnp.float32)
     ce = cross_entropy.linear_cross_entropy(
-        h_BTD[:, :-1], model.head_VD(), tokens[:, 1:], weight_BT, chunks=chunks
+        h_BTD[:, :-1], model.head_VD(), tokens[:, 1:], weight_BT, chunks=chunks, pieces=pieces
     )
     n_moe = setup.model_cfg.num_layers if setup.model_cfg.moe.num_experts else 1
     aux_loss = share * aux.get("aux_loss", 0.0) / n_moe

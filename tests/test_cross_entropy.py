@@ -3,7 +3,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hanuman_jax.cross_entropy import chunks_for, linear_cross_entropy
+from hanuman_jax.cross_entropy import (
+    MAX_PIECE_LOGITS_BYTES,
+    chunk_plan,
+    chunks_for,
+    linear_cross_entropy,
+)
 
 
 def _plain(h_BTD, w_VD, target_BT, weight_BT):
@@ -58,3 +63,59 @@ def test_chunks_are_whole_sequences_of_at_least_the_minimum_on_every_shard():
     assert chunks_for(8, 255, 1, 600) == 2  # 4 sequences reach 600 rows
     assert chunks_for(2, 8191, 1, 4096) == 2
     assert chunks_for(1, 127, 1, 4096) == 1  # never fewer than one
+
+
+@pytest.mark.parametrize(("pieces", "chunks"), [(2, 1), (3, 2), (3, 9), (7, 6)])
+def test_sequences_cut_into_pieces_give_the_same_loss_and_gradients(pieces, chunks):
+    # t = 7: 2 and 3 pieces pad the sequences with untrained positions, 7 pieces are 1 token each
+    h, w, target, weight = _inputs(b=6, t=7)
+    want, (dh_want, dw_want) = jax.value_and_grad(_plain, argnums=(0, 1))(h, w, target, weight)
+
+    def loss(h, w):
+        return linear_cross_entropy(h, w, target, weight, chunks=chunks, pieces=pieces)
+
+    got, (dh, dw) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(h, w)
+    assert dh.shape == h.shape
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_allclose(dh, dh_want, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(dw, dw_want, rtol=1e-5, atol=1e-7)
+
+
+def test_long_sequences_of_a_large_vocabulary_are_cut_to_bound_the_logits():
+    # bench_s and tiny: whole sequences, as chunks_for picks them
+    assert chunk_plan(8, 255, 8000, 1, 128) == (1, 8, 255)
+    assert chunk_plan(16, 127, 4096, 2, 128) == (1, 8, 254)
+    # the recipe at 8k: one sequence's logits would be 3.1 GB; 6 pieces of 1,366 targets
+    pieces, chunks, rows = chunk_plan(1, 8191, 96_000, 1, 4096)
+    assert (pieces, chunks, rows) == (6, 6, 1366)
+    assert rows * 96_000 * 4 <= MAX_PIECE_LOGITS_BYTES
+    # 8 batch shards: a chunk takes one piece from each device's rows
+    assert chunk_plan(64, 2047, 96_000, 8, 4096) == (2, 16, 8 * 1024)
+
+
+def test_train_loss_is_the_same_when_sequences_are_cut(root, monkeypatch):
+    from hanuman_jax import cross_entropy, sharding
+    from hanuman_jax.config import load_config
+    from hanuman_jax.step import build_setup, init_state, loss_fn
+
+    cfg = load_config(root / "configs" / "tiny.py",
+                      ["--config.model.vocab_size=512", "--config.model.num_layers=1",
+                       "--config.data.seq_len=64", "--config.train.batch_size=2"])  # fmt: skip
+    setup = build_setup(cfg, sharding.make_mesh(cfg.mesh))
+    params = init_state(setup)["params"]
+    rng = np.random.default_rng(0)
+    batch = {
+        "tokens": jnp.asarray(rng.integers(0, 512, (2, 64)), jnp.int32),
+        "segment_ids": jnp.ones((2, 64), jnp.int32),
+        "positions": jnp.tile(jnp.arange(64, dtype=jnp.int32), (2, 1)),
+        "loss_mask": jnp.ones((2, 64), jnp.int32),
+    }
+    run = jax.value_and_grad(lambda p: loss_fn(setup, p, batch, None)[0])
+    whole, g_whole = run(params)
+    # room for 20 rows of logits: each sequence of 63 targets in 4 pieces of 16 (one padded)
+    monkeypatch.setattr(cross_entropy, "MAX_PIECE_LOGITS_BYTES", 20 * 512 * 4)
+    assert chunk_plan(2, 63, 512, 1, setup.loss_chunk_rows)[0] == 4
+    cut, g_cut = run(params)
+    np.testing.assert_allclose(cut, whole, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g_cut), jax.tree.leaves(g_whole), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
