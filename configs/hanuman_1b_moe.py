@@ -22,7 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.model.param_dtype = "float32"  # dtype parameters are stored and updated in
     cfg.model.remat = "full"  # none, full, or save_matmuls: recompute all but the 2-D matmuls
     cfg.model.attention = "auto"  # auto (cuDNN flash attention where it runs, else xla), xla, cudnn
-    cfg.model.attention_block = 0  # xla attention: N query rows at a time (N x T scores); 0 = all
+    cfg.model.attention_block = 512  # xla attention: N query rows at a time (N x T scores); 0 = all
     cfg.model.rope = ml_collections.ConfigDict()
     cfg.model.rope.theta = 500_000.0  # RoPE base frequency
     cfg.model.rope.scaling = "llama3"  # none, linear (position interpolation) or llama3

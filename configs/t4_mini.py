@@ -28,7 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.model.param_dtype = "float32"  # master weights and AdamW state stay float32
     cfg.model.remat = "full"  # keep one block's activations at a time
     cfg.model.attention = "xla"  # cuDNN flash attention needs compute capability 8.0+
-    cfg.model.attention_block = 0  # xla attention: N query rows at a time (N x T scores); 0 = all
+    cfg.model.attention_block = 512  # xla attention: N query rows at a time (N x T scores); 0 = all
     cfg.model.rope.theta = 10_000.0  # RoPE base frequency
     cfg.model.rope.scaling = "none"  # no context extension
     cfg.model.rope.factor = 1.0  # context extension factor when scaling is on
