@@ -36,3 +36,11 @@ def test_bench_train_against_torch_reports_mfu_and_the_ratio_ceiling(root):
     )
     assert r["ratio_ceiling"] * r["torch_mfu_measured_peak"] == pytest.approx(1, rel=1e-2)
     assert "ratio ours/torch" in out and "at most" in out
+
+
+def test_bench_attention_checks_and_times_every_variant(root):
+    _, r = run_script(root, "scripts/bench_attention.py", "--seq", "64", "--blocks", "16,64",
+                      "--rounds", "1")  # fmt: skip
+    assert set(r["ms"]) == {"all", "block_16", "block_64"}
+    assert max(r["max_grad_diff"].values()) < 1e-4
+    assert r["temp_bytes"]["block_16"] < r["temp_bytes"]["all"]
