@@ -110,16 +110,16 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         cfg = load_config(args.config, overrides)
-        set_xla_flags(cfg)  # before anything starts a JAX backend
-        if args.distributed:
-            join_cluster(args)
-        if args.dry_run:
+        if args.dry_run:  # compiles nothing: no XLA flags, which would outlive the call
             if cfg.model.vocab_size == 0:
                 from hanuman_jax.trainer import load_tokenizer
 
                 load_tokenizer(cfg)
             dry_run(cfg)
             return 0
+        set_xla_flags(cfg)  # before anything starts a JAX backend
+        if args.distributed:
+            join_cluster(args)
         from hanuman_jax.trainer import NonFiniteError, train
 
         workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)

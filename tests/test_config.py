@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -61,7 +62,7 @@ def test_recipe_config_is_the_recipe():
     )
 
 
-def test_recipe_parameter_counts_match_hand_count(capsys):
+def test_recipe_parameter_counts_match_hand_count(capsys, monkeypatch):
     d, layers, vocab, experts, top_k, hidden = 896, 24, 96_000, 8, 2, 2560
     head_dim, kv = d // 14, 2
     attention = 2 * d * d + 2 * d * kv * head_dim  # q, o; k, v
@@ -71,7 +72,13 @@ def test_recipe_parameter_counts_match_hand_count(capsys):
     active = layers * (per_layer_fixed + top_k * expert) + vocab * d + d
     assert (total, active) == (1_451_477_888, 460_573_568)
 
+    # main() may set XLA_FLAGS for the process; a backend started later in this test worker would
+    # read them (tests/test_memory.py compares with XLA's default scheduler)
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
     assert main(["--config", str(ROOT / "configs" / "hanuman_1b_moe.py"), "--dry_run"]) == 0
+    assert (
+        "concurrency_optimized_scheduler" not in os.environ["XLA_FLAGS"]
+    )  # a dry run compiles nothing
     out = capsys.readouterr().out
     assert f"total parameters:  {total:,}" in out
     assert f"active parameters: {active:,} per token" in out
