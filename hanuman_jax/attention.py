@@ -79,14 +79,8 @@ def xla_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, segment_ids_BT: A
     heads share K key/value heads); the backward keeps the probabilities."""
     b, t, n, h = q_BTNH.shape
     kv = k_BSKH.shape[2]
-    q_BTKGH = q_BTNH.reshape(b, t, kv, n // kv, h)
-    logits_BKGTS = jnp.einsum(
-        "BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32
-    ) / math.sqrt(h)
-    causal_TS = jnp.tril(jnp.ones((t, t), dtype=bool))
-    same_doc_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
-    mask_B11TS = (causal_TS[None] & same_doc_BTS)[:, None, None]
-    logits_BKGTS = jnp.where(mask_B11TS, logits_BKGTS, jnp.finfo(jnp.float32).min)
+    mask_B11TS = _doc_causal_mask(segment_ids_BT, segment_ids_BT, 0)
+    logits_BKGTS = _block_logits(q_BTNH.reshape(b, t, kv, n // kv, h), k_BSKH, mask_B11TS)
     probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(q_BTNH.dtype)
     out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH)
     return out_BTKGH.reshape(b, t, n, h)
@@ -105,15 +99,12 @@ def fused_attention(
     )
 
 
-def _scores(q_BTNH: Array, k_BSKH: Array, bias_B1TS: Array) -> Array:
-    """Scaled, masked logits [B, K, G, T, S] in float32 (query head n = k * G + g)."""
-    b, t, n, h = q_BTNH.shape
-    kv = k_BSKH.shape[2]
-    q_BTKGH = q_BTNH.reshape(b, t, kv, n // kv, h)
-    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
-    logits = logits / math.sqrt(h) + bias_B1TS[:, :, None].astype(jnp.float32)
-    causal_TS = jnp.tril(jnp.ones((t, k_BSKH.shape[1]), bool))
-    return jnp.where(causal_TS, logits, -jnp.inf)
+def _scores(q_BTKGH: Array, k_BSKH: Array, bias_B1TS: Array) -> Array:
+    """Scaled causal logits [B, K, G, T, S] in float32 plus the additive bias."""
+    t, s = q_BTKGH.shape[1], k_BSKH.shape[1]
+    causal_11TS = jnp.tril(jnp.ones((t, s), bool))[None, None]
+    logits = _block_logits(q_BTKGH, k_BSKH, causal_11TS[:, :, None])
+    return logits + bias_B1TS[:, :, None].astype(jnp.float32)
 
 
 @jax.custom_vjp
@@ -123,10 +114,12 @@ def _cudnn_stand_in(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_B1TS: Arra
 
 def _stand_in_forward(q_BTNH, k_BSKH, v_BSKH, mask_B1TS):
     b, t, n, h = q_BTNH.shape
+    kv = k_BSKH.shape[2]
     dt = q_BTNH.dtype
-    # as JAX's cuDNN call turns a boolean mask into an additive bias in the compute dtype
+    # an additive bias in the compute dtype, as JAX's cuDNN call makes of a boolean mask (its
+    # masked value differs; the planner needs only the size)
     bias_B1TS = jnp.where(mask_B1TS, jnp.asarray(0, dt), jnp.asarray(jnp.finfo(dt).min / 2, dt))
-    logits_BKGTS = _scores(q_BTNH, k_BSKH, bias_B1TS)
+    logits_BKGTS = _scores(q_BTNH.reshape(b, t, kv, n // kv, h), k_BSKH, bias_B1TS)
     lse_BKGT = jax.nn.logsumexp(logits_BKGTS, axis=-1)
     probs_BKGTS = jnp.exp(logits_BKGTS - lse_BKGT[..., None]).astype(dt)
     out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH)
@@ -138,20 +131,13 @@ def _stand_in_forward(q_BTNH, k_BSKH, v_BSKH, mask_B1TS):
 def _stand_in_backward(residuals, dout_BTNH):
     q_BTNH, k_BSKH, v_BSKH, bias_B1TS, lse_BKGT, out_BTNH = residuals
     b, t, n, h = q_BTNH.shape
-    kv = k_BSKH.shape[2]
-    f32 = jnp.float32
-    probs_BKGTS = jnp.exp(_scores(q_BTNH, k_BSKH, bias_B1TS) - lse_BKGT[..., None])
-    dout_BTKGH = dout_BTNH.reshape(b, t, kv, n // kv, h).astype(f32)
-    q_BTKGH = q_BTNH.reshape(b, t, kv, n // kv, h).astype(f32)
-    k32, v32 = k_BSKH.astype(f32), v_BSKH.astype(f32)
-    dv_BSKH = jnp.einsum("BKGTS,BTKGH->BSKH", probs_BKGTS, dout_BTKGH)
-    dprobs_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", dout_BTKGH, v32)
-    # softmax backward: p * (dp - sum_s p dp), where sum_s p dp = sum_h dout * out
-    row_BKGT = jnp.einsum("BTKGH,BTKGH->BKGT", dout_BTKGH,
-                          out_BTNH.reshape(b, t, kv, n // kv, h).astype(f32))  # fmt: skip
-    dlogits_BKGTS = probs_BKGTS * (dprobs_BKGTS - row_BKGT[..., None]) / math.sqrt(h)
-    dq_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", dlogits_BKGTS, k32)
-    dk_BSKH = jnp.einsum("BKGTS,BTKGH->BSKH", dlogits_BKGTS, q_BTKGH)
+    shape5 = (b, t, k_BSKH.shape[2], n // k_BSKH.shape[2], h)
+    q_BTKGH, dout_BTKGH = q_BTNH.reshape(shape5), dout_BTNH.reshape(shape5)
+    probs_BKGTS = jnp.exp(_scores(q_BTKGH, k_BSKH, bias_B1TS) - lse_BKGT[..., None])
+    row_BTKG = _softmax_rows(dout_BTKGH, out_BTNH.reshape(shape5))
+    dq_BTKGH, dk_BSKH, dv_BSKH = _block_grads(
+        probs_BKGTS, q_BTKGH, k_BSKH, v_BSKH, dout_BTKGH, row_BTKG
+    )
     no_grad = np.zeros(bias_B1TS.shape, jax.dtypes.float0)
     return (
         dq_BTKGH.reshape(b, t, n, h).astype(q_BTNH.dtype),
@@ -159,6 +145,29 @@ def _stand_in_backward(residuals, dout_BTNH):
         dv_BSKH.astype(v_BSKH.dtype),
         no_grad,
     )
+
+
+def _softmax_rows(dout_BTKGH: Array, out_BTKGH: Array) -> Array:
+    """sum_s p dp of each query row and head, which is sum_h dout * out: [B, T, K, G], float32."""
+    f32 = jnp.float32
+    return jnp.sum(dout_BTKGH.astype(f32) * out_BTKGH.astype(f32), axis=-1)
+
+
+def _block_grads(probs_BKGCS, q_BCKGH, k_BSKH, v_BSKH, dout_BCKGH, row_BCKG):
+    """One block of query rows' share of the attention gradients, from its float32
+    probabilities (recomputed): dq of the block, and its contributions to dk and dv (float32).
+    Softmax backward: dlogits = p * (dp - sum_s p dp); the matmuls take the compute dtype."""
+    f32, dt = jnp.float32, dout_BCKGH.dtype
+    h = q_BCKGH.shape[-1]
+    dv_BSKH = jnp.einsum("BKGCS,BCKGH->BSKH", probs_BKGCS.astype(dt), dout_BCKGH,
+                         preferred_element_type=f32)  # fmt: skip
+    dprobs_BKGCS = jnp.einsum("BCKGH,BSKH->BKGCS", dout_BCKGH, v_BSKH,
+                              preferred_element_type=f32)  # fmt: skip
+    row_BKGC1 = jnp.moveaxis(row_BCKG, 1, -1)[..., None]
+    dlogits_BKGCS = (probs_BKGCS * (dprobs_BKGCS - row_BKGC1) / math.sqrt(h)).astype(dt)
+    dq_BCKGH = jnp.einsum("BKGCS,BSKH->BCKGH", dlogits_BKGCS, k_BSKH, preferred_element_type=f32)
+    dk_BSKH = jnp.einsum("BKGCS,BCKGH->BSKH", dlogits_BKGCS, q_BCKGH, preferred_element_type=f32)
+    return dq_BCKGH, dk_BSKH, dv_BSKH
 
 
 _cudnn_stand_in.defvjp(_stand_in_forward, _stand_in_backward)
@@ -233,28 +242,17 @@ def _blockwise_backward(block, residuals, dout_BTNH):
     kv = k_BSKH.shape[2]
     c = _block_size(t, block)
     f32 = jnp.float32
-    dt = dout_BTNH.dtype
     shape5 = (b, t, kv, n // kv, h)
     dout_BTKGH = dout_BTNH.reshape(shape5)
-    # softmax backward: dlogits = p * (dp - sum_s p dp), and sum_s p dp = sum_h dout * out
-    row_BTKG = jnp.sum(dout_BTKGH.astype(f32) * out_BTNH.reshape(shape5).astype(f32), axis=-1)
+    row_BTKG = _softmax_rows(dout_BTKGH, out_BTNH.reshape(shape5))
 
     def body(carry, xs):
         dk_BSKH, dv_BSKH = carry
         i, q_BCKGH, seg_BC, dout_BCKGH, row_BCKG, lse_BKGC = xs
         mask = _doc_causal_mask(seg_BC, segment_ids_BT, i * c)
         probs_BKGCS = jnp.exp(_block_logits(q_BCKGH, k_BSKH, mask) - lse_BKGC[..., None])
-        dv_BSKH += jnp.einsum("BKGCS,BCKGH->BSKH", probs_BKGCS.astype(dt), dout_BCKGH,
-                              preferred_element_type=f32)  # fmt: skip
-        dprobs_BKGCS = jnp.einsum("BCKGH,BSKH->BKGCS", dout_BCKGH, v_BSKH,
-                                  preferred_element_type=f32)  # fmt: skip
-        row_BKGC1 = jnp.moveaxis(row_BCKG, 1, -1)[..., None]
-        dlogits_BKGCS = (probs_BKGCS * (dprobs_BKGCS - row_BKGC1) / math.sqrt(h)).astype(dt)
-        dq_BCKGH = jnp.einsum("BKGCS,BSKH->BCKGH", dlogits_BKGCS, k_BSKH,
-                              preferred_element_type=f32)  # fmt: skip
-        dk_BSKH += jnp.einsum("BKGCS,BCKGH->BSKH", dlogits_BKGCS, q_BCKGH,
-                              preferred_element_type=f32)  # fmt: skip
-        return (dk_BSKH, dv_BSKH), dq_BCKGH
+        dq_BCKGH, dk, dv = _block_grads(probs_BKGCS, q_BCKGH, k_BSKH, v_BSKH, dout_BCKGH, row_BCKG)
+        return (dk_BSKH + dk, dv_BSKH + dv), dq_BCKGH
 
     xs = (
         jnp.arange(t // c),

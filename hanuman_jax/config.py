@@ -244,6 +244,15 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         f"must be <= model.max_seq_len ({m.max_seq_len})",
     )
     _check_seq_len_schedule(d.seq_len_schedule, d.seq_len)
+    block = m.get("attention_block", 0)
+    for length in [d.seq_len, *(pair[1] for pair in d.seq_len_schedule)]:
+        _check(
+            block == 0 or length <= block or length % block == 0,
+            "model.attention_block",
+            block,
+            f"must divide each row length longer than it (data.seq_len / seq_len_schedule: "
+            f"{length}), or the whole {length} x {length} scores would be made at once",
+        )
     _check(
         isinstance(d.sources, (list, tuple)) and len(d.sources) > 0,
         "data.sources",

@@ -114,32 +114,36 @@ def min_chunk_rows(backend: str) -> int:
     return 128 if backend == "cpu" else 4096
 
 
-# A chunk's float32 logits (and their gradient, as many bytes again) stay within this where one
-# sequence's would pass it: a 96k vocabulary at 8,191 targets is 3.1 GB of logits.
-MAX_PIECE_LOGITS_BYTES = 512 << 20
+# Each device's share of a chunk keeps its float32 logits near this, at most about twice it (the
+# gradient takes as many bytes again): a 96k vocabulary at 8,191 targets would otherwise hold
+# 3.1 GB of logits for one sequence.
+MAX_CHUNK_LOGITS_BYTES = 512 << 20
 
 
 def chunk_plan(
     batch_rows: int, seq_len: int, vocab: int, batch_shards: int, min_rows: int
 ) -> tuple[int, int, int]:
-    """(pieces per sequence, chunks, token rows per chunk) of `linear_cross_entropy` for a batch
-    of `batch_rows` sequences of `seq_len` targets: whole sequences per chunk (`chunks_for`), or,
-    where one sequence's logits would pass MAX_PIECE_LOGITS_BYTES, equal pieces of sequences
-    that stay within it, one piece per chunk where the shards allow."""
-    cap_rows = max(1, MAX_PIECE_LOGITS_BYTES // (vocab * 4))
-    pieces = -(-seq_len // cap_rows)
+    """(pieces per sequence, chunks, token rows per chunk on each device) of
+    `linear_cross_entropy` for `batch_rows` sequences of `seq_len` targets over `batch_shards`
+    devices. Sequences stay whole while one's logits fit MAX_CHUNK_LOGITS_BYTES, and a chunk
+    then takes the fewest sequences that give each device at least min(`min_rows`, that
+    many rows); past it, sequences are cut into equal pieces that fit, one per device and chunk
+    where the shards allow."""
+    cap_rows = max(1, MAX_CHUNK_LOGITS_BYTES // (vocab * 4))
+    pieces = max(1, -(-seq_len // cap_rows))
     piece = -(-seq_len // pieces)
-    least = min_rows if pieces == 1 else min(min_rows, piece)
+    least = min(min_rows, cap_rows if pieces == 1 else piece)
     chunks = chunks_for(batch_rows * pieces, piece, batch_shards, least)
-    return pieces, chunks, batch_rows * pieces // chunks * piece
+    return pieces, chunks, batch_rows * pieces // chunks // batch_shards * piece
 
 
 def chunks_for(batch_rows: int, seq_len: int, batch_shards: int, min_rows: int) -> int:
-    """The most chunks of at least `min_rows` token rows each (whole sequences, the same number
-    on each of `batch_shards` devices) that `batch_rows` sequences split into; at least 1."""
+    """The most chunks of whole sequences, the same number on each of `batch_shards` devices,
+    that give each device at least `min_rows` token rows per chunk; at least 1."""
     best = 1
     for n in range(1, batch_rows + 1):
         per = batch_rows // n
-        if batch_rows % n == 0 and per % batch_shards == 0 and per * seq_len >= min_rows:
+        shared = batch_rows % n == 0 and per % batch_shards == 0
+        if shared and per // batch_shards * seq_len >= min_rows:
             best = n
     return best

@@ -213,7 +213,9 @@ def plan(cfg: ml_collections.ConfigDict, num_devices: int, target: Target | None
             f"{shards * accum}"
         )
     micro = cfg.train.batch_size // (shards * accum)
-    setup = _setup(_one_device_cfg(cfg))
+    target = target or current_target()
+    with planning_for(target):  # model.attention as the target resolves it
+        setup = _setup(_one_device_cfg(cfg))
     divisors = _shard_divisors(setup, mesh)
     abstract = setup.abstract_state
     param_bytes = jax.tree.map(lambda p, d: _nbytes(p) // d, abstract["params"], divisors)
@@ -228,7 +230,7 @@ def plan(cfg: ml_collections.ConfigDict, num_devices: int, target: Target | None
     # Accumulation keeps a running sum next to each micro-batch's gradients.
     grads = params * (2 if accum > 1 else 1)
     # Heads, FFN hidden and vocab split over `tensor`; the residual stream does not (an estimate).
-    activations = activation_bytes(cfg, micro, target or current_target()) // mesh["tensor"]
+    activations = activation_bytes(cfg, micro, target) // mesh["tensor"]
     # the step's whole batch arrives at once: tokens, segment_ids, positions, loss_mask (int32)
     batch = 4 * 4 * micro * accum * cfg.data.seq_len
     return Plan(num_devices, mesh, micro, params, sum(jax.tree.leaves(opt_bytes)), grads,
@@ -253,9 +255,11 @@ def report(cfg: ml_collections.ConfigDict, device: str | None) -> str:
     p = plan(cfg, num, target)
     accum = cfg.train.get("grad_accum_steps", 1)
     with planning_for(target):
-        attention = attention_impl(
-            cfg.model.attention, cfg.model.dtype, ModelConfig.from_config(cfg.model).hd
-        )
+        model_cfg = ModelConfig.from_config(cfg.model)
+        attention = attention_impl(model_cfg.attention, model_cfg.dtype, model_cfg.hd)
+    if attention == "xla":
+        block = model_cfg.attention_block
+        attention += f" in blocks of {block} query rows" if block else " (all scores at once)"
     lines = [
         f"mesh {p.mesh} on {num} {device or jax.default_backend()} device(s); "
         f"micro-batch {p.micro_batch} x {cfg.data.seq_len} tokens per device; "

@@ -8,8 +8,8 @@ random token ids, so any `model.vocab_size` works without a matching tokenizer. 
 after compilation. Each round measures the device's matmul peak, then `--steps` of our step, then
 (with --compare-torch) `--steps` of the Hugging Face twin (torch_baseline.py), so load from other
 processes hits all three alike; the best round of each is reported. Both frameworks' MFU is taken
-against the same measured peak, so `ratio_ceiling` = 1 / torch's MFU is the most any step could
-gain on torch here: the ratio at which ours would run every model FLOP at that peak. The last line
+against the same measured peak, so `ratio_ceiling` = 1 / torch's MFU bounds the ratio at that
+peak: it is the ratio at which ours would run every model FLOP at the measured peak. The last line
 is one JSON object.
 """
 

@@ -65,18 +65,27 @@ def test_cudnn_stand_in_keeps_what_cudnn_keeps():
     assert xla > kept + b * n * t * t * 2  # XLA keeps the T x T probabilities of every head
 
 
-def test_planner_counts_flash_attention_on_gpus_that_run_it(root):
+def test_planner_counts_flash_attention_on_gpus_that_run_it(root, capsys):
     cfg = load_config(root / "configs" / "tiny.py",
                       ["--config.model.vocab_size=512", "--config.model.num_layers=2",
                        "--config.model.dtype=bfloat16", "--config.data.seq_len=512",
                        "--config.train.batch_size=2"])  # fmt: skip
     t4 = memory.plan(cfg, 1, memory.DEVICES["t4"].target).activations
     h100 = memory.plan(cfg, 1, memory.DEVICES["h100"].target).activations
-    heads = cfg.model.num_heads
-    # remat full keeps one block's residuals beside the layer inputs: one layer's T x T probs
-    assert t4 - h100 > 2 * heads * 512 * 512 * 2, (t4, h100)
-    assert memory.main(["--config", str(root / "configs" / "tiny.py"), "--device", "h100",
-                        "--config.model.dtype=bfloat16"]) == 0  # fmt: skip
+    # without remat every layer keeps its T x T probabilities (bf16) under XLA's attention
+    layers, batch, heads, t = 2, 2, cfg.model.num_heads, 512
+    assert t4 - h100 > layers * batch * heads * t * t * 2, (t4, h100)
+    config = str(root / "configs" / "tiny.py")
+    assert (
+        memory.main(["--config", config, "--device", "h100", "--config.model.dtype=bfloat16"]) == 0
+    )
+    assert "attention cudnn" in capsys.readouterr().out
+    # attention=cudnn cannot run on this CPU, but can be planned for a GPU that runs it
+    assert memory.main(["--config", config, "--device", "a100", "--config.model.dtype=bfloat16",
+                        "--config.model.attention=cudnn"]) == 0  # fmt: skip
+    assert memory.main(["--config", config, "--device", "t4", "--config.model.dtype=float16",
+                        "--config.model.attention=cudnn"]) == 2  # fmt: skip
+    assert "model.attention=cudnn cannot run here (gpu, capability 7.5" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("t", "block"), [(24, 8), (19, 8), (24, 24)])  # 19: block does not divide
@@ -94,10 +103,17 @@ def test_blockwise_attention_equals_xla_attention_and_its_gradients(t, block):
     want = jax.grad(loss(plain), argnums=(0, 1, 2))(q, k, v)
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4)
-    # bfloat16: the same within bf16 rounding
+    # bfloat16 (the backward's matmuls take the compute dtype): within bf16 rounding of float32
     bf = [x.astype(jnp.bfloat16) for x in (q, k, v)]
     np.testing.assert_allclose(blockwise(*bf).astype(jnp.float32), plain(*bf).astype(jnp.float32),
                                atol=3e-2, rtol=3e-2)  # fmt: skip
+    dout_bf = dout.astype(jnp.bfloat16)
+    got_bf = jax.grad(lambda q, k, v: jnp.sum(blockwise(q, k, v).astype(jnp.float32) * dout_bf),
+                      argnums=(0, 1, 2))(*bf)  # fmt: skip
+    for g, w in zip(got_bf, want, strict=True):
+        assert g.dtype == jnp.bfloat16
+        rel = jnp.linalg.norm(g.astype(jnp.float32) - w) / jnp.linalg.norm(w)
+        assert rel < 2e-2, rel
 
 
 def test_blockwise_attention_holds_a_block_of_scores_not_all_of_them():
@@ -125,7 +141,7 @@ def test_blockwise_attention_holds_a_block_of_scores_not_all_of_them():
     assert kept == b * t * 4 + b * t * n * h * 4 + b * n * t * 4
 
 
-def test_model_attention_block_changes_memory_not_results(root):
+def test_model_attention_block_keeps_loss_and_gradients(root):
     from hanuman_jax import sharding
     from hanuman_jax.step import build_setup, init_state, loss_fn
 

@@ -120,6 +120,8 @@ BAD = [
     ("--config.data.seq_len_schedule=[(0, 64), (0.5, 32), (0.7, 128)]", "must both grow"),
     ("--config.data.seq_len_schedule=[64, 128]", "must be a (fraction, seq_len) pair"),
     ("--config.data.seq_len_schedule=2048", "expected a list"),
+    ("--config.model.attention_block=48", "model.attention_block=48 is invalid: must divide"),
+    ("--config.model.attention_block=-1", "model.attention_block=-1 is invalid"),
 ]
 
 

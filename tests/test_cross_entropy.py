@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from hanuman_jax.cross_entropy import (
-    MAX_PIECE_LOGITS_BYTES,
+    MAX_CHUNK_LOGITS_BYTES,
     chunk_plan,
     chunks_for,
     linear_cross_entropy,
@@ -82,15 +82,19 @@ def test_sequences_cut_into_pieces_give_the_same_loss_and_gradients(pieces, chun
 
 
 def test_long_sequences_of_a_large_vocabulary_are_cut_to_bound_the_logits():
-    # bench_s and tiny: whole sequences, as chunks_for picks them
+    # bench_s and tiny: whole sequences, as chunks_for picks them; rows per chunk per device
     assert chunk_plan(8, 255, 8000, 1, 128) == (1, 8, 255)
-    assert chunk_plan(16, 127, 4096, 2, 128) == (1, 8, 254)
+    assert chunk_plan(16, 127, 4096, 2, 128) == (1, 4, 254)
     # the recipe at 8k: one sequence's logits would be 3.1 GB; 6 pieces of 1,366 targets
-    pieces, chunks, rows = chunk_plan(1, 8191, 96_000, 1, 4096)
-    assert (pieces, chunks, rows) == (6, 6, 1366)
-    assert rows * 96_000 * 4 <= MAX_PIECE_LOGITS_BYTES
-    # 8 batch shards: a chunk takes one piece from each device's rows
-    assert chunk_plan(64, 2047, 96_000, 8, 4096) == (2, 16, 8 * 1024)
+    assert chunk_plan(1, 8191, 96_000, 1, 4096) == (6, 6, 1366)
+    # short sequences of a large vocabulary: whole, but no more than the cap needs
+    pieces, chunks, rows = chunk_plan(8, 1000, 96_000, 1, 4096)
+    assert (pieces, chunks) == (1, 4) and rows * 96_000 * 4 <= 2 * MAX_CHUNK_LOGITS_BYTES
+    for b, t, shards in [(64, 2047, 8), (16, 8191, 4), (32, 255, 2)]:
+        plan = chunk_plan(b, t, 96_000, shards, 4096)
+        assert plan[2] * 96_000 * 4 <= 2 * MAX_CHUNK_LOGITS_BYTES, plan
+        # the step plans the global batch over its shards, the planner one device's share
+        assert plan == chunk_plan(b // shards, t, 96_000, 1, 4096), (b, t, shards)
 
 
 def test_train_loss_is_the_same_when_sequences_are_cut(root, monkeypatch):
@@ -113,7 +117,7 @@ def test_train_loss_is_the_same_when_sequences_are_cut(root, monkeypatch):
     run = jax.value_and_grad(lambda p: loss_fn(setup, p, batch, None)[0])
     whole, g_whole = run(params)
     # room for 20 rows of logits: each sequence of 63 targets in 4 pieces of 16 (one padded)
-    monkeypatch.setattr(cross_entropy, "MAX_PIECE_LOGITS_BYTES", 20 * 512 * 4)
+    monkeypatch.setattr(cross_entropy, "MAX_CHUNK_LOGITS_BYTES", 20 * 512 * 4)
     assert chunk_plan(2, 63, 512, 1, setup.loss_chunk_rows)[0] == 4
     cut, g_cut = run(params)
     np.testing.assert_allclose(cut, whole, rtol=1e-6)
