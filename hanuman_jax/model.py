@@ -86,7 +86,7 @@ class Attention(nnx.Module):
         k_BSKH = apply_rope(k_BSKH, positions_BT, inv_freq)
         if self.impl == "cudnn":
             out_BTNH = fused_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, "cudnn")
-        elif self.block:
+        elif self.block and q_BTNH.shape[1] > self.block:  # one block would be all the scores
             out_BTNH = blockwise_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, self.block)
         else:
             out_BTNH = xla_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)

@@ -166,3 +166,17 @@ def test_model_attention_block_keeps_loss_and_gradients(root):
     np.testing.assert_allclose(loss16, loss0, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g16), jax.tree.leaves(g0), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_rows_no_longer_than_a_block_take_the_plain_attention(root):
+    """One block would hold all T x T scores anyway: the plain attention runs, and is planned."""
+
+    def activations(block, seq_len):
+        cfg = load_config(root / "configs" / "tiny.py",
+                          ["--config.model.vocab_size=512", "--config.model.num_layers=2",
+                           f"--config.data.seq_len={seq_len}", "--config.train.batch_size=2",
+                           f"--config.model.attention_block={block}"])  # fmt: skip
+        return memory.plan(cfg, 1).activations
+
+    assert activations(128, 128) == activations(0, 128)
+    assert activations(64, 128) < activations(0, 128)
