@@ -6,8 +6,10 @@
 Parameters and optimizer state are counted from the abstract train state and divided by the mesh
 as `sharding.py` lays them out. Activations are the residuals that the backward pass keeps from
 the forward pass, found by tracing `jax.vjp` of the real loss on one micro-batch (nothing is
-allocated). On CPU the total is within a few percent of XLA's own `memory_analysis()` of the
-compiled step (tests/test_memory.py).
+allocated), with the attention the target device runs (attention.py: on a GPU that runs cuDNN
+flash attention, a stand-in that keeps what it keeps). On CPU the total is within 15 % of XLA's
+own `memory_analysis()` of the compiled step (tests/test_memory.py: 1-3 % all scores at once,
+11 % with the attention in blocks).
 
 That holds for XLA:CPU's default scheduler, which `train` keeps when `model.remat` is none.
 Under remat the plan counts what jax.checkpoint keeps, and `train` switches XLA:CPU to its
