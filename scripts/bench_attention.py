@@ -1,5 +1,5 @@
-"""XLA's attention, all scores at once against `blockwise_attention`: forward + backward time and
-XLA's temporaries, on one shape, in one process.
+"""XLA's attention, all scores at once against `blockwise_attention` (and, on a GPU, cuDNN flash
+attention): forward + backward time and XLA's temporaries, on one shape, in one process.
 
     python scripts/bench_attention.py [--batch 2] [--seq 2048] [--heads 4] [--kv-heads 2]
                                       [--head-dim 64] [--blocks 128,256,512] [--rounds 3]
@@ -18,7 +18,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from hanuman_jax.attention import blockwise_attention, xla_attention
+from hanuman_jax.attention import blockwise_attention, fused_attention, xla_attention
 
 
 def main() -> None:
@@ -53,6 +53,8 @@ def main() -> None:
         variants[f"block_{block}"] = fwd_bwd(
             lambda q, k, v, seg, block=block: blockwise_attention(q, k, v, seg, block)
         )
+    if jax.default_backend() == "gpu":  # what model.attention=auto runs there
+        variants["cudnn"] = fwd_bwd(lambda q, k, v, seg: fused_attention(q, k, v, seg, "cudnn"))
     temp, err = {}, {}
     _, want = variants["all"](q, k, v)
     for name, f in variants.items():

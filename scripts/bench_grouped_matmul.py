@@ -1,9 +1,11 @@
 """Times the MoE expert kernels (forward + backward) against a dense matmul of the same FLOPs.
 
     python scripts/bench_grouped_matmul.py [--tokens 4096] [--d-model 128] [--hidden 256]
+                                           [--experts 4] [--dtype float32]
 
 Prints one JSON object per kernel; `ratio_vs_dense` is its time over the dense baseline measured
-in the same process (this machine is shared and noisy; ratios are steadier than times).
+in the same process (this machine is shared and noisy; ratios are steadier than times), and
+`max_grad_diff` its largest gradient difference from the `blocked` kernel's.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ def main() -> None:
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--dtype", default="float32", help="inputs' and weights' dtype")
     a = p.parse_args()
     rows = a.tokens * a.top_k
     key = jax.random.PRNGKey(0)
@@ -46,6 +49,7 @@ def main() -> None:
         for i in (1, 2)
     )
     wd = jax.random.normal(key, (a.experts, a.hidden, a.d_model)) * 0.05
+    x, wg, wu, wd = (w.astype(a.dtype) for w in (x, wg, wu, wd))
     # uneven routing, as a router produces: group sizes proportional to 1..E
     shares = jnp.arange(1, a.experts + 1)
     sizes = (shares * rows // shares.sum()).astype(jnp.int32)
@@ -75,8 +79,15 @@ def main() -> None:
             }
         )
     )
+    grads = {}
     for impl in ("blocked", "ragged_dot"):
-        t = _time(fwd_bwd(kernel(impl)), x, wg, wu, wd, repeats=a.repeats)
+        step = fwd_bwd(kernel(impl))
+        grads[impl] = step(x, wg, wu, wd)
+        diff = max(
+            float(jnp.max(jnp.abs(g.astype(jnp.float32) - want.astype(jnp.float32))))
+            for g, want in zip(grads[impl], grads["blocked"], strict=True)
+        )
+        t = _time(step, x, wg, wu, wd, repeats=a.repeats)
         print(
             json.dumps(
                 {
@@ -84,6 +95,8 @@ def main() -> None:
                     "ms": round(t * 1e3, 2),
                     "gflop_s": round(flops / t / 1e9, 1),
                     "ratio_vs_dense": round(t / base, 2),
+                    "max_grad_diff": diff,
+                    "dtype": a.dtype,
                     "backend": jax.default_backend(),
                 }
             )

@@ -44,3 +44,36 @@ def test_bench_attention_checks_and_times_every_variant(root):
     assert set(r["ms"]) == {"all", "block_16", "block_64"}
     assert max(r["max_grad_diff"].values()) < 1e-4
     assert r["temp_bytes"]["block_16"] < r["temp_bytes"]["all"]
+
+
+@pytest.mark.slow
+def test_device_checks_smoke_runs_every_check_and_records_its_figures(root, tmp_path):
+    """The GPU run, prepared: the same checks and configs at tiny shapes on the CPU."""
+    proc = subprocess.run(
+        [sys.executable, "scripts/device_checks.py", "--out", str(tmp_path), "--smoke"],
+        cwd=root, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["failed"] == []
+    lines = (tmp_path / "device_checks.jsonl").read_text().splitlines()
+    records = {r["name"]: r for r in map(json.loads, lines)}
+    assert list(records) == ["env", "moe", "dense", "attention", "experts", "plan", "moe_xla"]
+    assert all(r["rc"] == 0 and (tmp_path / f"{n}.log").exists() for n, r in records.items())
+    moe, dense = records["moe"]["results"][-1], records["dense"]["results"][-1]
+    assert moe["config"] == "configs/hanuman_1b_moe.py" and moe["tokens_per_s"] > 0
+    assert dense["config"] == "configs/bench_dense_05b.py" and 0 < dense["mfu_measured_peak"] < 1
+    assert records["moe_xla"]["results"][-1]["tokens_per_step"] == moe["tokens_per_step"]
+    attention = records["attention"]["results"][-1]
+    assert max(attention["max_grad_diff"].values()) < 1e-4
+    kernels = {r["kernel"]: r for r in records["experts"]["results"]}
+    assert set(kernels) == {"dense_same_flops", "blocked", "ragged_dot"}
+    assert kernels["ragged_dot"]["max_grad_diff"] < 1e-4
+    assert records["plan"]["results"][-1]["planned_total"].endswith("MiB")
+
+
+def test_device_checks_skip_what_the_budget_cannot_hold(root, tmp_path):
+    _, r = run_script(root, "scripts/device_checks.py", "--out", str(tmp_path), "--only",
+                      "env,plan", "--budget-s", "1")  # fmt: skip
+    assert r["failed"] == ["env", "plan"] and r["checks"] == 2
+    records = [json.loads(x) for x in (tmp_path / "device_checks.jsonl").read_text().splitlines()]
+    assert [x["rc"] for x in records] == ["skipped", "skipped"]
