@@ -15,7 +15,7 @@ from hanuman_jax.attention import (
     fused_attention,
     xla_attention,
 )
-from hanuman_jax.config import ModelConfig, RopeConfig
+from hanuman_jax.config import ConfigError, ModelConfig, RopeConfig
 from hanuman_jax.layers import RMSNorm, param, project
 from hanuman_jax.moe import MoEFeedForward
 
@@ -73,6 +73,7 @@ class Attention(nnx.Module):
         self.rope = cfg.rope
         self.num_kv_heads = k
         self.dtype = jnp.dtype(cfg.dtype)
+        self.requested = cfg.attention
         self.impl = attention_impl(cfg.attention, cfg.dtype, h)
         self.block = cfg.attention_block  # 0: the plain attention, all T x T scores at once
 
@@ -84,7 +85,15 @@ class Attention(nnx.Module):
         inv_freq = rope_inv_freq(q_BTNH.shape[-1], self.rope)
         q_BTNH = apply_rope(q_BTNH, positions_BT, inv_freq)
         k_BSKH = apply_rope(k_BSKH, positions_BT, inv_freq)
-        if self.impl == "cudnn":
+        impl = self.impl
+        if impl == "cudnn" and q_BTNH.shape[1] % 2:  # cuDNN trains a masked attention on even rows
+            if self.requested == "cudnn":
+                raise ConfigError(
+                    f"config model.attention=cudnn cannot run rows of {q_BTNH.shape[1]} tokens: "
+                    "cuDNN needs an even row length (data.seq_len); use auto or xla"
+                )
+            impl = "xla"
+        if impl == "cudnn":
             out_BTNH = fused_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, "cudnn")
         elif self.block and q_BTNH.shape[1] > self.block:  # one block would be all the scores
             out_BTNH = blockwise_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, self.block)

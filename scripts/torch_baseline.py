@@ -50,6 +50,9 @@ def hf_config(m: ml_collections.ConfigDict) -> transformers.PretrainedConfig:
             num_experts_per_tok=m.moe.top_k,
             output_router_logits=True,  # so the loss includes the load-balancing term, as ours
             router_aux_loss_coef=m.moe.aux_loss_coef,
+            # grouped_mm casts its input to the weights' dtype, which autocast leaves in float32,
+            # so in bf16/fp16 the experts would run in float32; eager's F.linear autocasts
+            experts_implementation="grouped_mm" if m.dtype == "float32" else "eager",
         )
     return transformers.LlamaConfig(**common)
 

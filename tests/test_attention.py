@@ -5,10 +5,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import small_model_cfg
+from flax import nnx
 
 from hanuman_jax import attention, memory
 from hanuman_jax.attention import Target, attention_impl, fused_attention, planning_for
 from hanuman_jax.config import ConfigError, load_config
+from hanuman_jax.model import Transformer
 
 H100 = Target("gpu", 9.0)
 
@@ -180,3 +183,21 @@ def test_rows_no_longer_than_a_block_take_the_plain_attention(root):
 
     assert activations(128, 128) == activations(0, 128)
     assert activations(64, 128) < activations(0, 128)
+
+
+def test_odd_rows_take_xla_attention_under_auto_and_are_refused_under_cudnn(monkeypatch):
+    """JAX's cuDNN rule trains a masked attention only on even row lengths."""
+
+    def no_cudnn(*args):
+        raise AssertionError("cuDNN attention called on odd rows")
+
+    monkeypatch.setattr("hanuman_jax.model.fused_attention", no_cudnn)
+    tokens = jnp.ones((1, 9), jnp.int32)
+    seg, pos = jnp.ones_like(tokens), jnp.arange(9)[None]
+    with planning_for(H100):
+        auto = Transformer(small_model_cfg(dtype="bfloat16"), rngs=nnx.Rngs(0))
+        assert auto.layers[0].attn.impl == "cudnn"
+        assert auto(tokens, seg, pos)[0].shape[:2] == (1, 9)
+        cudnn = Transformer(small_model_cfg(dtype="bfloat16", attention="cudnn"), rngs=nnx.Rngs(0))
+        with pytest.raises(ConfigError, match="even row length"):
+            cudnn(tokens, seg, pos)

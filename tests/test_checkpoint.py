@@ -13,7 +13,7 @@ import pytest
 from hanuman_jax import __version__, sharding
 from hanuman_jax.checkpoint import CheckpointError, check_resumable, damage
 from hanuman_jax.config import ConfigError, load_config
-from hanuman_jax.restore import load_params
+from hanuman_jax.restore import MANIFEST, load_params
 from hanuman_jax.step import build_setup, init_state
 from hanuman_jax.trainer import NonFiniteError, train
 
@@ -117,3 +117,20 @@ def test_a_workdir_that_cannot_be_written_fails_at_start(tmp_path):
     (tmp_path / "a_file").write_text("not a directory")
     with pytest.raises(ConfigError, match=r"--workdir .*a_file/run is not writable"):
         train(_cfg(), tmp_path / "a_file" / "run", progress=False)
+
+
+def test_a_run_trained_with_cudnn_attention_loads_where_cudnn_is_absent(tmp_path):
+    """A run from an A100/H100 (model.attention=cudnn) exports and generates on a CPU or T4."""
+    run = tmp_path / "run"
+    train(_cfg("--config.train.steps=1"), run, progress=False)
+    want = load_params(run).params
+    meta_file = run / "checkpoints" / "1" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    meta["config"]["model"] |= {"attention": "cudnn", "dtype": "bfloat16"}
+    meta_file.write_text(json.dumps(meta))
+    manifest_file = meta_file.parents[1] / MANIFEST  # the new size, or the step reads as damaged
+    manifest = json.loads(manifest_file.read_text())
+    manifest["files"]["meta/metadata"] = meta_file.stat().st_size
+    manifest_file.write_text(json.dumps(manifest))
+    got = load_params(run).params  # the saved config's attention cannot be built on a CPU
+    jax.tree.map(np.testing.assert_array_equal, got, want)
