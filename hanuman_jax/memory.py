@@ -37,6 +37,7 @@ from hanuman_jax import cross_entropy, sharding
 from hanuman_jax.attention import Target, attention_impl, current_target, planning_for
 from hanuman_jax.config import MESH_AXES, ConfigError, ModelConfig, load_config
 
+MiB = 1 << 20
 GiB = 1 << 30
 
 
@@ -48,20 +49,21 @@ class Device(typing.NamedTuple):
     target: Target
 
 
-def _gpu(hbm_gib: int, capability: float) -> Device:
-    return Device(1, hbm_gib * GiB, Target("gpu", capability))
+def _gpu(hbm_mib: int, capability: float) -> Device:
+    return Device(1, hbm_mib * MiB, Target("gpu", capability))
 
 
 def _tpu(devices: int, hbm_gib: int) -> Device:
     return Device(devices, hbm_gib * GiB, Target("tpu"))
 
 
+# GPU memory as nvidia-smi reports it (MiB)
 DEVICES: dict[str, Device] = {
-    "t4": _gpu(15, 7.5),  # 16 GB GDDR6; nvidia-smi reports 15,360 MiB. No cuDNN flash attention
-    "a100": _gpu(40, 8.0),
-    "a100-80": _gpu(80, 8.0),
-    "h100": _gpu(80, 9.0),
-    "h200": _gpu(141, 9.0),
+    "t4": _gpu(15_360, 7.5),  # 16 GB GDDR6. No cuDNN flash attention (capability 7.5)
+    "a100": _gpu(40_960, 8.0),
+    "a100-80": _gpu(81_920, 8.0),
+    "h100": _gpu(81_559, 9.0),  # SXM, 80 GB HBM3
+    "h200": _gpu(143_771, 9.0),  # 141 GB HBM3e
     "v2-8": _tpu(8, 8),  # 4 chips x 2 cores x 8 GiB
     "v3-8": _tpu(8, 16),
     "v4-8": _tpu(4, 32),
@@ -240,11 +242,15 @@ def plan(cfg: ml_collections.ConfigDict, num_devices: int, target: Target | None
 
 
 def usable_bytes(device: str) -> int:
-    """Memory XLA may use on one device: on GPUs JAX preallocates a fraction (75% by default)."""
+    """Memory XLA may use on one device: on GPUs JAX preallocates a fraction (75% by default,
+    else XLA_CLIENT_MEM_FRACTION or the older XLA_PYTHON_CLIENT_MEM_FRACTION, as jaxlib reads
+    them)."""
     d = DEVICES[device]
     if d.target.platform != "gpu":
         return d.hbm
-    return int(d.hbm * float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75")))
+    env = os.environ
+    fraction = env.get("XLA_CLIENT_MEM_FRACTION") or env.get("XLA_PYTHON_CLIENT_MEM_FRACTION")
+    return int(d.hbm * float(fraction or "0.75"))
 
 
 def _fmt(n: int) -> str:

@@ -81,3 +81,15 @@ def test_presets_fit_their_hardware(root, capsys, preset, device):
     config = str(root / "configs" / f"{preset}.py")
     assert memory.main(["--config", config, "--device", device]) == 0
     assert f"{device}: fits" in capsys.readouterr().out
+
+
+def test_usable_gpu_memory_follows_jax_preallocation(monkeypatch):
+    monkeypatch.delenv("XLA_CLIENT_MEM_FRACTION", raising=False)
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+    h100 = 81_559 * 2**20  # nvidia-smi's MiB
+    assert memory.usable_bytes("h100") == int(h100 * 0.75)
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")  # the older name
+    assert memory.usable_bytes("h100") == int(h100 * 0.5)
+    monkeypatch.setenv("XLA_CLIENT_MEM_FRACTION", "0.9")  # the name jaxlib reads first
+    assert memory.usable_bytes("h100") == int(h100 * 0.9)
+    assert memory.usable_bytes("v5e-8") == 16 * 2**30  # TPUs: all of it
