@@ -1,17 +1,18 @@
 """Issue 8's GPU checks in one prepared run: the first command of a session lent a GPU machine.
 
-    python scripts/device_checks.py --out DIR [--budget-s 480] [--only moe,dense] [--smoke]
+    python scripts/device_checks.py --out DIR [--budget-s 420] [--only moe,dense] [--smoke]
 
 Each check runs in its own subprocess with its own time limit, so one that fails or hangs costs
-only itself and the rest of the budget goes to the next. In order of importance:
+only itself and the rest of the budget goes to the next. A check that breaks (an import, an API
+that moved) fails in seconds, which leaves time to fix it and rerun with --only. In order:
 - env: backend, devices and versions.
+- attention: bench_attention.py, bf16, 4 x 4,096 tokens, 14/2 heads of 64. It compares XLA (all
+  scores at once, and blocks of 512) with cuDNN flash attention, which `model.attention=auto`
+  picks there: gradients against XLA's, and times. First, since the moe run needs cuDNN.
 - moe: bench_train.py on the recipe shape with 8 layers, 8 x 4,096 tokens, remat none,
   --compare-torch (MixtralForCausalLM). The target is MFU >= 30 % on one H100.
 - dense: bench_train.py on configs/bench_dense_05b.py, --compare-torch (LlamaForCausalLM).
   The target is MFU >= 45 % on one H100.
-- attention: bench_attention.py, bf16, 4 x 4,096 tokens, 14/2 heads of 64. It compares XLA (all
-  scores at once, and blocks of 512) with cuDNN flash attention, which `model.attention=auto`
-  picks there: gradients against XLA's, and times.
 - experts: bench_grouped_matmul.py at the recipe's expert shape, bf16. Compares the `blocked`
   and `ragged_dot` kernels against a dense matmul of the same FLOPs.
 - plan: the memory planner's total for the moe run, to hold against that run's
@@ -34,7 +35,7 @@ ml_collections. Carry it as a wheel:
        echo /.whl/ >> .git/info/exclude
        python3 -m pip download --no-deps -d .whl ml-collections==1.1.0
 
-2. Then one run, with carry [".whl"] and timeout_s 560:
+2. Then one run, with carry [".whl"] and timeout_s 480:
 
        python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl &&
        PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 python3 scripts/device_checks.py --out $OUT
@@ -84,23 +85,23 @@ class Check(typing.NamedTuple):
 
 # fmt: off
 CHECKS = (
-    Check("env", ["-c", ENV], ["-c", ENV], 120),
-    Check("moe", [*BENCH, *MOE, "--compare-torch"], [*SMOKE_BENCH, *MOE, *TINY], 240),
-    Check("dense", [*BENCH, *DENSE, "--compare-torch"], [*SMOKE_BENCH, *DENSE, *TINY], 240),
+    Check("env", ["-c", ENV], ["-c", ENV], 60),
     Check("attention",
           ["scripts/bench_attention.py", "--batch", "4", "--seq", "4096", "--heads", "14",
            "--kv-heads", "2", "--head-dim", "64", "--blocks", "512", "--dtype", "bfloat16"],
           ["scripts/bench_attention.py", "--batch", "1", "--seq", "64", "--heads", "4",
-           "--kv-heads", "2", "--head-dim", "16", "--blocks", "32", "--rounds", "1"], 120),
+           "--kv-heads", "2", "--head-dim", "16", "--blocks", "32", "--rounds", "1"], 90),
+    Check("moe", [*BENCH, *MOE, "--compare-torch"], [*SMOKE_BENCH, *MOE, *TINY], 200),
+    Check("dense", [*BENCH, *DENSE, "--compare-torch"], [*SMOKE_BENCH, *DENSE, *TINY], 200),
     Check("experts",
           ["scripts/bench_grouped_matmul.py", "--tokens", "32768", "--d-model", "896",
            "--hidden", "2560", "--experts", "8", "--block-size", "1024", "--dtype", "bfloat16"],
           ["scripts/bench_grouped_matmul.py", "--tokens", "256", "--d-model", "32",
-           "--hidden", "64", "--experts", "4", "--repeats", "1"], 120),
+           "--hidden", "64", "--experts", "4", "--repeats", "1"], 90),
     Check("plan", ["-m", "hanuman_jax.memory", *MOE, "--device", "h100"],
-          ["-m", "hanuman_jax.memory", *MOE, *TINY, "--device", "h100"], 120),
+          ["-m", "hanuman_jax.memory", *MOE, *TINY, "--device", "h100"], 90),
     Check("moe_xla", [*BENCH, *MOE, "--config.model.attention=xla"],
-          [*SMOKE_BENCH, *MOE, *TINY, "--config.model.attention=xla"], 180),
+          [*SMOKE_BENCH, *MOE, *TINY, "--config.model.attention=xla"], 150),
 )
 # fmt: on
 
@@ -160,7 +161,7 @@ def summary(record: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="folder for the logs and device_checks.jsonl")
-    p.add_argument("--budget-s", type=float, default=480, help="all checks together")
+    p.add_argument("--budget-s", type=float, default=420, help="all checks together")
     p.add_argument("--only", default="", help="comma-separated check names (default: all)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, no torch, any backend")
     args = p.parse_args()

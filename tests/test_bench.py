@@ -57,7 +57,7 @@ def test_device_checks_smoke_runs_every_check_and_records_its_figures(root, tmp_
     assert json.loads(proc.stdout.strip().splitlines()[-1])["failed"] == []
     lines = (tmp_path / "device_checks.jsonl").read_text().splitlines()
     records = {r["name"]: r for r in map(json.loads, lines)}
-    assert list(records) == ["env", "moe", "dense", "attention", "experts", "plan", "moe_xla"]
+    assert list(records) == ["env", "attention", "moe", "dense", "experts", "plan", "moe_xla"]
     assert all(r["rc"] == 0 and (tmp_path / f"{n}.log").exists() for n, r in records.items())
     moe, dense = records["moe"]["results"][-1], records["dense"]["results"][-1]
     assert moe["config"] == "configs/hanuman_1b_moe.py" and moe["tokens_per_s"] > 0
