@@ -197,6 +197,14 @@ def _flatten(tree, prefix=""):
     return {prefix[:-1]: list(tree) if isinstance(tree, tuple) else tree}
 
 
+# How the same model runs, not what it is: a resume may change them (remat after running out of
+# memory, another attention or expert kernel on another machine); every parameter keeps its meaning.
+EXECUTION_FIELDS = frozenset({
+    "model.remat", "model.attention", "model.attention_block", "model.moe.grouped_matmul",
+    "model.moe.block_size", "model.moe.dispatch", "model.moe.capacity_factor",
+})  # fmt: skip
+
+
 def model_diffs(now: dict, then: dict) -> list[str]:
     """`model.KEY=VALUE there, VALUE now` for each model field that differs."""
     now, then = _flatten(now, "model."), _flatten(then, "model.")
@@ -220,9 +228,13 @@ def check_tokenizer(meta: dict, where: Path, tokenizer_sha: str, cfg) -> None:
 
 def check_resumable(cfg: ml_collections.ConfigDict, meta: dict, where: Path, tokenizer_sha: str):
     """The checkpoint must hold this model and tokenizer; a changed run length only reshapes the
-    schedule."""
+    schedule, and a change in how the model runs (EXECUTION_FIELDS) is logged."""
     saved = meta.get("config", {})
     diffs = model_diffs(cfg.model.to_dict(), saved.get("model", {}))
+    how = [d for d in diffs if d.split("=", 1)[0] in EXECUTION_FIELDS]
+    if how:
+        log.warning("resuming with the model run differently: %s", "; ".join(how))
+    diffs = [d for d in diffs if d not in how]
     if diffs:
         raise CheckpointError(
             f"checkpoint {where} was trained with a different model ({'; '.join(diffs[:4])}); "

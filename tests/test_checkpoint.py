@@ -134,3 +134,18 @@ def test_a_run_trained_with_cudnn_attention_loads_where_cudnn_is_absent(tmp_path
     manifest_file.write_text(json.dumps(manifest))
     got = load_params(run).params  # the saved config's attention cannot be built on a CPU
     jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+def test_a_resume_may_change_how_the_model_runs_but_not_what_it_is(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="hanuman_jax")
+    run = tmp_path / "run"
+    train(_cfg("--config.train.steps=2"), run, progress=False)
+    # out of memory: turn on remat and attention blocks, and carry on from the checkpoint
+    train(_cfg("--config.train.steps=3", "--config.model.remat=full",
+               "--config.model.attention_block=32"), run, progress=False)  # fmt: skip
+    assert _steps(run) == [1, 2, 3]
+    assert "model.attention_block=0 there, 32 now; model.remat='none' there, 'full' now" in (
+        caplog.text
+    )
+    with pytest.raises(CheckpointError, match="model.norm_eps=1e-05 there, 0.001 now"):
+        train(_cfg("--config.train.steps=4", "--config.model.norm_eps=1e-3"), run, progress=False)
