@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import importlib.util
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +26,7 @@ MESH_AXES = ("data", "fsdp", "expert", "tensor")
 SOURCE_KEYS = ("path", "weight", "max_examples", "field_map", "format", "data_dir")
 TEXT_FORMATS = ("lines", "paragraphs")
 PACKING_MODES = ("concat", "whole")
+MAX_LOSS_SCALE = 2.0**24  # float16's dynamic loss scale never grows past this
 
 
 class ConfigError(ValueError):
@@ -118,12 +120,26 @@ def _positive_ints(cfg, section: str, keys: Sequence[str]) -> None:
         _check(isinstance(v, int) and v >= 1, f"{section}.{k}", v, "must be an integer >= 1")
 
 
+def _numbers(tree, prefix: str = ""):
+    """(dotted key, value) of every float in a config tree, lists included (`a.b[0].c`)."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _numbers(v, f"{prefix}.{k}" if prefix else k)
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            yield from _numbers(v, f"{prefix}[{i}]")
+    elif isinstance(tree, float):
+        yield prefix, tree
+
+
 def validate(cfg: ml_collections.ConfigDict) -> None:
     """Checks every field and combination; raises ConfigError naming the first bad one."""
     for section in ("model", "data", "optimizer", "train", "mesh"):
         if section not in cfg:
             raise ConfigError(f"config has no section {section!r}; sections: {', '.join(cfg)}")
     m, d, o, t = cfg.model, cfg.data, cfg.optimizer, cfg.train
+    for key, value in _numbers(cfg.to_dict()):
+        _check(math.isfinite(value), key, value, "must be a finite number")
     _check(isinstance(m.vocab_size, int) and m.vocab_size >= 0, "model.vocab_size", m.vocab_size,
            "must be >= 0 (0 = the tokenizer's piece count)")  # fmt: skip
     _positive_ints(cfg, "model", ("num_layers", "d_model", "num_heads"))
@@ -243,7 +259,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         d.seq_len,
         f"must be <= model.max_seq_len ({m.max_seq_len})",
     )
-    _check_seq_len_schedule(d.seq_len_schedule, d.seq_len)
+    _check_seq_len_schedule(d.seq_len_schedule, d.seq_len, t.steps)
     block = m.get("attention_block", 0)
     for length in [d.seq_len, *(pair[1] for pair in d.seq_len_schedule)]:
         _check(
@@ -285,8 +301,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _check(o.eps > 0, "optimizer.eps", o.eps, "must be > 0")
     _check(o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, "must be >= 0")
     _check(o.grad_clip >= 0, "optimizer.grad_clip", o.grad_clip, "must be >= 0 (0 = no clipping)")
-    _check(o.loss_scale >= 1, "optimizer.loss_scale", o.loss_scale,
-           "must be >= 1 (the float16 loss scale to start from)")  # fmt: skip
+    _check(1 <= o.loss_scale <= MAX_LOSS_SCALE, "optimizer.loss_scale", o.loss_scale,
+           "must be in [1, 2**24] (the float16 loss scale to start from)")  # fmt: skip
     _positive_ints(cfg, "optimizer", ("loss_scale_period",))
 
     _positive_ints(cfg, "train", ("steps", "batch_size", "log_every", "checkpoint_every"))
@@ -352,7 +368,13 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         )
 
 
-def _check_seq_len_schedule(schedule, seq_len: int) -> None:
+def phase_start(fraction: float, steps: int) -> int:
+    """The first step of a `data.seq_len_schedule` phase that starts at `fraction` of `steps`."""
+    # round first: 0.29 x 100 is 28.999999999999996 in floating point, and starts at 29
+    return int(round(fraction * steps, 6))
+
+
+def _check_seq_len_schedule(schedule, seq_len: int, steps) -> None:
     """`data.seq_len_schedule`: [(fraction of train.steps, length), ...] growing to seq_len."""
     key, shape = "data.seq_len_schedule", "a list of (fraction of train.steps, seq_len) pairs"
     _check(isinstance(schedule, (list, tuple)), key, schedule, f"must be {shape}, or []")
@@ -376,6 +398,12 @@ def _check_seq_len_schedule(schedule, seq_len: int) -> None:
             _check(fraction > before[0] and length > before[1], f"{key}[{i}]", pair,
                    f"fractions and lengths must both grow (after {tuple(before)})")  # fmt: skip
     _check(schedule[0][0] == 0, f"{key}[0]", schedule[0], "the first phase must start at 0.0")
+    if isinstance(steps, int) and steps >= 1:  # else train.steps is named below
+        for i in range(1, len(schedule)):
+            start, before = (phase_start(schedule[j][0], steps) for j in (i, i - 1))
+            _check(start > before, f"{key}[{i}]", schedule[i],
+                   f"starts at step {start} of train.steps={steps}, as the phase before it does: "
+                   "that phase would get no step")  # fmt: skip
     _check(
         schedule[-1][1] == seq_len,
         key,

@@ -12,7 +12,7 @@ import optax
 from flax import nnx
 
 from hanuman_jax import cross_entropy, sharding
-from hanuman_jax.config import ConfigError, ModelConfig
+from hanuman_jax.config import MAX_LOSS_SCALE, ConfigError, ModelConfig
 from hanuman_jax.model import Transformer
 from hanuman_jax.optim import make_optimizer
 
@@ -301,7 +301,8 @@ def _next_guard(setup: Setup, guard: dict, finite: jax.Array) -> dict:
     scale = guard["loss_scale"]
     if setup.loss_scale_period:  # dynamic: halve on overflow, double after a finite period
         grow = finite_run >= setup.loss_scale_period
-        scale = jnp.where(finite, jnp.where(grow, scale * 2, scale), jnp.maximum(scale / 2, 1.0))
+        grown = jnp.minimum(scale * 2, MAX_LOSS_SCALE)
+        scale = jnp.where(finite, jnp.where(grow, grown, scale), jnp.maximum(scale / 2, 1.0))
         finite_run = jnp.where(grow, 0, finite_run)
     return {
         "nonfinite_steps": guard["nonfinite_steps"] + (~finite).astype(jnp.int32),

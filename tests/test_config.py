@@ -122,6 +122,13 @@ BAD = [
     ("--config.data.seq_len_schedule=2048", "expected a list"),
     ("--config.model.attention_block=48", "model.attention_block=48 is invalid: must divide"),
     ("--config.model.attention_block=-1", "model.attention_block=-1 is invalid"),
+    (
+        "--config.data.seq_len_schedule=[(0, 32), (0.001, 128)]",
+        "[1]=(0.001, 128) is invalid: starts at step 0 of train.steps=300, as the phase before",
+    ),
+    ("--config.optimizer.peak_lr=inf", "optimizer.peak_lr=inf is invalid: must be a finite"),
+    ("--config.model.norm_eps=nan", "model.norm_eps=nan is invalid: must be a finite number"),
+    ("--config.optimizer.loss_scale=1e30", "optimizer.loss_scale=1e+30 is invalid: must be in"),
 ]
 
 

@@ -207,6 +207,19 @@ def test_float16_loss_scale_halves_on_overflow_and_regrows(root, monkeypatch):
     assert scales == [1024, 512, 256, 256, 512, 512]
 
 
+def test_float16_loss_scale_stops_growing_at_its_cap():
+    from types import SimpleNamespace
+
+    from hanuman_jax.config import MAX_LOSS_SCALE
+    from hanuman_jax.step import _next_guard
+
+    guard = {"nonfinite_steps": 0, "nonfinite_in_a_row": 0, "finite_in_a_row": 0,
+             "loss_scale": jnp.float32(MAX_LOSS_SCALE / 2)}  # fmt: skip
+    for _ in range(3):  # regrows after every finite step, to the cap and no further
+        guard = _next_guard(SimpleNamespace(loss_scale_period=1), guard, jnp.bool_(True))
+    assert float(guard["loss_scale"]) == MAX_LOSS_SCALE
+
+
 @pytest.mark.slow
 def test_tiny_in_float16_ends_within_5_percent_of_float32(root):
     """The T4 path: tiny (2 layers, 64 tokens) for 60 steps on a fixed stream of batches."""

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from hanuman_jax.config import phase_start
+
 
 @dataclasses.dataclass(frozen=True)
 class SeqLenSchedule:
@@ -32,8 +34,7 @@ class SeqLenSchedule:
         if not cfg.data.seq_len_schedule:
             return cls.constant(full)
         pairs = [(float(f), int(n)) for f, n in cfg.data.seq_len_schedule]
-        # round first: 0.29 x 100 is 28.999999999999996 in floating point, and starts at 29
-        return cls(full, tuple((int(round(f * steps, 6)), n) for f, n in pairs))
+        return cls(full, tuple((phase_start(f, steps), n) for f, n in pairs))
 
     def length(self, step: int) -> int:
         """Tokens per row at `step`."""
