@@ -279,7 +279,9 @@ def train_step(setup: Setup, state: TrainState, batch: dict) -> tuple[TrainState
     metrics |= {
         "total_loss": total,
         "grad_norm": optax.global_norm(grads),
-        "lr": setup.schedule(state["step"]),
+        # the rate this step's update used: optax counts committed updates only, so each
+        # skipped (non-finite) step holds the schedule back one step
+        "lr": setup.schedule(state["step"] - state["guard"]["nonfinite_steps"]),
         "nonfinite_steps": guard["nonfinite_steps"],
         "nonfinite_in_a_row": guard["nonfinite_in_a_row"],
     }

@@ -190,6 +190,10 @@ def test_nonfinite_step_changes_nothing_and_is_counted(root, monkeypatch):
     state, metrics = run(state, 0.0)
     assert int(metrics["nonfinite_steps"]) == 2 and int(metrics["nonfinite_in_a_row"]) == 0
     assert int(state["step"]) == 4 and "loss_scale" not in metrics  # float32: no loss scale
+    # optax counted 1 update before this one, not 3: the logged rate is the one it applied
+    counts = {int(c) for c in jax.tree.leaves(state["opt_state"]) if c.dtype == jnp.int32}
+    assert counts == {2}
+    assert float(metrics["lr"]) == pytest.approx(float(setup.schedule(1)), rel=1e-6)
 
 
 def test_float16_loss_scale_halves_on_overflow_and_regrows(root, monkeypatch):
