@@ -210,20 +210,30 @@ def _due(every: int, step: int, last: bool) -> bool:
 
 class Profiler:
     """`train.profile_steps` steps traced with jax.profiler into the TensorBoard directory (its
-    Profile tab), from the second step of the run: the first one compiles."""
+    Profile tab), from the second step of the run (the first one compiles) and no further than
+    its end."""
 
-    def __init__(self, directory: Path, start: int, count: int):
-        self.directory, self.first, self.last = directory, start + 1, start + count
+    def __init__(self, directory: Path, start: int, count: int, end: int):
+        # step indices (0-based); the log names them as steps are counted everywhere (1-based)
+        self.directory, self.first, self.last = directory, start + 1, min(start + count, end - 1)
         self.active = False
+        if count and self.first > self.last:
+            log.warning("train.profile_steps=%d: no step is left to trace after the run's first "
+                        "(which compiles); nothing is profiled", count)  # fmt: skip
+        elif count and self.last < start + count:
+            log.warning("train.profile_steps=%d: only steps %d-%d are left to trace", count,
+                        self.first + 1, self.last + 1)  # fmt: skip
 
     def before(self, step: int) -> None:
         if self.first <= step <= self.last and not self.active:
             jax.profiler.start_trace(str(self.directory))
-            self.active = True
+            self.active, self.traced = True, step
 
     def after(self, step: int, state) -> None:
-        if self.active and step == self.last:
-            self.close(state)
+        if self.active:
+            self.traced = step
+            if step == self.last:
+                self.close(state)
 
     def close(self, state=None) -> None:
         if self.active:
@@ -232,7 +242,7 @@ class Profiler:
             jax.profiler.stop_trace()
             self.active = False
             log.info("profile of steps %d-%d written to %s (TensorBoard: Profile)",
-                     self.first + 1, self.last + 1, self.directory)  # fmt: skip
+                     self.first + 1, self.traced + 1, self.directory)  # fmt: skip
 
 
 class NonFiniteError(RuntimeError):
@@ -298,7 +308,7 @@ def _loop(cfg, workdir, setup, state, batches, ckpt, meta, start, progress, eval
         for prompt, text in pairs:
             log.info("step %d sample: %r -> %r", step, prompt, text)
 
-    profiler = Profiler(workdir / "tensorboard", start, cfg.train.profile_steps)
+    profiler = Profiler(workdir / "tensorboard", start, cfg.train.profile_steps, cfg.train.steps)
     step = start
     try:
         with StopRequest() as stop:
@@ -312,14 +322,19 @@ def _loop(cfg, workdir, setup, state, batches, ckpt, meta, start, progress, eval
                         log.error("saved step %d to %s before stopping", step, ckpt.directory)
                     raise
                 stats = host_batch.pop("stats")
-                if step == start or step in schedule.starts():
+                new_length = step > start and step in schedule.starts()
+                if step == start or new_length:
                     rows = len(host_batch["tokens"]) * jax.process_count()
-                    note = " (the step compiles for this length)" if step > start else ""
+                    note = " (the step compiles for this length)" if new_length else ""
                     log.info("step %d: rows of %d tokens, %d per batch%s", step,
                              schedule.length(step), rows, note)  # fmt: skip
+                if new_length:
+                    flush()  # the phase before ends its timing before this compile
                 profiler.before(step)
                 state, metrics = step_fn(state, sharding.global_batch(host_batch, mesh))
                 profiler.after(step, state)
+                if new_length:  # and the new phase starts its timing after it
+                    t_mark, step_mark = time.perf_counter(), step
                 if pending is not None:
                     report(*pending)
                 pending = (step + 1, metrics, stats)

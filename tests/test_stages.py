@@ -46,9 +46,10 @@ def test_stages_a_b_c_each_start_from_the_last_ones_parameters(tmp_path, caplog)
           progress=False)  # fmt: skip
 
     cfg_b = _cfg("tiny_stage_b.py", "--config.train.steps=4", f"--config.train.init_from={a}",
-                 "--config.train.profile_steps=2")  # fmt: skip
+                 "--config.train.profile_steps=5")  # fmt: skip
     train(cfg_b, b, progress=False)
-    assert "profile of steps 2-3 written to" in caplog.text
+    assert "train.profile_steps=5: only steps 2-4 are left to trace" in caplog.text
+    assert "profile of steps 2-4 written to" in caplog.text
     assert list((b / "tensorboard" / "plugins" / "profile").glob("*/*.xplane.pb"))
     assert f"initialised the parameters from {a / 'checkpoints' / '6'} (step 6)" in caplog.text
     # step 1 of B ran on A's final parameters: its loss is theirs on B's first batch
@@ -88,3 +89,15 @@ def test_stages_a_b_c_each_start_from_the_last_ones_parameters(tmp_path, caplog)
     missing = _cfg("tiny_stage_c.py", f"--config.train.init_from={tmp_path / 'nowhere'}")
     with pytest.raises(CheckpointError, match=r"train.init_from=.*nowhere does not exist"):
         train(missing, tmp_path / "missing", progress=False)
+
+
+def test_a_profile_with_no_step_to_trace_says_so(tmp_path, caplog):
+    from hanuman_jax.trainer import Profiler
+
+    profiler = Profiler(tmp_path, start=0, count=3, end=1)  # a one-step run: the step compiles
+    for step in range(1):
+        profiler.before(step)
+        profiler.after(step, None)
+    profiler.close()
+    assert "train.profile_steps=3: no step is left to trace" in caplog.text
+    assert not list(tmp_path.iterdir())
