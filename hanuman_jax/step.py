@@ -338,9 +338,22 @@ def jit_train_step(setup: Setup):
 
 
 def eval_step(setup: Setup, params: dict, batch: dict) -> dict:
-    """Summed next-token loss and target count of one batch (deterministic: no router noise)."""
-    _, metrics = loss_fn(setup, params, batch, None)
-    return {"nll_sum": metrics["loss"] * metrics["tokens"], "tokens": metrics["tokens"]}
+    """Summed next-token loss and target count of one batch (deterministic: no router noise), in
+    the train step's `grad_accum_steps` micro-batches: a batch too big for one pass in training
+    is one for the evaluation too."""
+
+    def sums(micro_batch: dict) -> dict:
+        _, metrics = loss_fn(setup, params, micro_batch, None)
+        return {"nll_sum": metrics["loss"] * metrics["tokens"], "tokens": metrics["tokens"]}
+
+    count = setup.grad_accum_steps
+    if count == 1:
+        return sums(batch)
+    micros = micro_batches(batch, count, setup.mesh)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                         jax.eval_shape(sums, jax.tree.map(lambda x: x[0], micros)))  # fmt: skip
+    total, _ = jax.lax.scan(lambda c, m: (jax.tree.map(jnp.add, c, sums(m)), None), zeros, micros)
+    return total
 
 
 def jit_eval_step(setup: Setup):

@@ -6,7 +6,7 @@ import pytest
 from hanuman_jax import sharding
 from hanuman_jax.config import load_config
 from hanuman_jax.optim import lr_schedule
-from hanuman_jax.step import build_setup, init_state, jit_train_step, loss_fn
+from hanuman_jax.step import build_setup, init_state, jit_eval_step, jit_train_step, loss_fn
 
 
 def _cfg(root, *extra):
@@ -109,7 +109,7 @@ def test_grad_accumulation_equals_the_large_batch(root, moe):
     sets its weight to 0.)"""
     from hanuman_jax.step import gradients
 
-    runs = {}
+    runs, evals_by_accum = {}, {}
     for accum in (1, 4):
         cfg = _cfg(root, "--config.train.batch_size=8", f"--config.train.grad_accum_steps={accum}",
                    *moe)  # fmt: skip
@@ -124,10 +124,17 @@ def test_grad_accumulation_equals_the_large_batch(root, moe):
             batch = sharding.global_batch(batch, mesh)
             if seed == 0:  # the same parameters in both runs
                 grads.append(jax.device_get(grad_fn(state["params"], batch)[1]))
+                evals = jax.device_get(jit_eval_step(setup)(state["params"], batch))
             state, metrics = step(state, batch)
             history.append({k: float(v) for k, v in metrics.items()})
         runs[accum] = history, grads, jax.device_get(state["params"])
+        evals_by_accum[accum] = evals
     (one, grads_one, params_one), (four, grads_four, params_four) = runs[1], runs[4]
+    # the evaluation runs in the same micro-batches, to the same sums
+    assert int(evals_by_accum[4]["tokens"]) == int(evals_by_accum[1]["tokens"]) == 8 * 22 - 6
+    assert float(evals_by_accum[4]["nll_sum"]) == pytest.approx(
+        float(evals_by_accum[1]["nll_sum"]), rel=1e-6
+    )
     for a, b in zip(one, four, strict=True):
         assert a.keys() == b.keys()
         for name in a:
