@@ -262,6 +262,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _check_seq_len_schedule(d.seq_len_schedule, d.seq_len, t.steps)
     block = m.get("attention_block", 0)
     for length in [d.seq_len, *(pair[1] for pair in d.seq_len_schedule)]:
+        _check(m.attention != "cudnn" or length % 2 == 0, "model.attention", m.attention,
+               f"cuDNN trains a masked attention on even row lengths only (data.seq_len / "
+               f"seq_len_schedule: {length}); use auto or xla")  # fmt: skip
         _check(
             block == 0 or length <= block or length % block == 0,
             "model.attention_block",

@@ -242,9 +242,10 @@ def plan(cfg: ml_collections.ConfigDict, num_devices: int, target: Target | None
 
 
 def usable_bytes(device: str) -> int:
-    """Memory XLA may use on one device: on GPUs JAX preallocates a fraction (75% by default,
-    else XLA_CLIENT_MEM_FRACTION or the older XLA_PYTHON_CLIENT_MEM_FRACTION, as jaxlib reads
-    them)."""
+    """Memory XLA may use on one device: on GPUs JAX preallocates a fraction, 75 % unless
+    XLA_CLIENT_MEM_FRACTION (or the older XLA_PYTHON_CLIENT_MEM_FRACTION; jaxlib refuses both at
+    once) says otherwise. With XLA_PYTHON_CLIENT_PREALLOCATE=false the same fraction is a fair
+    budget: the rest is for everything else in the process."""
     d = DEVICES[device]
     if d.target.platform != "gpu":
         return d.hbm

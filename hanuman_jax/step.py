@@ -261,7 +261,8 @@ def train_step(setup: Setup, state: TrainState, batch: dict) -> tuple[TrainState
     parameters nor the optimizer state; it is counted in `guard` (and under float16 it halves
     the loss scale, which doubles again after `loss_scale_period` finite steps)."""
     guard = state["guard"]
-    scale = guard["loss_scale"]
+    # within the cap also when a checkpoint from before it holds more (or inf)
+    scale = jnp.minimum(guard["loss_scale"], MAX_LOSS_SCALE)
     step_rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
     (total, metrics), grads = gradients(setup, state["params"], batch, step_rng, scale)
     total = total / scale
@@ -300,7 +301,7 @@ def train_step(setup: Setup, state: TrainState, batch: dict) -> tuple[TrainState
 def _next_guard(setup: Setup, guard: dict, finite: jax.Array) -> dict:
     in_a_row = jnp.where(finite, 0, guard["nonfinite_in_a_row"] + 1)
     finite_run = jnp.where(finite, guard["finite_in_a_row"] + 1, 0)
-    scale = guard["loss_scale"]
+    scale = jnp.minimum(guard["loss_scale"], MAX_LOSS_SCALE)
     if setup.loss_scale_period:  # dynamic: halve on overflow, double after a finite period
         grow = finite_run >= setup.loss_scale_period
         grown = jnp.minimum(scale * 2, MAX_LOSS_SCALE)

@@ -132,6 +132,13 @@ BAD = [
 ]
 
 
+def test_cudnn_attention_needs_even_rows():
+    with pytest.raises(ConfigError, match="model.attention='cudnn' is invalid: cuDNN trains a"):
+        load_config(ROOT / "configs" / "tiny.py",
+                    ["--config.model.attention=cudnn", "--config.data.seq_len=127"])  # fmt: skip
+    load_config(ROOT / "configs" / "tiny.py", ["--config.data.seq_len=127"])  # auto: XLA there
+
+
 @pytest.mark.parametrize("override,message", BAD, ids=[b[0] for b in BAD])
 def test_bad_values_name_the_field(override, message):
     with pytest.raises(ConfigError, match=None) as err:

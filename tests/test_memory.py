@@ -90,6 +90,7 @@ def test_usable_gpu_memory_follows_jax_preallocation(monkeypatch):
     assert memory.usable_bytes("h100") == int(h100 * 0.75)
     monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")  # the older name
     assert memory.usable_bytes("h100") == int(h100 * 0.5)
-    monkeypatch.setenv("XLA_CLIENT_MEM_FRACTION", "0.9")  # the name jaxlib reads first
+    monkeypatch.setenv("XLA_CLIENT_MEM_FRACTION", "0.9")  # the newer name wins (jaxlib: both
+    # at once is an error)
     assert memory.usable_bytes("h100") == int(h100 * 0.9)
     assert memory.usable_bytes("v5e-8") == 16 * 2**30  # TPUs: all of it

@@ -229,6 +229,28 @@ def test_float16_loss_scale_stops_growing_at_its_cap():
     for _ in range(3):  # regrows after every finite step, to the cap and no further
         guard = _next_guard(SimpleNamespace(loss_scale_period=1), guard, jnp.bool_(True))
     assert float(guard["loss_scale"]) == MAX_LOSS_SCALE
+    # a checkpoint from before the cap may hold inf: the first overflow brings it below the cap
+    guard["loss_scale"] = jnp.float32(np.inf)
+    guard = _next_guard(SimpleNamespace(loss_scale_period=1), guard, jnp.bool_(False))
+    assert float(guard["loss_scale"]) == MAX_LOSS_SCALE / 2
+
+
+def test_evaluation_runs_in_the_steps_micro_batches(root, monkeypatch):
+    from hanuman_jax import step as step_module
+
+    rows, real = [], step_module.loss_fn
+
+    def recording(setup, params, batch, rng, **kw):
+        rows.append(batch["tokens"].shape[0])  # at trace time
+        return real(setup, params, batch, rng, **kw)
+
+    monkeypatch.setattr(step_module, "loss_fn", recording)
+    cfg = _cfg(root, "--config.train.batch_size=8", "--config.train.grad_accum_steps=4")
+    mesh = sharding.make_mesh(cfg.mesh)
+    setup = build_setup(cfg, mesh)
+    params = init_state(setup)["params"]
+    jit_eval_step(setup)(params, sharding.global_batch(_batch(b=8), mesh))
+    assert set(rows) == {2}  # 4 micro-batches of 2 rows, never the 8 at once
 
 
 @pytest.mark.slow
