@@ -80,7 +80,7 @@ def set_xla_flags(cfg) -> None:
 
 def dry_run(cfg) -> None:
     from hanuman_jax.data.schedule import SeqLenSchedule
-    from hanuman_jax.model import count_params, train_flops_per_token
+    from hanuman_jax.model.transformer import count_params, train_flops_per_token
 
     model_cfg = ModelConfig.from_config(cfg.model)
     counts = count_params(model_cfg)
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, overrides)
         if args.dry_run:  # compiles nothing: no XLA flags, which would outlive the call
             if cfg.model.vocab_size == 0:
-                from hanuman_jax.trainer import load_tokenizer
+                from hanuman_jax.training.loop import load_tokenizer
 
                 load_tokenizer(cfg)
             dry_run(cfg)
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         set_xla_flags(cfg)  # before anything starts a JAX backend
         if args.distributed:
             join_cluster(args)
-        from hanuman_jax.trainer import NonFiniteError, train
+        from hanuman_jax.training.loop import NonFiniteError, train
 
         workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)
         try:

@@ -18,7 +18,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from hanuman_jax.attention import blockwise_attention, fused_attention, xla_attention
+from hanuman_jax.model.attention import blockwise_attention, fused_attention, xla_attention
 
 
 def main() -> None:

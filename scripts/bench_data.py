@@ -21,8 +21,8 @@ import jax
 from hanuman_jax import sharding
 from hanuman_jax.config import load_config
 from hanuman_jax.data import make_dataset
-from hanuman_jax.step import build_setup, init_state, jit_train_step
-from hanuman_jax.trainer import load_tokenizer
+from hanuman_jax.training.loop import load_tokenizer
+from hanuman_jax.training.step import build_setup, init_state, jit_train_step
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from hanuman_jax.grouped import grouped_swiglu
+from hanuman_jax.model.grouped import grouped_swiglu
 
 
 def _time(fn, *args, repeats: int) -> float:

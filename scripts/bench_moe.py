@@ -23,8 +23,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hanuman_jax.config import ModelConfig, load_config
-from hanuman_jax.model import FeedForward
-from hanuman_jax.moe import MoEFeedForward
+from hanuman_jax.model.moe import MoEFeedForward
+from hanuman_jax.model.transformer import FeedForward
 
 
 def _compiled(module, x, valid):

@@ -28,10 +28,10 @@ import numpy as np
 
 from hanuman_jax import sharding
 from hanuman_jax.config import ConfigError, ModelConfig, load_config
-from hanuman_jax.memory import lower_train_step, xla_footprint
-from hanuman_jax.model import count_params, train_flops_per_token
-from hanuman_jax.peaks import matmul_peak, nominal_peak
-from hanuman_jax.step import build_setup, init_state
+from hanuman_jax.model.transformer import count_params, train_flops_per_token
+from hanuman_jax.planning.memory import lower_train_step, xla_footprint
+from hanuman_jax.planning.peaks import matmul_peak, nominal_peak
+from hanuman_jax.training.step import build_setup, init_state
 
 
 def synthetic_batch(cfg, seed: int = 0) -> dict[str, np.ndarray]:
@@ -91,7 +91,7 @@ def main() -> None:
     try:
         cfg = load_config(args.config, overrides)
         if cfg.model.vocab_size == 0:
-            from hanuman_jax.trainer import load_tokenizer
+            from hanuman_jax.training.loop import load_tokenizer
 
             load_tokenizer(cfg)
     except ConfigError as e:

@@ -8,10 +8,11 @@ import pytest
 from conftest import small_model_cfg
 from flax import nnx
 
-from hanuman_jax import attention, memory
-from hanuman_jax.attention import Target, attention_impl, fused_attention, planning_for
 from hanuman_jax.config import ConfigError, load_config
-from hanuman_jax.model import Transformer
+from hanuman_jax.model import attention
+from hanuman_jax.model.attention import Target, attention_impl, fused_attention, planning_for
+from hanuman_jax.model.transformer import Transformer
+from hanuman_jax.planning import memory
 
 H100 = Target("gpu", 9.0)
 
@@ -146,7 +147,7 @@ def test_blockwise_attention_holds_a_block_of_scores_not_all_of_them():
 
 def test_model_attention_block_keeps_loss_and_gradients(root):
     from hanuman_jax import sharding
-    from hanuman_jax.step import build_setup, init_state, loss_fn
+    from hanuman_jax.training.step import build_setup, init_state, loss_fn
 
     def run(block):
         cfg = load_config(root / "configs" / "tiny.py",
@@ -191,7 +192,7 @@ def test_odd_rows_take_xla_attention_under_auto_and_are_refused_under_cudnn(monk
     def no_cudnn(*args):
         raise AssertionError("cuDNN attention called on odd rows")
 
-    monkeypatch.setattr("hanuman_jax.model.fused_attention", no_cudnn)
+    monkeypatch.setattr("hanuman_jax.model.transformer.fused_attention", no_cudnn)
     tokens = jnp.ones((1, 9), jnp.int32)
     seg, pos = jnp.ones_like(tokens), jnp.arange(9)[None]
     with planning_for(H100):

@@ -11,11 +11,11 @@ import orbax.checkpoint as ocp
 import pytest
 
 from hanuman_jax import __version__, sharding
-from hanuman_jax.checkpoint import CheckpointError, check_resumable, damage
+from hanuman_jax.checkpoint.manager import CheckpointError, check_resumable, damage
+from hanuman_jax.checkpoint.restore import MANIFEST, load_params
 from hanuman_jax.config import ConfigError, load_config
-from hanuman_jax.restore import MANIFEST, load_params
-from hanuman_jax.step import build_setup, init_state
-from hanuman_jax.trainer import NonFiniteError, train
+from hanuman_jax.training.loop import NonFiniteError, train
+from hanuman_jax.training.step import build_setup, init_state
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ("--config.model.num_layers=2", "--config.model.d_model=64", "--config.data.seq_len=64",
@@ -90,7 +90,7 @@ def test_a_checkpoint_of_another_model_or_tokenizer_is_refused(tmp_path):
 
 
 def test_nonfinite_steps_in_a_row_save_and_stop(tmp_path, monkeypatch):
-    import hanuman_jax.step as step_module
+    import hanuman_jax.training.step as step_module
 
     real = step_module.loss_fn
 

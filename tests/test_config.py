@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from hanuman_jax.config import ConfigError, ModelConfig, load_config
-from hanuman_jax.model import count_params, train_flops_per_token
+from hanuman_jax.model.transformer import count_params, train_flops_per_token
 from hanuman_jax.train import main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hanuman_jax.cross_entropy import (
+from hanuman_jax.training.cross_entropy import (
     MAX_CHUNK_LOGITS_BYTES,
     chunk_plan,
     chunks_for,
@@ -98,9 +98,10 @@ def test_long_sequences_of_a_large_vocabulary_are_cut_to_bound_the_logits():
 
 
 def test_train_loss_is_the_same_when_sequences_are_cut(root, monkeypatch):
-    from hanuman_jax import cross_entropy, sharding
+    from hanuman_jax import sharding
     from hanuman_jax.config import load_config
-    from hanuman_jax.step import build_setup, init_state, loss_fn
+    from hanuman_jax.training import cross_entropy
+    from hanuman_jax.training.step import build_setup, init_state, loss_fn
 
     cfg = load_config(root / "configs" / "tiny.py",
                       ["--config.model.vocab_size=512", "--config.model.num_layers=1",

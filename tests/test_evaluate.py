@@ -12,9 +12,9 @@ from conftest import random_params, small_model_cfg
 
 from hanuman_jax.config import ConfigError
 from hanuman_jax.data import Document
-from hanuman_jax.evaluate import evaluate, main, windows
-from hanuman_jax.generate import build_model, inference_config
-from hanuman_jax.import_hf import write_checkpoint
+from hanuman_jax.hf.importer import write_checkpoint
+from hanuman_jax.inference.evaluate import evaluate, main, windows
+from hanuman_jax.inference.generate import build_model, inference_config
 from hanuman_jax.tokenizer import Tokenizer
 
 TOKENIZER = Tokenizer("hanuman_jax/assets/sample/tokenizer.model")

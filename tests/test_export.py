@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 
 from hanuman_jax.config import ConfigError, load_config
-from hanuman_jax.evaluate import evaluate
-from hanuman_jax.export import export, load
-from hanuman_jax.export import main as export_main
-from hanuman_jax.generate import build_model, generate_ids, inference_config, prompt_ids
-from hanuman_jax.hf_mapping import model_config_from_hf
-from hanuman_jax.import_hf import import_hf
+from hanuman_jax.hf.export import export, load
+from hanuman_jax.hf.export import main as export_main
+from hanuman_jax.hf.importer import import_hf
+from hanuman_jax.hf.mapping import model_config_from_hf
+from hanuman_jax.inference.evaluate import evaluate
+from hanuman_jax.inference.generate import build_model, generate_ids, inference_config, prompt_ids
 from hanuman_jax.tokenizer import Tokenizer
 
 torch = pytest.importorskip("torch")
@@ -60,7 +60,7 @@ TEXTS = _lines("english.txt", 2) + _lines("thai.txt", 2)
 def runs(request, tmp_path_factory):
     """Workdirs of the two tiny models. The MoE trains in a subprocess on 8 simulated devices,
     started at once when a test here needs it, so that it overlaps the tests before it."""
-    from hanuman_jax.trainer import train
+    from hanuman_jax.training.loop import train
 
     done: dict[str, Path] = {}
     moe_dir = tmp_path_factory.mktemp("moe")

@@ -9,7 +9,8 @@ import pytest
 from conftest import random_params, small_model_cfg
 
 from hanuman_jax.config import ConfigError, MoeConfig, RopeConfig
-from hanuman_jax.generate import (
+from hanuman_jax.hf.importer import write_checkpoint
+from hanuman_jax.inference.generate import (
     build_model,
     choose,
     generate_ids,
@@ -17,7 +18,6 @@ from hanuman_jax.generate import (
     main,
     prompt_ids,
 )
-from hanuman_jax.import_hf import write_checkpoint
 from hanuman_jax.tokenizer import Tokenizer
 
 TOKENIZER = Tokenizer("hanuman_jax/assets/sample/tokenizer.model")

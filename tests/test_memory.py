@@ -1,8 +1,9 @@
 import pytest
 
-from hanuman_jax import memory, sharding
+from hanuman_jax import sharding
 from hanuman_jax.config import load_config
-from hanuman_jax.step import build_setup
+from hanuman_jax.planning import memory
+from hanuman_jax.training.step import build_setup
 
 DENSE = ["--config.model.moe.num_experts=0", "--config.model.ffn_hidden=384"]
 CASES = {

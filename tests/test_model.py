@@ -11,7 +11,7 @@ from conftest import small_model_cfg
 from flax import nnx
 
 from hanuman_jax.config import MoeConfig, RopeConfig
-from hanuman_jax.model import Transformer, apply_rope, rope_inv_freq
+from hanuman_jax.model.transformer import Transformer, apply_rope, rope_inv_freq
 
 
 def _tokens(b=3, t=17, vocab=103, seed=1):
@@ -210,9 +210,9 @@ def test_remat_keeps_loss_and_gradients_and_saves_memory(root):
 def test_fused_attention_call_equals_ours():
     """The cuDNN branch's call (jax.nn.dot_product_attention, causal, masked to each packed
     document, GQA) run with implementation=xla equals our attention; auto means xla on CPU."""
-    from hanuman_jax.attention import attention_impl, fused_attention
     from hanuman_jax.config import ConfigError
-    from hanuman_jax.model import Attention
+    from hanuman_jax.model.attention import attention_impl, fused_attention
+    from hanuman_jax.model.transformer import Attention
 
     cfg = small_model_cfg()
     attn = Attention(cfg, rngs=nnx.Rngs(0))

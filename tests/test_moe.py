@@ -13,8 +13,8 @@ from conftest import small_model_cfg
 from flax import nnx
 
 from hanuman_jax.config import MoeConfig
-from hanuman_jax.grouped import grouped_swiglu
-from hanuman_jax.moe import MoEFeedForward, route
+from hanuman_jax.model.grouped import grouped_swiglu
+from hanuman_jax.model.moe import MoEFeedForward, route
 
 
 def _moe(impl="blocked", block_size=8, num_experts=5, top_k=2, dispatch="dropless", factor=1.25):
@@ -196,7 +196,7 @@ EXPERT_PARALLEL = textwrap.dedent(
     from flax import nnx
     from hanuman_jax import sharding
     from hanuman_jax.config import MoeConfig
-    from hanuman_jax.moe import MoEFeedForward
+    from hanuman_jax.model.moe import MoEFeedForward
 
     x = jax.random.normal(jax.random.PRNGKey(0), (8, 11, 48))
     valid = jnp.ones((8, 11), bool).at[7, 4:].set(False)

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hanuman_jax import trainer
 from hanuman_jax.config import load_config
+from hanuman_jax.training import loop as trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 

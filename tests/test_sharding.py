@@ -20,7 +20,7 @@ SCRIPT = textwrap.dedent(
     import jax, numpy as np
     from hanuman_jax import sharding
     from hanuman_jax.config import load_config
-    from hanuman_jax.step import build_setup, init_state, jit_train_step
+    from hanuman_jax.training.step import build_setup, init_state, jit_train_step
 
     START = {}
 

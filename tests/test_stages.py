@@ -10,12 +10,12 @@ import orbax.checkpoint as ocp
 import pytest
 
 from hanuman_jax import sharding
-from hanuman_jax.checkpoint import CheckpointError
+from hanuman_jax.checkpoint.manager import CheckpointError
+from hanuman_jax.checkpoint.restore import load_params
 from hanuman_jax.config import load_config
 from hanuman_jax.data import make_dataset
-from hanuman_jax.restore import load_params
-from hanuman_jax.step import build_setup, loss_fn
-from hanuman_jax.trainer import train
+from hanuman_jax.training.loop import train
+from hanuman_jax.training.step import build_setup, loss_fn
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ("--config.model.num_layers=2", "--config.model.d_model=64", "--config.data.seq_len=64",
@@ -92,7 +92,7 @@ def test_stages_a_b_c_each_start_from_the_last_ones_parameters(tmp_path, caplog)
 
 
 def test_a_profile_with_no_step_to_trace_says_so(tmp_path, caplog):
-    from hanuman_jax.trainer import Profiler
+    from hanuman_jax.training.loop import Profiler
 
     profiler = Profiler(tmp_path, start=0, count=3, end=1)  # a one-step run: the step compiles
     for step in range(1):

@@ -5,8 +5,14 @@ import pytest
 
 from hanuman_jax import sharding
 from hanuman_jax.config import load_config
-from hanuman_jax.optim import lr_schedule
-from hanuman_jax.step import build_setup, init_state, jit_eval_step, jit_train_step, loss_fn
+from hanuman_jax.training.optim import lr_schedule
+from hanuman_jax.training.step import (
+    build_setup,
+    init_state,
+    jit_eval_step,
+    jit_train_step,
+    loss_fn,
+)
 
 
 def _cfg(root, *extra):
@@ -107,7 +113,7 @@ def test_grad_accumulation_equals_the_large_batch(root, moe):
     """4 micro-batches of 2 sequences = one batch of 8: the first gradients within 1e-6 and
     every metric of 3 steps. (The MoE balance loss is measured per micro-batch, so the MoE case
     sets its weight to 0.)"""
-    from hanuman_jax.step import gradients
+    from hanuman_jax.training.step import gradients
 
     runs, evals_by_accum = {}, {}
     for accum in (1, 4):
@@ -162,7 +168,7 @@ def test_grad_accumulation_must_split_every_shard(root):
 
 def _poisonable(monkeypatch):
     """Makes the loss NaN for a batch whose `poison` row values are NaN: a fault on purpose."""
-    import hanuman_jax.step as step_module
+    import hanuman_jax.training.step as step_module
 
     real = step_module.loss_fn
 
@@ -222,7 +228,7 @@ def test_float16_loss_scale_stops_growing_at_its_cap():
     from types import SimpleNamespace
 
     from hanuman_jax.config import MAX_LOSS_SCALE
-    from hanuman_jax.step import _next_guard
+    from hanuman_jax.training.step import _next_guard
 
     guard = {"nonfinite_steps": 0, "nonfinite_in_a_row": 0, "finite_in_a_row": 0,
              "loss_scale": jnp.float32(MAX_LOSS_SCALE / 2)}  # fmt: skip
@@ -236,7 +242,7 @@ def test_float16_loss_scale_stops_growing_at_its_cap():
 
 
 def test_evaluation_runs_in_the_steps_micro_batches(root, monkeypatch):
-    from hanuman_jax import step as step_module
+    from hanuman_jax.training import step as step_module
 
     rows, real = [], step_module.loss_fn
 

@@ -133,7 +133,7 @@ def test_cli_trains_checkpoints_and_resumes_exactly_after_sigkill(tmp_path):
 
 
 def test_sigterm_finishes_the_step_saves_and_exits_0(tmp_path, tmp_path_factory):
-    from hanuman_jax.checkpoint import damage
+    from hanuman_jax.checkpoint.manager import damage
 
     workdir = tmp_path / "run"
     small = ("--config.model.num_layers=2", "--config.model.d_model=64",

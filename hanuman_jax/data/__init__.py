@@ -5,7 +5,7 @@ worker processes, which need only the sources, start fast.
 """
 
 from hanuman_jax.data.files import iter_records, resolve_file, resolve_paths
-from hanuman_jax.schemas import DataError, Document
+from hanuman_jax.data.schemas import DataError, Document
 
 __all__ = [
     "DataError",

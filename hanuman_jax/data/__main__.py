@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from hanuman_jax.config import ConfigError, load_config
-from hanuman_jax.schemas import DataError
+from hanuman_jax.data.schemas import DataError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
     try:
         from hanuman_jax.data.prepare import prepare
-        from hanuman_jax.trainer import load_tokenizer
+        from hanuman_jax.training.loop import load_tokenizer
 
         cfg = load_config(args.config, rest)
         tokenizer = load_tokenizer(cfg)

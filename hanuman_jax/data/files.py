@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hanuman_jax.schemas import DataError
+from hanuman_jax.data.schemas import DataError
 
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "assets" / "sample"
 BUNDLED_PREFIX = "bundled:"

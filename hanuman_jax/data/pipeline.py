@@ -17,9 +17,9 @@ import numpy as np
 from hanuman_jax.data import records
 from hanuman_jax.data.packing import PackedRows
 from hanuman_jax.data.schedule import SeqLenSchedule
+from hanuman_jax.data.schemas import DataError, Document
 from hanuman_jax.data.sources import SKIP_REASONS, open_source
 from hanuman_jax.data.tokens import tokenize_record
-from hanuman_jax.schemas import DataError, Document
 
 # Lanes read synchronously; one prefetch thread runs the whole batch ahead of the trainer.
 _SEQUENTIAL = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)

@@ -19,9 +19,9 @@ from pathlib import Path
 import tqdm
 
 from hanuman_jax.data import records
+from hanuman_jax.data.schemas import DataError
 from hanuman_jax.data.sources import SKIP_REASONS, Skip, open_source
 from hanuman_jax.data.tokens import tokenize_record
-from hanuman_jax.schemas import DataError
 
 RECORDS_PER_SHARD = 50_000  # at most; a source of 100+ records is split over every worker
 _worker_state: dict = {}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hanuman_jax.schemas import DataError
+from hanuman_jax.data.schemas import DataError
 
 SUFFIXES = (".array_record", ".arrayrecord")
 MANIFEST = "manifest.json"

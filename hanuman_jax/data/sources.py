@@ -17,7 +17,7 @@ from pathlib import Path
 
 from hanuman_jax.data import records
 from hanuman_jax.data.files import LineIndex, resolve_paths
-from hanuman_jax.schemas import DataError, Document, row_to_document, schema_of
+from hanuman_jax.data.schemas import DataError, Document, row_to_document, schema_of
 
 SKIP_REASONS = ("malformed_json", "invalid_utf8", "empty", "missing_field")
 DETECT_ROWS = 1000  # rows read at start to find a source's schema

@@ -15,7 +15,7 @@ import tqdm
 from sentencepiece import sentencepiece_model_pb2
 
 from hanuman_jax.data import DataError, iter_records, resolve_paths
-from hanuman_jax.schemas import row_to_document
+from hanuman_jax.data.schemas import row_to_document
 from hanuman_jax.tokenizer.core import (
     ARABIC_DIGITS,
     BOS,

@@ -9,15 +9,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hanuman_jax.attention import (
+from hanuman_jax.config import ConfigError, ModelConfig, RopeConfig
+from hanuman_jax.model.attention import (
     attention_impl,
     blockwise_attention,
     fused_attention,
     xla_attention,
 )
-from hanuman_jax.config import ConfigError, ModelConfig, RopeConfig
-from hanuman_jax.layers import RMSNorm, param, project
-from hanuman_jax.moe import MoEFeedForward
+from hanuman_jax.model.layers import RMSNorm, param, project
+from hanuman_jax.model.moe import MoEFeedForward
 
 Array = jax.Array
 

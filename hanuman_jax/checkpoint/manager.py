@@ -16,9 +16,9 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from hanuman_jax import restore
+from hanuman_jax.checkpoint import restore
+from hanuman_jax.checkpoint.restore import MANIFEST, TOKENIZER_DIR, TOKENIZER_FILE, damage  # noqa: F401
 from hanuman_jax.config import ConfigError, ModelConfig
-from hanuman_jax.restore import MANIFEST, TOKENIZER_DIR, TOKENIZER_FILE, damage  # noqa: F401
 
 log = logging.getLogger("hanuman_jax")
 

@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from hanuman_jax import __version__, sharding
-from hanuman_jax.checkpoint import (
+from hanuman_jax.checkpoint.manager import (
     Checkpointer,
     abstract_with_shardings,
     check_resumable,
@@ -26,11 +26,11 @@ from hanuman_jax.config import ConfigError
 from hanuman_jax.data import DataError, make_dataset, resolve_file
 from hanuman_jax.data.pipeline import stats_metrics
 from hanuman_jax.data.schedule import SeqLenSchedule
-from hanuman_jax.metrics import MetricsWriter, ProgressBar
-from hanuman_jax.model import count_params
-from hanuman_jax.preemption import StopRequest
-from hanuman_jax.step import build_setup, init_state, jit_eval_step, jit_train_step
+from hanuman_jax.model.transformer import count_params
 from hanuman_jax.tokenizer import Tokenizer
+from hanuman_jax.training.metrics import MetricsWriter, ProgressBar
+from hanuman_jax.training.preemption import StopRequest
+from hanuman_jax.training.step import build_setup, init_state, jit_eval_step, jit_train_step
 
 log = logging.getLogger("hanuman_jax")
 
@@ -177,8 +177,8 @@ class Evaluator:
 
 
 def _inference_setup(setup):
-    from hanuman_jax.generate import inference_config
-    from hanuman_jax.model import Transformer
+    from hanuman_jax.inference.generate import inference_config
+    from hanuman_jax.model.transformer import Transformer
 
     cfg = inference_config(setup.model_cfg)
     graphdef, template = nnx.split(
@@ -196,7 +196,7 @@ class Sampler:
         self.setup, self.tokenizer = setup, tokenizer
 
     def __call__(self, params) -> list[tuple[str, str]]:
-        from hanuman_jax.generate import sample
+        from hanuman_jax.inference.generate import sample
 
         texts = sample(params, self.setup.model_cfg, self.tokenizer, self.prompts,
                        max_new_tokens=self.tokens, chat=self.chat)  # fmt: skip

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hanuman_jax.layers import group_ranks
+from hanuman_jax.model.layers import group_ranks
 
 Array = jax.Array
 

@@ -98,7 +98,7 @@ def read_config(step_dir: Path) -> ml_collections.ConfigDict:
 def abstract_params(model_cfg: ModelConfig) -> dict:
     """The parameter tree's shapes and dtypes. They do not depend on the attention kernel, so a
     run trained with `model.attention=cudnn` loads where cuDNN is absent (a CPU, a T4)."""
-    from hanuman_jax.model import Transformer
+    from hanuman_jax.model.transformer import Transformer
 
     model_cfg = dataclasses.replace(model_cfg, attention="xla")
     model = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))

@@ -11,10 +11,11 @@ import ml_collections
 import optax
 from flax import nnx
 
-from hanuman_jax import cross_entropy, sharding
+from hanuman_jax import sharding
 from hanuman_jax.config import MAX_LOSS_SCALE, ConfigError, ModelConfig
-from hanuman_jax.model import Transformer
-from hanuman_jax.optim import make_optimizer
+from hanuman_jax.model.transformer import Transformer
+from hanuman_jax.training import cross_entropy
+from hanuman_jax.training.optim import make_optimizer
 
 # state = {"step": int32[], "params": pure dict, "opt_state": optax state, "rng": uint32[2],
 #          "guard": {"nonfinite_steps", "nonfinite_in_a_row", "loss_scale", "finite_in_a_row"}}

@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hanuman_jax import moe_parallel
-from hanuman_jax.grouped import grouped_swiglu
-from hanuman_jax.layers import group_ranks, param
+from hanuman_jax.model import moe_parallel
+from hanuman_jax.model.grouped import grouped_swiglu
+from hanuman_jax.model.layers import group_ranks, param
 
 if typing.TYPE_CHECKING:
     from hanuman_jax.config import ModelConfig, MoeConfig

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AbstractMesh, PartitionSpec
 
-from hanuman_jax.layers import group_ranks
+from hanuman_jax.model.layers import group_ranks
 from hanuman_jax.sharding import LOGICAL_RULES, logical_to_spec
 
 Array = jax.Array

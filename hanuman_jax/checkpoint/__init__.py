@@ -1,0 +1,1 @@
+"""Checkpoints on disk: the training state's save and resume, and reading parameters back."""

@@ -1,0 +1,1 @@
+"""Hugging Face interchange: the weight mapping, export to transformers and import back."""

@@ -1,0 +1,1 @@
+"""The decoder: transformer, attention kernels, MoE feed-forward and their layers."""

@@ -1,0 +1,1 @@
+"""Planning before paying for a device: memory per target and peak throughput."""

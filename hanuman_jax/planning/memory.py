@@ -1,0 +1,314 @@
+"""Memory planner: per-device bytes of parameters, optimizer state, gradients and activations.
+
+    python -m hanuman_jax.memory --config configs/NAME.py [--device t4|a100|h100|v2-8|v5e-8|...]
+                                 [--config.a.b=value ...]
+
+Parameters and optimizer state are counted from the abstract train state and divided by the mesh
+as `sharding.py` lays them out. Activations are the residuals that the backward pass keeps from
+the forward pass, found by tracing `jax.vjp` of the real loss on one micro-batch (nothing is
+allocated), with the attention the target device runs (attention.py: on a GPU that runs cuDNN
+flash attention, a stand-in that keeps what it keeps). On CPU the total is within 15 % of XLA's
+own `memory_analysis()` of the compiled step (tests/test_memory.py: 1-3 % all scores at once,
+11 % with the attention in blocks).
+
+That holds for XLA:CPU's default scheduler, which `train` keeps when `model.remat` is none.
+Under remat the plan counts what jax.checkpoint keeps, and `train` switches XLA:CPU to its
+memory-minimising scheduler; XLA:CPU then needs far more than the plan says (tiny at 12 layers x
+512 tokens: full remat 1,553 MB against a plan of 408 MB, save_matmuls 1,308 against 478) and,
+without remat, less (1,649 against 2,763). Check GPU and TPU figures against `memory_stats()`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import typing
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.extend import core as jax_core
+
+from hanuman_jax import sharding
+from hanuman_jax.config import MESH_AXES, ConfigError, ModelConfig, load_config
+from hanuman_jax.model.attention import Target, attention_impl, current_target, planning_for
+from hanuman_jax.training import cross_entropy
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+class Device(typing.NamedTuple):
+    """A named device: how many JAX devices it is, the HBM of each, and what picks its kernels."""
+
+    devices: int  # JAX devices: chips, except on v2/v3 where each of a chip's 2 cores is one
+    hbm: int  # bytes per JAX device (v2/v3: half a chip's)
+    target: Target
+
+
+def _gpu(hbm_mib: int, capability: float) -> Device:
+    return Device(1, hbm_mib * MiB, Target("gpu", capability))
+
+
+def _tpu(devices: int, hbm_gib: int) -> Device:
+    return Device(devices, hbm_gib * GiB, Target("tpu"))
+
+
+# GPU memory as nvidia-smi reports it (MiB)
+DEVICES: dict[str, Device] = {
+    "t4": _gpu(15_360, 7.5),  # 16 GB GDDR6. No cuDNN flash attention (capability 7.5)
+    "a100": _gpu(40_960, 8.0),
+    "a100-80": _gpu(81_920, 8.0),
+    "h100": _gpu(81_559, 9.0),  # SXM, 80 GB HBM3
+    "h200": _gpu(143_771, 9.0),  # 141 GB HBM3e
+    "v2-8": _tpu(8, 8),  # 4 chips x 2 cores x 8 GiB
+    "v3-8": _tpu(8, 16),
+    "v4-8": _tpu(4, 32),
+    "v5e-8": _tpu(8, 16),
+    "v5p-8": _tpu(4, 95),
+    "v6e-8": _tpu(8, 32),
+}
+
+
+@dataclasses.dataclass
+class Plan:
+    """Bytes per device; `total` is what the compiled train step needs at its peak."""
+
+    devices: int
+    mesh: dict[str, int]
+    micro_batch: int  # sequences per device per forward/backward pass
+    params: int
+    opt_state: int
+    grads: int
+    activations: int
+    batch: int
+
+    @property
+    def total(self) -> int:
+        return self.params + self.opt_state + self.grads + self.activations + self.batch
+
+
+def _nbytes(x) -> int:
+    return int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
+
+
+def _one_device_cfg(cfg: ml_collections.ConfigDict, remat: str | None = None):
+    """A copy of `cfg` on a one-device mesh, with `model.remat` set to `remat` if given."""
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    if remat is not None:
+        cfg.model.remat = remat
+    for axis in MESH_AXES:
+        cfg.mesh[axis] = 1
+    return cfg
+
+
+def _setup(cfg: ml_collections.ConfigDict):
+    from hanuman_jax.training.step import build_setup
+
+    one = ml_collections.ConfigDict({a: 1 for a in MESH_AXES})
+    return build_setup(cfg, sharding.make_mesh(one, jax.devices()[:1]))
+
+
+def residual_bytes(f, *args) -> int:
+    """Bytes that the backward of `f` keeps from its forward: `jax.vjp`'s residuals, less those
+    that are the arguments themselves (they are held anyway)."""
+    closed, shapes = jax.make_jaxpr(lambda *a: jax.vjp(f, *a), return_shape=True)(*args)
+    jaxpr = closed.jaxpr
+    num_res = len(jax.tree.leaves(shapes[1]))
+    inputs, seen, total = set(jaxpr.invars), set(), 0
+    for v in jaxpr.outvars[len(jaxpr.outvars) - num_res :]:
+        if isinstance(v, jax_core.Literal) or v in inputs or v in seen:
+            continue
+        seen.add(v)
+        total += _nbytes(v.aval)
+    return total
+
+
+def lower_train_step(setup, state, batch) -> jax.stages.Lowered:
+    """The trainer's jitted step, lowered ahead of time for XLA's cost and memory analyses;
+    `state` and `batch` may be abstract."""
+    from hanuman_jax.training.step import jit_train_step
+
+    return jit_train_step(setup).lower(state, batch)
+
+
+def xla_footprint(compiled: jax.stages.Compiled) -> tuple[int, int]:
+    """Bytes XLA assigned to the compiled step: arguments + outputs - donated (aliased) +
+    temporaries, and the temporaries alone."""
+    m = compiled.memory_analysis()
+    total = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+             + m.temp_size_in_bytes)  # fmt: skip
+    return total, m.temp_size_in_bytes
+
+
+def _abstract_batch(b: int, t: int) -> dict:
+    return {
+        k: jax.ShapeDtypeStruct((b, t), jnp.int32)
+        for k in ("tokens", "segment_ids", "positions", "loss_mask")
+    }
+
+
+def _loss_residuals(setup, b: int, t: int) -> int:
+    from hanuman_jax.training.step import loss_fn
+
+    return residual_bytes(
+        lambda params, batch: loss_fn(setup, params, batch, jax.random.key(0))[0],
+        setup.abstract_state["params"],
+        _abstract_batch(b, t),
+    )
+
+
+def activation_bytes(cfg: ml_collections.ConfigDict, micro_batch: int, target: Target) -> int:
+    """Residuals of one micro-batch under `model.remat`, with the attention kernel that
+    `model.attention` means on `target`, and what the loss holds beside all of them while it
+    runs: one chunk's float32 logits and their gradient (cross_entropy.py; the chunks on
+    `target`). With remat, add one block's share of what remat saves: the residuals that block
+    recomputes and holds while it runs its backward."""
+    t = cfg.data.seq_len
+    min_rows = cross_entropy.min_chunk_rows(target.platform)
+    vocab = cfg.model.vocab_size
+    _, _, chunk_rows = cross_entropy.chunk_plan(micro_batch, t - 1, vocab, 1, min_rows)
+    logits_grad = 2 * chunk_rows * vocab * 4
+    with planning_for(target):
+        kept = _loss_residuals(_setup(_one_device_cfg(cfg)), micro_batch, t) + logits_grad
+        if cfg.model.get("remat", "none") == "none":
+            return kept
+        plain = _loss_residuals(_setup(_one_device_cfg(cfg, "none")), micro_batch, t) + logits_grad
+    return kept + (plain - kept) // cfg.model.num_layers
+
+
+class _MeshShape:
+    """Just enough of a Mesh for `sharding.logical_to_spec` to check and size a split."""
+
+    def __init__(self, shape: dict[str, int]):
+        self.shape = shape
+
+
+def _shard_divisors(setup, mesh_sizes: dict[str, int]) -> dict:
+    """How many ways each parameter is split over the mesh (by the logical-axis table)."""
+    from flax import nnx
+
+    fake = _MeshShape(mesh_sizes)
+
+    def ways(path, var) -> int:
+        name = "/".join(str(p) for p in path)
+        axes = var.get_metadata("out_sharding", None)
+        spec = sharding.logical_to_spec(axes, var.get_value().shape, fake, name)
+        names = [a for part in spec if part for a in ((part,) if isinstance(part, str) else part)]
+        return int(np.prod([mesh_sizes[a] for a in names])) if names else 1
+
+    flat = [(p, ways(p, v)) for p, v in nnx.to_flat_state(setup.param_template)]
+    return nnx.to_pure_dict(nnx.from_flat_state(flat))
+
+
+def plan(cfg: ml_collections.ConfigDict, num_devices: int, target: Target | None = None) -> Plan:
+    """Per-device memory of training `cfg` on `num_devices` devices of `target` (default: this
+    process's)."""
+    mesh = sharding.mesh_shape(cfg.mesh, num_devices)
+    shards = int(np.prod([mesh[a] for a in sharding.LOGICAL_RULES["batch"]]))
+    accum = cfg.train.get("grad_accum_steps", 1)
+    if cfg.train.batch_size % (shards * accum):
+        raise ConfigError(
+            f"config train.batch_size={cfg.train.batch_size} is invalid: the mesh splits it "
+            f"{shards} ways and train.grad_accum_steps is {accum}; use a multiple of "
+            f"{shards * accum}"
+        )
+    micro = cfg.train.batch_size // (shards * accum)
+    target = target or current_target()
+    with planning_for(target):  # model.attention as the target resolves it
+        setup = _setup(_one_device_cfg(cfg))
+    divisors = _shard_divisors(setup, mesh)
+    abstract = setup.abstract_state
+    param_bytes = jax.tree.map(lambda p, d: _nbytes(p) // d, abstract["params"], divisors)
+    opt_bytes = optax.tree_map_params(
+        setup.tx,
+        lambda leaf, d: _nbytes(leaf) // d,
+        abstract["opt_state"],
+        divisors,
+        transform_non_params=_nbytes,
+    )
+    params = sum(jax.tree.leaves(param_bytes))
+    # Accumulation keeps a running sum next to each micro-batch's gradients.
+    grads = params * (2 if accum > 1 else 1)
+    # Heads, FFN hidden and vocab split over `tensor`; the residual stream does not (an estimate).
+    activations = activation_bytes(cfg, micro, target) // mesh["tensor"]
+    # the step's whole batch arrives at once: tokens, segment_ids, positions, loss_mask (int32)
+    batch = 4 * 4 * micro * accum * cfg.data.seq_len
+    return Plan(num_devices, mesh, micro, params, sum(jax.tree.leaves(opt_bytes)), grads,
+                activations, batch)  # fmt: skip
+
+
+def usable_bytes(device: str) -> int:
+    """Memory XLA may use on one device: on GPUs JAX preallocates a fraction, 75 % unless
+    XLA_CLIENT_MEM_FRACTION (or the older XLA_PYTHON_CLIENT_MEM_FRACTION; jaxlib refuses both at
+    once) says otherwise. With XLA_PYTHON_CLIENT_PREALLOCATE=false the same fraction is a fair
+    budget: the rest is for everything else in the process."""
+    d = DEVICES[device]
+    if d.target.platform != "gpu":
+        return d.hbm
+    env = os.environ
+    fraction = env.get("XLA_CLIENT_MEM_FRACTION") or env.get("XLA_PYTHON_CLIENT_MEM_FRACTION")
+    return int(d.hbm * float(fraction or "0.75"))
+
+
+def _fmt(n: int) -> str:
+    return f"{n / GiB:8.2f} GiB" if n >= GiB else f"{n / (1 << 20):8.1f} MiB"
+
+
+def report(cfg: ml_collections.ConfigDict, device: str | None) -> str:
+    num = DEVICES[device].devices if device else jax.device_count()
+    target = DEVICES[device].target if device else current_target()
+    p = plan(cfg, num, target)
+    accum = cfg.train.get("grad_accum_steps", 1)
+    with planning_for(target):
+        model_cfg = ModelConfig.from_config(cfg.model)
+        attention = attention_impl(model_cfg.attention, model_cfg.dtype, model_cfg.hd)
+    if attention == "xla":
+        block = model_cfg.attention_block
+        attention += f" in blocks of {block} query rows" if block else " (all scores at once)"
+    lines = [
+        f"mesh {p.mesh} on {num} {device or jax.default_backend()} device(s); "
+        f"micro-batch {p.micro_batch} x {cfg.data.seq_len} tokens per device; "
+        f"model.dtype {cfg.model.dtype}, param_dtype {cfg.model.param_dtype}, "
+        f"remat {cfg.model.get('remat', 'none')}, grad_accum_steps {accum}, "
+        f"attention {attention}",
+        f"parameters        {_fmt(p.params)}",
+        f"optimizer state   {_fmt(p.opt_state)}",
+        f"gradients         {_fmt(p.grads)}",
+        f"activations       {_fmt(p.activations)}   (per micro-batch)",
+        f"batch             {_fmt(p.batch)}",
+        f"total per device  {_fmt(p.total)}",
+    ]
+    if device:
+        usable = usable_bytes(device)
+        verdict = "fits" if p.total <= usable else "does NOT fit"
+        lines.append(
+            f"{device}: {verdict} ({100 * p.total / usable:.0f}% of {_fmt(usable).strip()} usable)"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hanuman_jax.memory", description=__doc__)
+    parser.add_argument("--config", required=True, help="path to a configs/*.py file")
+    parser.add_argument("--device", choices=sorted(DEVICES), help="plan for this device")
+    args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_config(args.config, overrides)
+        if cfg.model.vocab_size == 0:
+            from hanuman_jax.training.loop import load_tokenizer
+
+            load_tokenizer(cfg)
+        print(report(cfg, args.device))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

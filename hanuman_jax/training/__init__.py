@@ -1,0 +1,1 @@
+"""Training: the jitted step, optimizer, chunked loss, the loop and what it writes."""
