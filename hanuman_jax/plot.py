@@ -5,7 +5,6 @@ python -m hanuman_jax.plot --workdir DIR
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -15,6 +14,8 @@ import numpy as np
 
 matplotlib.use("Agg")  # files only: no display needed, and none is opened
 import matplotlib.pyplot as plt  # noqa: E402
+
+from hanuman_jax import cli  # noqa: E402
 
 
 def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
@@ -81,14 +82,13 @@ def plot(workdir: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hanuman_jax.plot", description=__doc__)
+    parser = cli.make_parser("hanuman_jax.plot", __doc__)
     parser.add_argument("--workdir", required=True, help="a training run's directory")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
     try:
         print(plot(Path(args.workdir)))
     except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.fail(e)
     return 0
 
 

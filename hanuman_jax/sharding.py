@@ -10,14 +10,14 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from hanuman_jax.config import MESH_AXES, ConfigError
+from hanuman_jax.config import BATCH_AXES, MESH_AXES, ConfigError
 
 # Logical axis -> mesh axes. Parameters (and so the optimizer state) are sharded over `fsdp`
 # (ZeRO-3), experts over `expert`, heads and FFN hidden over `tensor`; the batch of activations over
 # (`data`, `fsdp`, `expert`): outside the MoE layers the expert axis is one more data-parallel axis.
-# Nothing outside this module names a mesh axis.
+# Nothing outside this module names a mesh axis, but config/mesh.py (jax-free, for config checks).
 LOGICAL_RULES: dict[str, tuple[str, ...] | str | None] = {
-    "batch": ("data", "fsdp", "expert"),
+    "batch": BATCH_AXES,
     "vocab": "tensor",
     "embed": "fsdp",
     "heads": "tensor",

@@ -1,50 +1,43 @@
-"""CLI: python -m hanuman_jax.train --config configs/NAME.py [--config.a.b=value] [--workdir DIR]
-[--distributed [--coordinator_address HOST:PORT --num_processes N --process_id I]]"""
+"""`python -m hanuman_jax.train` (or `hanuman-train`): train a model from a config, resuming the
+run in its workdir."""
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
 
+from hanuman_jax import cli
 from hanuman_jax.config import ConfigError, ModelConfig, load_config
 from hanuman_jax.data import DataError
 
+CLUSTER_FLAGS = ("coordinator_address", "num_processes", "process_id")
+
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(
-        prog="python -m hanuman_jax.train",
-        description="Train a hanuman_jax model. Override any config field with "
-        "--config.section.key=value.",
-    )
-    parser.add_argument("--config", required=True, help="path to a configs/*.py file")
+    """The flags, and the --config.section.key=value overrides in the order given."""
+    parser = cli.make_parser("hanuman_jax.train", "Train a hanuman_jax model.")
+    cli.add_config_flag(parser)
     parser.add_argument("--workdir", help="run directory (default: runs/<config name>)")
     parser.add_argument(
-        "--dry_run",
+        "--dry-run",
         action="store_true",
         help="build the model abstractly and print parameter counts and FLOPs; no training",
     )
-    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     cluster = parser.add_argument_group(
-        "multi-process", "one process per host; unset values are detected from the cluster "
-        "environment (SLURM, Open MPI, Cloud TPU, ...) by jax.distributed.initialize"
+        "multi-process", "one process per host; jax.distributed.initialize detects unset values\n"
+        "from the cluster environment (SLURM, Open MPI, Cloud TPU, ...)"
     )  # fmt: skip
     cluster.add_argument(
         "--distributed", action="store_true", help="join the other processes before training"
     )
-    cluster.add_argument("--coordinator_address", help="HOST:PORT of process 0")
-    cluster.add_argument("--num_processes", type=int, help="how many processes in all")
-    cluster.add_argument("--process_id", type=int, help="this process's index, from 0")
-    args, rest = parser.parse_known_args(argv)
-    overrides = []
-    for item in rest:
-        if not item.startswith("--config."):
-            parser.error(f"unrecognized argument {item!r}")
-        overrides.append(item)
-    given = [f"--{k}" for k in ("coordinator_address", "num_processes", "process_id")
-             if getattr(args, k) is not None]  # fmt: skip
+    cluster.add_argument("--coordinator-address", metavar="HOST:PORT", help="process 0's address")
+    cluster.add_argument("--num-processes", type=int, help="how many processes in all")
+    cluster.add_argument("--process-id", type=int, help="this process's index, from 0")
+    args, overrides = cli.parse_with_overrides(parser, argv)
+    given = [f"--{k.replace('_', '-')}" for k in CLUSTER_FLAGS if getattr(args, k) is not None]
     if given and not args.distributed:
         parser.error(f"{', '.join(given)} only apply with --distributed")
     return args, overrides
@@ -59,7 +52,7 @@ def join_cluster(args: argparse.Namespace) -> None:
     except (RuntimeError, ValueError) as e:
         raise ConfigError(
             f"--distributed: could not join the cluster ({str(e).splitlines()[0]}); pass "
-            "--coordinator_address HOST:PORT --num_processes N --process_id I, or run under a "
+            "--coordinator-address HOST:PORT --num-processes N --process-id I, or run under a "
             "cluster manager that jax.distributed detects"
         ) from None
 
@@ -80,7 +73,7 @@ def set_xla_flags(cfg) -> None:
 
 def dry_run(cfg) -> None:
     from hanuman_jax.data.schedule import SeqLenSchedule
-    from hanuman_jax.model.transformer import count_params, train_flops_per_token
+    from hanuman_jax.model.build import count_params, train_flops_per_token
 
     model_cfg = ModelConfig.from_config(cfg.model)
     counts = count_params(model_cfg)
@@ -103,11 +96,7 @@ def dry_run(cfg) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True
-    )
-    for noisy in ("absl", "orbax", "jax"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    cli.setup_logging()
     try:
         cfg = load_config(args.config, overrides)
         if args.dry_run:  # compiles nothing: no XLA flags, which would outlive the call
@@ -126,11 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             train(cfg, workdir, progress=not args.no_progress)
         except NonFiniteError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+            return cli.fail(e)
     except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.fail(e)
     return 0
 
 

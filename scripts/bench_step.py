@@ -18,7 +18,7 @@ import numpy as np
 
 from hanuman_jax import sharding
 from hanuman_jax.config import ModelConfig, load_config
-from hanuman_jax.model.transformer import train_flops_per_token
+from hanuman_jax.model.build import train_flops_per_token
 from hanuman_jax.training.loop import load_tokenizer
 from hanuman_jax.training.step import build_setup, init_state, jit_train_step
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from hanuman_jax import sharding
 from hanuman_jax.config import ConfigError, ModelConfig, load_config
-from hanuman_jax.model.transformer import count_params, train_flops_per_token
+from hanuman_jax.model.build import count_params, train_flops_per_token
 from hanuman_jax.planning.memory import lower_train_step, xla_footprint
 from hanuman_jax.planning.peaks import matmul_peak, nominal_peak
 from hanuman_jax.training.step import build_setup, init_state

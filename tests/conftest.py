@@ -63,7 +63,7 @@ def random_params(cfg: ModelConfig, seed: int = 0) -> dict:
     import jax
     import numpy as np
 
-    from hanuman_jax.checkpoint.restore import abstract_params
+    from hanuman_jax.model.build import abstract_params
 
     rng = np.random.default_rng(seed)
 

@@ -1,5 +1,8 @@
 """The memory planner's stand-in for cuDNN flash attention: the same function and gradients as
-XLA's attention, keeping only what JAX's cuDNN rule keeps; and the planner using it."""
+XLA's attention, keeping only what JAX's cuDNN rule keeps; the planner using it; and which kernel
+`model.attention` resolves to on a target."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -9,10 +12,11 @@ from conftest import small_model_cfg
 from flax import nnx
 
 from hanuman_jax.config import ConfigError, load_config
-from hanuman_jax.model import attention
-from hanuman_jax.model.attention import Target, attention_impl, fused_attention, planning_for
-from hanuman_jax.model.transformer import Transformer
+from hanuman_jax.model import attention, build
+from hanuman_jax.model.attention import cudnn_attention, fused_attention
 from hanuman_jax.planning import memory
+from hanuman_jax.planning.attention_stand_in import cudnn_stand_in
+from hanuman_jax.planning.targets import Target, local_target, resolve_attention
 
 H100 = Target("gpu", 9.0)
 
@@ -27,29 +31,47 @@ def _qkv(dtype=jnp.float32, b=2, t=19, n=6, kv=2, h=8):
     return q, k, v, seg
 
 
-def test_attention_resolves_for_the_planned_target():
-    assert attention_impl("auto", "bfloat16", 64) == "xla"  # this CPU
-    with planning_for(H100):
-        assert attention_impl("auto", "bfloat16", 64) == "cudnn"
-        assert attention_impl("auto", "float32", 64) == "xla"  # cuDNN flash: bf16/fp16 only
-        assert attention_impl("auto", "bfloat16", 160) == "xla"  # head_dim up to 128
-    with planning_for(Target("gpu", 7.5)), pytest.raises(ConfigError, match="capability 7.5"):
-        attention_impl("cudnn", "float16", 64)  # a T4
-    assert attention.current_target().platform == "cpu"  # the context is gone
+def test_attention_resolves_for_the_given_target():
+    assert local_target().platform == "cpu"
+    assert resolve_attention("auto", "bfloat16", 64, local_target()) == "xla"  # this CPU
+    assert resolve_attention("auto", "bfloat16", 64, H100) == "cudnn"
+    assert resolve_attention("auto", "float32", 64, H100) == "xla"  # cuDNN flash: bf16/fp16 only
+    assert resolve_attention("auto", "bfloat16", 160, H100) == "xla"  # head_dim up to 128
+    with pytest.raises(ConfigError, match="capability 7.5"):
+        resolve_attention("cudnn", "float16", 64, Target("gpu", 7.5))  # a T4
+    cfg = small_model_cfg(dtype="bfloat16")
+    assert build.attention_kernel(cfg, H100) is cudnn_attention
+    assert build.attention_kernel(cfg, local_target()) is None  # XLA's attention
+
+
+def test_building_a_model_never_asks_for_devices(monkeypatch):
+    """The kernel is resolved for a target the caller names: model code reads no device."""
+
+    def no_devices(*args, **kwargs):
+        raise AssertionError("jax.devices() called while building a model")
+
+    monkeypatch.setattr(jax, "devices", no_devices)
+    # a config no other test builds: the builder's cache has not seen it
+    cfg = small_model_cfg(dtype="bfloat16", attention="cudnn", num_layers=1, d_model=96)
+    graphdef, template = build.abstract_model(cfg, build.attention_kernel(cfg, H100))
+    params = build.init_params(cfg, jax.random.key(0))
+    model = build.model_from_params(cfg, params, build.attention_kernel(cfg, H100))
+    assert model.layers[0].attn.kernel is cudnn_attention
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, nnx.to_pure_dict(template))
 
 
 def test_cudnn_stand_in_equals_xla_attention_and_its_gradients():
     q, k, v, seg = _qkv()
     dout = jax.random.normal(jax.random.key(4), q.shape)
 
-    def loss(impl):
-        return lambda q, k, v: jnp.sum(fused_attention(q, k, v, seg, impl) * dout)
+    def loss(f):
+        return lambda q, k, v: jnp.sum(f(q, k, v, seg) * dout)
 
-    with planning_for(H100):
-        out = fused_attention(q, k, v, seg, "cudnn")
-        grads = jax.grad(loss("cudnn"), argnums=(0, 1, 2))(q, k, v)
-    np.testing.assert_allclose(out, fused_attention(q, k, v, seg, "xla"), atol=1e-5, rtol=1e-5)
-    want = jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)
+    xla = functools.partial(fused_attention, implementation="xla")
+    out = cudnn_stand_in(q, k, v, seg)
+    grads = jax.grad(loss(cudnn_stand_in), argnums=(0, 1, 2))(q, k, v)
+    np.testing.assert_allclose(out, xla(q, k, v, seg), atol=1e-5, rtol=1e-5)
+    want = jax.grad(loss(xla), argnums=(0, 1, 2))(q, k, v)
     for got, ref in zip(grads, want, strict=True):
         np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
 
@@ -57,10 +79,7 @@ def test_cudnn_stand_in_equals_xla_attention_and_its_gradients():
 def test_cudnn_stand_in_keeps_what_cudnn_keeps():
     q, k, v, seg = _qkv(jnp.bfloat16, t=64)
     b, t, n, h = q.shape
-    with planning_for(H100):
-        kept = memory.residual_bytes(
-            lambda q, k, v: fused_attention(q, k, v, seg, "cudnn"), q, k, v
-        )
+    kept = memory.residual_bytes(lambda q, k, v: cudnn_stand_in(q, k, v, seg), q, k, v)
     bias = b * t * t * 2  # the additive mask, bf16
     stats = b * n * t * 4  # log-sum-exp per query row and head, float32
     out = b * t * n * h * 2
@@ -186,19 +205,24 @@ def test_rows_no_longer_than_a_block_take_the_plain_attention(root):
     assert activations(64, 128) < activations(0, 128)
 
 
-def test_odd_rows_take_xla_attention_under_auto_and_are_refused_under_cudnn(monkeypatch):
+def test_odd_rows_take_xla_attention_under_auto_and_are_refused_under_cudnn():
     """JAX's cuDNN rule trains a masked attention only on even row lengths."""
 
     def no_cudnn(*args):
-        raise AssertionError("cuDNN attention called on odd rows")
+        raise AssertionError("the fused kernel ran")
 
-    monkeypatch.setattr("hanuman_jax.model.transformer.fused_attention", no_cudnn)
     tokens = jnp.ones((1, 9), jnp.int32)
     seg, pos = jnp.ones_like(tokens), jnp.arange(9)[None]
-    with planning_for(H100):
-        auto = Transformer(small_model_cfg(dtype="bfloat16"), rngs=nnx.Rngs(0))
-        assert auto.layers[0].attn.impl == "cudnn"
-        assert auto(tokens, seg, pos)[0].shape[:2] == (1, 9)
-        cudnn = Transformer(small_model_cfg(dtype="bfloat16", attention="cudnn"), rngs=nnx.Rngs(0))
-        with pytest.raises(ConfigError, match="even row length"):
-            cudnn(tokens, seg, pos)
+    auto_cfg = small_model_cfg(dtype="bfloat16")
+    assert build.attention_kernel(auto_cfg, H100) is cudnn_attention
+    params = build.init_params(auto_cfg, jax.random.key(0))
+    auto = build.model_from_params(auto_cfg, params, no_cudnn)
+    assert auto(tokens, seg, pos)[0].shape[:2] == (1, 9)
+    cudnn_cfg = small_model_cfg(dtype="bfloat16", attention="cudnn")
+    cudnn = build.model_from_params(cudnn_cfg, params, no_cudnn)
+    with pytest.raises(ConfigError, match="even row length"):
+        cudnn(tokens, seg, pos)
+    # even rows run the kernel the model was built with
+    even = jnp.ones((1, 8), jnp.int32)
+    with pytest.raises(AssertionError, match="the fused kernel ran"):
+        auto(even, jnp.ones_like(even), jnp.arange(8)[None])

@@ -9,11 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from conftest import random_params, small_model_cfg
 
 from hanuman_jax import __version__, sharding
-from hanuman_jax.checkpoint.manager import CheckpointError, check_resumable, damage
-from hanuman_jax.checkpoint.restore import MANIFEST, load_params
+from hanuman_jax.checkpoint.files import MANIFEST, CheckpointError, damage
+from hanuman_jax.checkpoint.manager import Checkpointer, check_resumable
+from hanuman_jax.checkpoint.restore import load_params
 from hanuman_jax.config import ConfigError, load_config
+from hanuman_jax.hf.importer import write_checkpoint
 from hanuman_jax.training.loop import NonFiniteError, train
 from hanuman_jax.training.step import build_setup, init_state
 
@@ -75,6 +78,87 @@ def test_a_damaged_checkpoint_is_named_and_the_one_before_restored(tmp_path, cap
         error.value
     )
     assert sorted(p.name for p in ckpts.iterdir()) == ["2", "4", "6", "6.damaged"]  # none moved
+
+
+def _imported_run(tmp_path, steps=(1, 2)):
+    """A params-only run as `import_hf` writes it, with the sample tokenizer copied in."""
+    cfg = small_model_cfg()
+    for step in steps:
+        write_checkpoint(random_params(cfg, seed=step), cfg, tmp_path / "run", step=step,
+                         tokenizer=TOKENIZER)  # fmt: skip
+    return tmp_path / "run" / "checkpoints"
+
+
+def _truncate_state(step_dir: Path) -> None:
+    shard = next(p for p in (step_dir / "state").rglob("*") if p.parent.name == "d")
+    with open(shard, "r+b") as f:
+        f.truncate(5)
+
+
+def _damaged_warnings(caplog) -> list[str]:
+    found = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
+    caplog.clear()
+    return found
+
+
+class _Checked(Exception):
+    pass
+
+
+def test_resume_and_load_params_skip_a_damaged_step_alike(tmp_path, caplog):
+    """Training's resume and load_params find the newest whole step by the same walk: one
+    warning, word for word the same, for the damaged step, then the one before is opened."""
+    caplog.set_level(logging.WARNING, logger="hanuman_jax")
+    ckpts = _imported_run(tmp_path)
+    _truncate_state(ckpts / "2")
+    assert load_params(ckpts.parent).step == 1
+    by_load = _damaged_warnings(caplog)
+    assert len(by_load) == 1 and by_load[0].startswith(
+        f"checkpoint {ckpts / '2'} is damaged (state/"
+    )
+
+    opened = []
+
+    def check(meta, step_dir):  # stops the resume before it restores a train state
+        opened.append((meta["config"]["model"]["d_model"], step_dir))
+        raise _Checked
+
+    ckpt = Checkpointer(ckpts, keep=3)
+    try:
+        with pytest.raises(_Checked):
+            ckpt.restore_newest(None, None, check)
+    finally:
+        ckpt.close()
+    assert opened == [(48, ckpts / "1")] and _damaged_warnings(caplog) == by_load
+
+    # metadata that reads as no JSON (same size, so the manifest passes) is damage too
+    meta_file = ckpts / "1" / "meta" / "metadata"
+    meta_file.write_text("x" * meta_file.stat().st_size)
+    with pytest.raises(
+        ConfigError, match="holds no whole checkpoint \\(saved steps: \\[1, 2\\]\\)"
+    ):
+        load_params(ckpts.parent)
+    assert "damaged (meta unreadable: " in _damaged_warnings(caplog)[1]
+    with pytest.raises(ConfigError, match=f"checkpoint {ckpts / '1'} is damaged: meta unreadable"):
+        load_params(ckpts.parent, 1)
+
+
+def test_an_imported_checkpoint_is_sealed_and_checked_as_a_trained_one(tmp_path):
+    ckpts = _imported_run(tmp_path, steps=(0,))
+    step_dir = ckpts / "0"
+    assert damage(step_dir) is None
+    listed = json.loads((step_dir / MANIFEST).read_text())["files"]
+    assert {"meta/metadata", "tokenizer/tokenizer.model"} <= set(listed)
+    assert any(name.startswith("state/") for name in listed)
+    loaded = load_params(ckpts.parent)
+    assert loaded.tokenizer == step_dir / "tokenizer" / "tokenizer.model"
+    assert loaded.meta["tokenizer"]["vocab_size"] == 4096
+    (step_dir / "tokenizer" / "tokenizer.model").write_bytes(b"")
+    assert damage(step_dir) == (
+        f"tokenizer/tokenizer.model has 0 bytes, {TOKENIZER.stat().st_size} were written"
+    )
+    with pytest.raises(ConfigError, match="is damaged: tokenizer/tokenizer.model has 0 bytes"):
+        load_params(ckpts.parent, 0)
 
 
 def test_a_checkpoint_of_another_model_or_tokenizer_is_refused(tmp_path):

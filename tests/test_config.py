@@ -1,3 +1,5 @@
+import dataclasses
+import math
 import os
 import subprocess
 import sys
@@ -5,8 +7,28 @@ from pathlib import Path
 
 import pytest
 
-from hanuman_jax.config import ConfigError, ModelConfig, load_config
-from hanuman_jax.model.transformer import count_params, train_flops_per_token
+from hanuman_jax.config import (
+    SECTIONS,
+    ConfigError,
+    ModelConfig,
+    check_batch_divides,
+    load_config,
+    validate,
+)
+from hanuman_jax.config.fields import (
+    FINITE,
+    FLAG,
+    Flag,
+    Int,
+    Number,
+    OneOf,
+    Section,
+    Text,
+    above,
+    at_least,
+    within,
+)
+from hanuman_jax.model.build import count_params, train_flops_per_token
 from hanuman_jax.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -214,3 +236,160 @@ def test_stages_b_and_c_keep_their_parents_model_and_start_from_its_run():
     assert load_config(ROOT / "configs" / "stage_c_sft.py").data.packing == "whole"
     with pytest.raises(ConfigError, match=r"train.max_nonfinite_steps=0 is invalid: must be an"):
         load_config(ROOT / "configs" / "tiny.py", ["--config.train.max_nonfinite_steps=0"])
+
+
+def _sections():
+    """The typed sections of tiny.py, model.rope and model.moe included."""
+    cfg = load_config(ROOT / "configs" / "tiny.py")
+    typed = {name: section.from_config(cfg[name]) for name, section in SECTIONS.items()}
+    return [*typed.values(), typed["model"].rope, typed["model"].moe]
+
+
+def _fields():
+    return [
+        pytest.param(section, f.name, id=f"{section.PREFIX}.{f.name}")
+        for section in _sections()
+        for f in dataclasses.fields(section)
+        if not isinstance(getattr(section, f.name), Section)
+    ]
+
+
+@pytest.mark.parametrize("section,name", _fields())
+def test_every_field_of_every_section_is_checked(section, name):
+    value = getattr(section, name)
+    wrong = "yes" if isinstance(value, bool) else "7" if isinstance(value, (int, float)) else 7
+    with pytest.raises(ConfigError) as err:
+        dataclasses.replace(section, **{name: wrong})
+    assert str(err.value).startswith(f"config {section.PREFIX}.{name}={wrong!r} is invalid: ")
+
+
+def _table_entries():
+    return [
+        pytest.param(section, name, rule, id=f"{section.PREFIX}.{name}")
+        for section in _sections()
+        for name, rule in section.RULES.items()
+    ]
+
+
+@pytest.mark.parametrize("section,name,rule", _table_entries())
+def test_each_table_entry_holds_its_bounds(section, name, rule):
+    bad = []  # (value, what the message says is valid)
+    if isinstance(rule, Int) and rule.lo is not None:
+        bad = [(rule.lo - 1, f"must be an integer >= {rule.lo}"), (1.5, "must be an integer")]
+    elif isinstance(rule, Number):
+        bad = [(math.nan, "must be a finite number"), (math.inf, "must be a finite number")]
+        if math.isfinite(rule.lo):
+            bad.append((rule.lo if rule.lo_open else rule.lo - 1, rule.valid()))
+        if math.isfinite(rule.hi):
+            bad.append((rule.hi if rule.hi_open else rule.hi + 1, rule.valid()))
+    elif isinstance(rule, OneOf):
+        bad = [("bogus", f"one of {', '.join(rule.choices)}")]
+    elif isinstance(rule, Flag):
+        bad = [(1, "must be true or false")]
+    elif isinstance(rule, Text) and not rule.empty_ok:
+        bad = [("", rule.valid)]
+    for value, valid in bad:
+        with pytest.raises(ConfigError) as err:
+            dataclasses.replace(section, **{name: value})
+        assert f"config {section.PREFIX}.{name}={value!r} is invalid: {valid}" in str(err.value)
+
+
+def test_rules_say_what_is_valid():
+    assert (Int(1).problem(1), Int(1).problem(0)) == (None, "must be an integer >= 1")
+    assert Int(1).problem(True) == "must be an integer >= 1"
+    assert Int(0, "0 = off").problem(-1) == "must be an integer >= 0 (0 = off)"
+    assert Int(None).problem(-5) is None and Int(None).problem("5") == "must be an integer"
+    assert (above(0).problem(0), above(0).problem(1e-9)) == ("must be > 0", None)
+    assert (at_least(0).problem(0), at_least(0).problem(-1)) == (None, "must be >= 0")
+    assert within(0, 1, hi_open=True).problem(1) == "must be in [0, 1)"
+    assert within(0, 1).problem(1) is None and within(0, 1).problem(1.5) == "must be in [0, 1]"
+    assert within(1, 2.0**24).valid() == "must be in [1, 16777216]"
+    assert FINITE.problem(-1e300) is None and FINITE.problem("x") == "must be a number"
+    assert OneOf(("a", "b")).problem("c") == "one of a, b" and FLAG.problem(0) is not None
+    assert Text("a path").problem("") == "a path" and Text("", empty_ok=True).problem("") is None
+
+
+BAD_ACROSS = [
+    (
+        ["--config.mesh.data=1", "--config.mesh.fsdp=4", "--config.train.batch_size=6"],
+        "config train.batch_size=6 is invalid: it is split 4 ways by mesh.data=1 x mesh.fsdp=4 x "
+        "mesh.expert=1; use a multiple of 4",
+    ),
+    (  # a -1 axis only multiplies the ways the others set
+        ["--config.mesh.fsdp=4", "--config.train.batch_size=6"],
+        "train.batch_size=6 is invalid: it is split 4 ways by mesh.fsdp=4 x mesh.expert=1",
+    ),
+    (
+        [
+            "--config.mesh.fsdp=2",
+            "--config.train.batch_size=6",
+            "--config.train.grad_accum_steps=2",
+        ],
+        "config train.grad_accum_steps=2 is invalid: must divide the 3 rows of each of the 2 batch "
+        "shards (mesh.fsdp=2 x mesh.expert=1); use a train.batch_size that is a multiple of 4",
+    ),
+    (
+        ["--config.train.batch_size=6", "--config.train.grad_accum_steps=4"],
+        "config train.grad_accum_steps=4 is invalid: must divide train.batch_size (6); use a "
+        "train.batch_size that is a multiple of 4",
+    ),
+    (
+        ["--config.mesh.expert=3", "--config.train.batch_size=24"],
+        "config mesh.expert=3 is invalid: must divide model.moe.num_experts (4)",
+    ),
+    (["--config.mesh.tensor=4"], "config mesh.tensor=4 is invalid: must divide model.num_kv_heads"),
+    (["--config.mesh.data=0"], "config mesh.data=0 is invalid: must be >= 1, or -1 for 'all"),
+    (["--config.train.eval_every=5"], "train.eval_every=5 is invalid: needs data.eval_sources"),
+    (["--config.train.sample_every=5", "--config.train.sample_prompts=[]"], "needs train.sample_"),
+    (["--config.data.sources=[{'path': 'a', 'weight': float('inf')}]"], "expected a Python"),
+    (
+        ["--config.data.sources=[{'path': 'a', 'weight': 1e999}]"],
+        "weight=inf is invalid: must be a",
+    ),
+    (["--config.model.rope.scaling=linear", "--config.model.rope.factor=0.5"], "factor=0.5 is inv"),
+    (["--config.model.moe.num_experts=1"], "model.moe.num_experts=1 is invalid: must be 0 (dense)"),
+    (["--config.model.head_dim=7"], "config model.head_dim=7 is invalid: must be even for RoPE"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD_ACROSS, ids=[" ".join(b[0]) for b in BAD_ACROSS])
+def test_rules_across_fields_and_sections(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "configs" / "tiny.py", overrides)
+    assert message in str(err.value)
+
+
+def test_batch_split_is_one_rule_where_the_splitters_are_known():
+    from hanuman_jax.data import make_dataset
+    from hanuman_jax.planning import memory
+
+    cfg = load_config(ROOT / "configs" / "tiny.py")  # 16 rows, mesh.data=-1
+    with pytest.raises(ConfigError, match=r"=16 is invalid: it is split 3 ways by the 3 processes"):
+        make_dataset(cfg, "unused.model", process_count=3)
+    with pytest.raises(
+        ConfigError, match=r"=16 is invalid: it is split 3 ways by the mesh \{'data"
+    ):
+        memory.plan(cfg, 3)
+    check_batch_divides(12, 2, 3, "anything")  # 3 shards of 4 rows, 2 micro-batches each
+
+
+def test_sections_refuse_unknown_and_missing_keys():
+    cfg = load_config(ROOT / "configs" / "tiny.py")
+    with cfg.unlocked():
+        cfg.train.warmup_steps = 10
+    with pytest.raises(ConfigError, match=r"config train.warmup_steps is not a known key; valid"):
+        validate(cfg)
+    cfg = load_config(ROOT / "configs" / "tiny.py")
+    with cfg.unlocked():
+        del cfg.mesh["tensor"]
+    with pytest.raises(ConfigError, match=r"config mesh.tensor is missing"):
+        validate(cfg)
+    with pytest.raises(ConfigError, match=r"config model.moe.experts is not a known key"):
+        ModelConfig.from_config({**load_config(ROOT / "configs" / "tiny.py").model.to_dict(),
+                                 "moe": {"experts": 4}})  # fmt: skip
+
+
+def test_config_imports_no_jax_and_data_may_be_imported_first():
+    for first in ("hanuman_jax.data.schedule", "hanuman_jax.data.sources", "hanuman_jax.config"):
+        code = f"import sys, {first}, hanuman_jax.config; assert 'jax' not in sys.modules"
+        subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)

@@ -14,7 +14,8 @@ from hanuman_jax.config import ConfigError
 from hanuman_jax.data import Document
 from hanuman_jax.hf.importer import write_checkpoint
 from hanuman_jax.inference.evaluate import evaluate, main, windows
-from hanuman_jax.inference.generate import build_model, inference_config
+from hanuman_jax.model.build import inference_config, model_from_params
+from hanuman_jax.planning.targets import Target
 from hanuman_jax.tokenizer import Tokenizer
 
 TOKENIZER = Tokenizer("hanuman_jax/assets/sample/tokenizer.model")
@@ -31,7 +32,8 @@ def params():
 
 @jax.jit
 def _forward(params, tokens_BT, segment_ids_BT):
-    return build_model(params, inference_config(CFG))(tokens_BT, segment_ids_BT)[0]
+    model = model_from_params(inference_config(CFG, Target("cpu")), params)
+    return model(tokens_BT, segment_ids_BT)[0]
 
 
 def _nll(params, ids, mask):

@@ -17,13 +17,16 @@ import jax
 import numpy as np
 import pytest
 
+from hanuman_jax.checkpoint.restore import load_params
 from hanuman_jax.config import ConfigError, load_config
-from hanuman_jax.hf.export import export, load
+from hanuman_jax.hf.export import export
 from hanuman_jax.hf.export import main as export_main
 from hanuman_jax.hf.importer import import_hf
 from hanuman_jax.hf.mapping import model_config_from_hf
 from hanuman_jax.inference.evaluate import evaluate
-from hanuman_jax.inference.generate import build_model, generate_ids, inference_config, prompt_ids
+from hanuman_jax.inference.generate import generate_ids, prompt_ids
+from hanuman_jax.model.build import inference_config, model_from_params
+from hanuman_jax.planning.targets import Target
 from hanuman_jax.tokenizer import Tokenizer
 
 torch = pytest.importorskip("torch")
@@ -101,11 +104,11 @@ def runs(request, tmp_path_factory):
 
 def _ours(loaded, *ids: list[int]) -> list[np.ndarray]:
     """Our logits of each sequence: one jitted call, the sequences padded to the same length."""
-    cfg = inference_config(loaded.model_cfg)
+    cfg = inference_config(loaded.model_cfg, Target("cpu"))
     tokens = np.zeros((2, len(ids), max(map(len, ids))), np.int32)
     for i, x in enumerate(ids):
         tokens[:, i, : len(x)] = [x, np.ones(len(x))]  # ids, and segment 1 where not padding
-    logits = jax.jit(lambda p, t, s: build_model(p, cfg)(t, s)[0])(loaded.params, *tokens)
+    logits = jax.jit(lambda p, t, s: model_from_params(cfg, p)(t, s)[0])(loaded.params, *tokens)
     return [np.asarray(logits[i, : len(x)]) for i, x in enumerate(ids)]
 
 
@@ -139,7 +142,7 @@ def _hf_greedy(model, ids: list[int], n: int) -> list[int]:
 
 
 def _check_export(kind: str, workdir: Path, tmp_path: Path) -> None:
-    loaded = load(workdir)
+    loaded = load_params(workdir)
     out = export(workdir, tmp_path / "fp32")
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["MixtralForCausalLM" if kind == "moe" else
@@ -208,7 +211,7 @@ def test_import_transformers_model(kind, tmp_path):
     hf_dir = _random_hf(kind, tmp_path / "hf")
     model = _hf(hf_dir)
     step_dir, _ = import_hf(hf_dir, tmp_path / "run")
-    loaded = load(step_dir.parents[1])
+    loaded = load_params(step_dir.parents[1])
     ids = [int(i) for i in np.random.default_rng(0).integers(4, 97, 40)]
     diff = float(np.abs(_ours(loaded, ids)[0] - _hf_logits(model, ids)).max())
     print(f"imported {kind}: max |logit diff| vs transformers = {diff:.2e}")
@@ -268,7 +271,7 @@ def test_moe_export_equals_transformers(runs, tmp_path):
 def test_export_import_export_is_bit_identical(runs, tmp_path):
     first = export(runs("moe"), tmp_path / "first")
     workdir = import_hf(first, tmp_path / "imported")[0].parents[1]
-    loaded = load(workdir)
+    loaded = load_params(workdir)
     assert loaded.model_cfg.moe.router_temperature == 1.0  # folded into the gate weights
     second = export(workdir, tmp_path / "second")
     a = safetensors_numpy.load_file(first / "model.safetensors")

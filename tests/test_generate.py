@@ -10,14 +10,9 @@ from conftest import random_params, small_model_cfg
 
 from hanuman_jax.config import ConfigError, MoeConfig, RopeConfig
 from hanuman_jax.hf.importer import write_checkpoint
-from hanuman_jax.inference.generate import (
-    build_model,
-    choose,
-    generate_ids,
-    inference_config,
-    main,
-    prompt_ids,
-)
+from hanuman_jax.inference.generate import choose, generate_ids, main, prompt_ids
+from hanuman_jax.model.build import inference_config, model_from_params
+from hanuman_jax.planning.targets import Target
 from hanuman_jax.tokenizer import Tokenizer
 
 TOKENIZER = Tokenizer("hanuman_jax/assets/sample/tokenizer.model")
@@ -33,7 +28,8 @@ def params():
 
 @jax.jit
 def _forward(params, tokens_BT, segment_ids_BT):
-    return build_model(params, inference_config(CFG))(tokens_BT, segment_ids_BT)[0]
+    model = model_from_params(inference_config(CFG, Target("cpu")), params)
+    return model(tokens_BT, segment_ids_BT)[0]
 
 
 def _full_logits(params, sequences):

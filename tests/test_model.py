@@ -211,18 +211,21 @@ def test_fused_attention_call_equals_ours():
     """The cuDNN branch's call (jax.nn.dot_product_attention, causal, masked to each packed
     document, GQA) run with implementation=xla equals our attention; auto means xla on CPU."""
     from hanuman_jax.config import ConfigError
-    from hanuman_jax.model.attention import attention_impl, fused_attention
+    from hanuman_jax.model import build
+    from hanuman_jax.model.attention import fused_attention
     from hanuman_jax.model.transformer import Attention
+    from hanuman_jax.planning.targets import local_target
 
     cfg = small_model_cfg()
     attn = Attention(cfg, rngs=nnx.Rngs(0))
-    assert attn.impl == "xla" and attention_impl("auto", "bfloat16", 64) == "xla"
+    assert attn.kernel is None
+    assert build.attention_kernel(small_model_cfg(dtype="bfloat16"), local_target()) is None
     with pytest.raises(ConfigError, match="model.attention=cudnn cannot run here"):
-        attention_impl("cudnn", "bfloat16", 64)
+        build.attention_kernel(small_model_cfg(dtype="bfloat16", attention="cudnn"), local_target())
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 21, cfg.d_model))
     seg = jnp.array([[1] * 7 + [2] * 5 + [3] * 9, [1] * 21])
     pos = jnp.array([list(range(7)) + list(range(5)) + list(range(9)), list(range(21))])
-    ours = attn(x, seg, pos)
+    ours, _ = attn(x, seg, pos)
     # the same projections and rotations as Attention.__call__, then the fused call
     inv = rope_inv_freq(cfg.hd, cfg.rope)
     q = apply_rope(jnp.einsum("BTD,DNH->BTNH", x, attn.wq[...]), pos, inv)
@@ -230,3 +233,35 @@ def test_fused_attention_call_equals_ours():
     v = jnp.einsum("BTD,DKH->BTKH", x, attn.wv[...])
     fused = jnp.einsum("BTNH,NHD->BTD", fused_attention(q, k, v, seg, "xla"), attn.wo[...])
     np.testing.assert_allclose(fused, ours, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("moe", [MoeConfig(num_experts=0), MoeConfig(num_experts=5, top_k=2)])
+def test_cached_decode_equals_the_forward_without_cache(moe):
+    """Left-padded prompts prefilled whole, then 2 tokens, then one at a time through the KV
+    cache: each row's logits equal the plain forward of its real tokens alone (GQA: 6 query heads
+    on 2 KV heads; 5 experts)."""
+    from hanuman_jax.model.transformer import init_cache
+
+    cfg = small_model_cfg(moe=moe)
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    prompt, new, lengths = 7, 5, [7, 4, 1]  # real prompt tokens of each row, left-padded to 7
+    tokens = _tokens(b=3, t=prompt + new)
+    pad = jnp.array([prompt - n for n in lengths])
+    decode = nnx.jit(lambda m, *args: m.decode(*args))
+    positions = jnp.arange(prompt)[None] - pad[:, None]
+    cache = init_cache(cfg, 3, prompt + new)
+    first, cache = decode(model, tokens[:, :prompt], (positions >= 0).astype(jnp.int32),
+                          jnp.maximum(positions, 0), cache)  # fmt: skip
+    pieces = [first]
+    for start, stop in [
+        (prompt, prompt + 2),
+        *((t, t + 1) for t in range(prompt + 2, prompt + new)),
+    ]:
+        positions = jnp.arange(start, stop)[None] - pad[:, None]
+        logits, cache = decode(model, tokens[:, start:stop], jnp.ones_like(positions), positions,
+                               cache)  # fmt: skip
+        pieces.append(logits)
+    cached = jnp.concatenate(pieces, axis=1)
+    for row, p in enumerate(pad.tolist()):
+        alone, _ = nnx.jit(lambda m, t: m(t))(model, tokens[row : row + 1, p:])
+        np.testing.assert_allclose(cached[row, p:], alone[0], atol=2e-5, rtol=1e-5)

@@ -132,9 +132,9 @@ def test_router_losses_and_weights():
     assert float(r.aux["z_loss"]) == pytest.approx(np.log(4) ** 2, rel=1e-6)
     logits = jax.random.normal(jax.random.PRNGKey(0), (10, 4)) * 3
     r = route(logits, jnp.ones(10, bool), top_k=2, temperature=1.2)
-    np.testing.assert_allclose(r.weights_TK.sum(-1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(r.weights_TA.sum(-1), 1.0, rtol=1e-6)
     probs = jax.nn.softmax(logits / 1.2)
-    np.testing.assert_array_equal(r.experts_TK, jax.lax.top_k(probs, 2)[1])
+    np.testing.assert_array_equal(r.experts_TA, jax.lax.top_k(probs, 2)[1])
     # all tokens sent to one expert is maximally unbalanced: loss E * 1 * P_e > 1
     skewed = jnp.zeros((10, 4)).at[:, 0].set(10.0)
     r = route(skewed, jnp.ones(10, bool), top_k=1, temperature=1.0)
@@ -157,8 +157,8 @@ def test_capacity_drops_overflow_first_choices_first_and_counts_it():
     out, aux = moe(x, valid_BT=valid)
     x_TD, valid_T = x.reshape(33, 48), np.asarray(valid).reshape(-1)
     routing = route(x_TD @ moe.router[...], valid.reshape(-1), top_k=2, temperature=1.2)
-    experts = np.asarray(routing.experts_TK)
-    weights = np.asarray(routing.weights_TK)
+    experts = np.asarray(routing.experts_TA)
+    weights = np.asarray(routing.weights_TA)
     kept = np.zeros((33, 2), bool)
     used = np.zeros(5, int)
     for k in range(2):  # the documented order: all first choices, then second, in token order

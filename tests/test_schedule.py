@@ -7,7 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hanuman_jax.config import load_config
+from hanuman_jax.config import ConfigError, load_config
+from hanuman_jax.data.schedule import (
+    SeqLenSchedule,
+    check_phase_starts,
+    check_seq_len_schedule,
+    phase_start,
+)
 from hanuman_jax.training import loop as trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,3 +57,16 @@ def test_each_length_compiles_once_and_a_resume_goes_on_in_its_phase(tmp_path, m
     for s in (4, 5, 6):
         np.testing.assert_allclose(again[s]["loss"], first[s]["loss"], rtol=1e-6)
         assert again[s]["seq_len"] == first[s]["seq_len"]
+
+
+def test_phases_start_where_the_fractions_say():
+    assert phase_start(0.29, 100) == 29  # 0.29 x 100 is 28.999999999999996 in floating point
+    phases = "--config.data.seq_len_schedule=[(0, 32), (0.29, 64), (0.5, 128)]"
+    cfg = load_config(ROOT / "configs" / "tiny.py", [phases])
+    schedule = SeqLenSchedule.from_config(cfg)  # 300 steps
+    assert schedule.phases == ((0, 32), (87, 64), (150, 128)) and schedule.starts() == [87, 150]
+    assert [schedule.rows_per_lane(s) for s in (0, 86, 87, 149, 150)] == [4, 4, 2, 2, 1]
+    check_seq_len_schedule([], 128)
+    check_phase_starts([(0.0, 64), (0.5, 128)], 2)  # one step each
+    with pytest.raises(ConfigError, match=r"\[1\]=\(0.4, 128\) is invalid: starts at step 0"):
+        check_phase_starts([(0.0, 64), (0.4, 128)], 1)

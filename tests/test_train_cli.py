@@ -29,7 +29,7 @@ def _cmd(workdir, *overrides):
         "configs/tiny.py",
         "--workdir",
         str(workdir),
-        "--no_progress",
+        "--no-progress",
         "--config.train.log_every=2",
         "--config.train.checkpoint_every=4",
         "--config.train.steps=8",
@@ -133,7 +133,7 @@ def test_cli_trains_checkpoints_and_resumes_exactly_after_sigkill(tmp_path):
 
 
 def test_sigterm_finishes_the_step_saves_and_exits_0(tmp_path, tmp_path_factory):
-    from hanuman_jax.checkpoint.manager import damage
+    from hanuman_jax.checkpoint.files import damage
 
     workdir = tmp_path / "run"
     small = ("--config.model.num_layers=2", "--config.model.d_model=64",
@@ -208,11 +208,11 @@ def test_distributed_two_processes_match_one(tmp_path):
         os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4"
     )
     cmd = [sys.executable, "-m", "hanuman_jax.train", "--config", "configs/tiny.py", "--workdir",
-           str(tmp_path / "multi"), "--no_progress", *small, "--distributed",
-           "--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2"]  # fmt: skip
+           str(tmp_path / "multi"), "--no-progress", *small, "--distributed",
+           "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2"]  # fmt: skip
     procs = [
         subprocess.Popen(
-            [*cmd, "--process_id", str(i)],
+            [*cmd, "--process-id", str(i)],
             cwd=ROOT,
             env=env,
             text=True,
@@ -231,14 +231,16 @@ def test_distributed_two_processes_match_one(tmp_path):
         assert multi[step]["tokens"] == one[step]["tokens"]
 
 
-def test_cluster_flags_need_distributed(tmp_path):
+def test_cluster_flags_need_distributed(tmp_path, capsys):
     from hanuman_jax.train import parse_args
 
     with pytest.raises(SystemExit):
-        parse_args(["--config", "configs/tiny.py", "--process_id", "1"])
-    args, _ = parse_args(["--config", "c.py", "--distributed", "--num_processes", "2"])
+        parse_args(["--config", "configs/tiny.py", "--process-id", "1"])
+    assert "--process-id only apply with --distributed" in capsys.readouterr().err
+    # the underscore spelling of before is still accepted
+    args, _ = parse_args(["--config", "tiny", "--distributed", "--num_processes", "2"])
     assert args.distributed and args.num_processes == 2 and args.coordinator_address is None
     # no cluster to detect here: one line saying what to pass, not a traceback
     proc = _train(tmp_path / "alone", "--distributed", expect=2)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "--coordinator_address HOST:PORT" in errors[0], proc.stderr
+    assert len(errors) == 1 and "--coordinator-address HOST:PORT" in errors[0], proc.stderr

@@ -1,1 +1,2 @@
-"""Checkpoints on disk: the training state's save and resume, and reading parameters back."""
+"""Checkpoints on disk: a step's files, manifest and metadata (files), training's save and resume
+(manager), and reading parameters back (restore)."""

@@ -1,12 +1,11 @@
-"""Orbax checkpoints: the train state, each process's Grain iterator state, metadata, a copy of the
-tokenizer, and a manifest that tells a whole checkpoint from a damaged one."""
+"""Orbax checkpoints of training: the train state, each process's Grain iterator state, metadata,
+a copy of the tokenizer, and a manifest that tells a whole checkpoint from a damaged one (the
+on-disk layout: files.py)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,8 +15,8 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from hanuman_jax.checkpoint import restore
-from hanuman_jax.checkpoint.restore import MANIFEST, TOKENIZER_DIR, TOKENIZER_FILE, damage  # noqa: F401
+from hanuman_jax.checkpoint import files, restore
+from hanuman_jax.checkpoint.files import CheckpointError, Damaged
 from hanuman_jax.config import ConfigError, ModelConfig
 
 log = logging.getLogger("hanuman_jax")
@@ -25,16 +24,13 @@ log = logging.getLogger("hanuman_jax")
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax writes <step> here, then renames it into place
 
 
-class CheckpointError(ConfigError):
-    """A workdir's checkpoints cannot be used as they are; the message says which and why."""
-
-
 class Checkpointer:
     """Saves `{state, data, meta}` under `WORKDIR/checkpoints/<step>/`, asynchronously.
 
     Orbax writes each step to `<step>.orbax-checkpoint-tmp` and renames it when complete, so a
-    step that `steps()` lists was written whole. Just before the rename, `_seal` adds the tokenizer
-    copy and `manifest.json`, so a file truncated or lost later is caught by `damage()`.
+    directory named by its step alone was written whole. Just before the rename, `_seal` adds the
+    tokenizer copy and `manifest.json`, so a file truncated or lost later is caught by
+    `files.damage()`.
     """
 
     def __init__(self, directory: str | Path, *, keep: int, tokenizer: Path | None = None):
@@ -51,9 +47,6 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(
             self.directory, item_names=("state", "data", "meta"), options=options
         )
-
-    def steps(self) -> list[int]:
-        return sorted(self.manager.all_steps())
 
     def save(self, step: int, state, data_state: dict, meta: dict) -> float:
         """Starts writing `step`; returns the seconds the caller was held (the device-to-host
@@ -77,23 +70,7 @@ class Checkpointer:
         """Runs on the primary process after every process has written its part, before the
         rename that commits the step."""
         tmp = self.directory / f"{self._saving}{_TMP_SUFFIX}"
-        step_dir = tmp if tmp.is_dir() else self.directory / str(self._saving)
-        if self.tokenizer is not None:
-            (step_dir / TOKENIZER_DIR).mkdir(exist_ok=True)
-            shutil.copyfile(self.tokenizer, step_dir / TOKENIZER_DIR / TOKENIZER_FILE)
-        files = {
-            str(p.relative_to(step_dir)): p.stat().st_size
-            for p in sorted(step_dir.rglob("*"))
-            if p.is_file() and p.parent != step_dir  # Orbax rewrites its own top-level files
-        }
-        partial = step_dir / f"{MANIFEST}.partial"
-        partial.write_text(json.dumps({"files": files}, indent=1))
-        partial.rename(step_dir / MANIFEST)
-
-    def read_meta(self, step: int) -> dict:
-        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
-            "meta"
-        ]
+        files.seal(tmp if tmp.is_dir() else self.directory / str(self._saving), self.tokenizer)
 
     def restore(self, step: int, abstract_state, data_iterator):
         """Restores into `abstract_state`'s structure, dtypes and shardings, and the iterator."""
@@ -112,26 +89,19 @@ class Checkpointer:
         `check(meta, step_dir)` raises for a checkpoint of another model or tokenizer. A damaged
         step is named in a warning and set aside as `<step>.damaged`, once an older one restored;
         if none restores, CheckpointError says why for each and nothing is moved."""
-        damaged: list[tuple[int, str]] = []
-        for step in reversed(self.steps()):
-            step_dir = self.directory / str(step)
-            reason = damage(step_dir)
-            if reason is None:
-                try:
-                    meta = self.read_meta(step)
-                except (ValueError, OSError, KeyError) as e:
-                    meta, reason = None, f"meta unreadable: {_first_line(e)}"
-            if reason is None:
-                check(meta, step_dir)
-                try:
-                    state = self.restore(step, abstract_state, data_iterator)
-                except (ValueError, OSError, KeyError) as e:
-                    reason = f"restore failed: {_first_line(e)}"
-                else:
-                    self._set_aside([s for s, _ in damaged])
-                    return step, state
-            log.warning("checkpoint %s is damaged (%s); trying the one before", step_dir, reason)
-            damaged.append((step, reason))
+
+        def open_step(step_dir: Path):
+            meta = files.read_meta(step_dir)
+            check(meta, step_dir)
+            try:
+                return self.restore(int(step_dir.name), abstract_state, data_iterator)
+            except (ValueError, OSError, KeyError) as e:
+                raise Damaged(step_dir, f"restore failed: {files.first_line(e)}") from None
+
+        found, damaged = files.newest_whole(self.directory, open_step)
+        if found:
+            self._set_aside([s for s, _ in damaged])
+            return found
         if damaged:
             listed = "; ".join(f"step {s}: {r}" for s, r in damaged)
             raise CheckpointError(
@@ -165,11 +135,6 @@ class Checkpointer:
         self.manager.close()
 
 
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:300]
-
-
 class _Position:
     """A captured iterator state; Grain's handler writes non-DatasetIterator states as bytes."""
 
@@ -185,10 +150,6 @@ def abstract_with_shardings(abstract_state, shardings):
     return jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
     )
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _flatten(tree, prefix=""):
@@ -221,7 +182,7 @@ def check_tokenizer(meta: dict, where: Path, tokenizer_sha: str, cfg) -> None:
     if saved.get("sha256") not in (None, tokenizer_sha):
         raise CheckpointError(
             f"checkpoint {where} was trained with another tokenizer ({saved.get('file')}, "
-            f"{saved.get('vocab_size')} pieces, a copy in {where / TOKENIZER_DIR}) than "
+            f"{saved.get('vocab_size')} pieces, a copy in {where / files.TOKENIZER_DIR}) than "
             f"data.tokenizer={cfg.data.tokenizer!r}; train with that one, or use another --workdir"
         )
 
@@ -254,13 +215,12 @@ def init_params(cfg: ml_collections.ConfigDict, abstract_params: dict, shardings
     `shardings`; CheckpointError when they do not fit this model or its tokenizer."""
     field = f"config train.init_from={cfg.train.init_from!r}"
     try:
-        root = restore.checkpoint_root(cfg.train.init_from)
-        step = restore.newest_whole_step(root)
+        root = files.checkpoint_root(cfg.train.init_from)
+        step, meta = restore.find_step(root)
+        saved = restore.saved_config(meta, root / str(step))
     except ConfigError as e:
         raise CheckpointError(f"{field}: {e}") from None
     step_dir = root / str(step)
-    meta = json.loads((step_dir / "meta" / "metadata").read_text())
-    saved = ml_collections.ConfigDict(meta["config"])
     theirs = _shapes(restore.abstract_params(ModelConfig.from_config(saved.model)))
     ours = _shapes(abstract_params)
     wrong = [f"{k} is {theirs.get(k)} there, {ours.get(k)} now" for k in sorted(ours | theirs)

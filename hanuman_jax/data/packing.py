@@ -1,8 +1,10 @@
 """Packing token documents into fixed-length rows, exactly resumable, with data counters.
 
-Grain's own ConcatThenSplitIterDataset (0.2.18) restores the wrong position when a checkpoint
-falls exactly on a document boundary, so resumed runs would see different data; this iterator's
-state is simply (parent state before the current document, offset into it, counters).
+Our own iterator rather than Grain's ConcatThenSplitIterDataset, which packs to one fixed length:
+here each row's length is chosen when it is asked for (`data.seq_len_schedule`), a `whole` mode
+pads rather than split a document, and the skip, per-source and padding counters travel in the
+state. That state is small and plain: the parent's state before the current document, the offset
+into it, and the counters.
 """
 
 from __future__ import annotations

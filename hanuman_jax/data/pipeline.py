@@ -14,6 +14,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from hanuman_jax.config import check_batch_divides
 from hanuman_jax.data import records
 from hanuman_jax.data.packing import PackedRows
 from hanuman_jax.data.schedule import SeqLenSchedule
@@ -182,10 +183,7 @@ def make_dataset(
     `eval_sources=True` reads `data.eval_sources` in file order (no shuffling), at full length.
     """
     batch = cfg.train.batch_size
-    if batch % process_count:
-        raise DataError(
-            f"train.batch_size={batch} must be divisible by the {process_count} processes"
-        )
+    check_batch_divides(batch, 1, process_count, f"the {process_count} processes")
     specs = cfg.data.eval_sources if eval_sources else cfg.data.sources
     field = "data.eval_sources" if eval_sources else "data.sources"
     sources = open_sources(specs, tokenizer_path, field)

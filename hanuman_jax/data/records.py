@@ -47,7 +47,9 @@ def decode(record: bytes) -> dict[str, np.ndarray]:
 
 
 def file_sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    """The hex SHA-256 of the file's bytes, read in chunks (a checkpoint's files can be large)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def check_manifest(shards: list[Path], tokenizer_sha256: str | None) -> None:

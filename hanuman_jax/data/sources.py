@@ -12,15 +12,31 @@ from __future__ import annotations
 
 import bisect
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from hanuman_jax.config.fields import check
 from hanuman_jax.data import records
 from hanuman_jax.data.files import LineIndex, resolve_paths
-from hanuman_jax.data.schemas import DataError, Document, row_to_document, schema_of
+from hanuman_jax.data.schemas import (
+    CHATS,
+    PAIRS,
+    TEXTS,
+    DataError,
+    Document,
+    row_to_document,
+    schema_of,
+)
 
 SKIP_REASONS = ("malformed_json", "invalid_utf8", "empty", "missing_field")
 DETECT_ROWS = 1000  # rows read at start to find a source's schema
+# path: file or glob (.txt, .jsonl, .parquet, or .array_record token shards), hf:OWNER/NAME[:SPLIT]
+# or tfds:NAME[/CONFIG]:SPLIT; weight: share of tokens; max_examples: seeded sample of at most this
+# many documents (0 = all); field_map: our field name -> the row's (see schemas.py); format: text
+# files as "lines" (a document per line) or "paragraphs" (blank-line separated); data_dir: tfds's
+SOURCE_KEYS = ("path", "weight", "max_examples", "field_map", "format", "data_dir")
+TEXT_FORMATS = ("lines", "paragraphs")
 
 
 @dataclass(frozen=True)
@@ -126,12 +142,19 @@ class JsonlSource(RowSource):
 
 
 class ParquetSource(RowSource):
-    """A Parquet file; the needed columns are held as Arrow arrays (no Python objects)."""
+    """A Parquet file; only the columns the schemas read (or `field_map` names) are loaded, and
+    held as Arrow arrays (no Python objects): other columns, of any size or type, are not read."""
+
+    FIELDS = (*CHATS, *(key for pair in PAIRS for key in pair), "input", *TEXTS, "title")
 
     def __init__(self, path: Path, field_map: dict | None = None):
         pq = _optional("pyarrow.parquet", "parquet")
         try:
-            table = pq.read_table(path)
+            names = pq.read_schema(path).names
+            columns = self._columns(names, field_map, f"{path}[row 0]")
+            table = pq.read_table(path, columns=columns)
+        except DataError:
+            raise
         except Exception as e:  # noqa: BLE001 (pyarrow raises several types for bad files)
             raise DataError(f"{path}: not a readable Parquet file ({e})") from None
         self.path = path
@@ -144,6 +167,17 @@ class ParquetSource(RowSource):
 
     def row(self, i: int):
         return f"{self.path}[row {i}]", {k: col[i].as_py() for k, col in self.columns.items()}
+
+    @classmethod
+    def _columns(cls, names: list[str], field_map: dict | None, where: str) -> list[str]:
+        """The file's columns that `field_map` names, or (without one) that the schemas read."""
+        wanted = set(field_map.values()) if field_map else set(cls.FIELDS)
+        columns = [name for name in names if name in wanted]
+        if not columns or (field_map and len(columns) < len(wanted)):
+            # raises, naming all the file's columns: those field_map names that are missing, or
+            # that none is a field of a schema
+            row_to_document(dict.fromkeys(names), where, field_map)
+        return columns
 
 
 class LibraryRows(RowSource):
@@ -259,8 +293,62 @@ class Concat:
         return self.parts[k][i - self.offsets[k]]
 
 
+def check_sources(sources, field: str) -> None:
+    """Checks each `data.sources` / `data.eval_sources` entry's keys and values (not its files)."""
+    for i, src in enumerate(sources):
+        where = f"{field}[{i}]"
+        check(
+            isinstance(src, dict) and isinstance(src.get("path"), str),
+            where,
+            src,
+            "must be a dict with a string 'path'",
+        )
+        extra = set(src) - set(SOURCE_KEYS)
+        check(
+            not extra, where, src, f"unknown keys {sorted(extra)}; valid: {', '.join(SOURCE_KEYS)}"
+        )
+        limit = src.get("max_examples", 0)
+        check(
+            isinstance(limit, int) and not isinstance(limit, bool) and limit >= 0,
+            f"{where}.max_examples",
+            limit,
+            "must be an integer >= 0 (0 = all)",
+        )
+        fmap = src.get("field_map", {})
+        check(
+            isinstance(fmap, dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in fmap.items()),
+            f"{where}.field_map",
+            fmap,
+            "must map our field names to the row's, e.g. {'instruction': 'question'}",
+        )
+        weight = src.get("weight", 1.0)
+        check(
+            isinstance(weight, (int, float))
+            and not isinstance(weight, bool)
+            and math.isfinite(weight)
+            and weight > 0,
+            f"{where}.weight",
+            weight,
+            "must be a finite number > 0",
+        )
+        fmt = src.get("format", "lines")
+        check(fmt in TEXT_FORMATS, f"{where}.format", fmt, f"one of {', '.join(TEXT_FORMATS)}")
+        path = src["path"]
+        if path.startswith("tfds:"):
+            check(":" in path[5:], f"{where}.path", path, "tfds:NAME[/CONFIG]:SPLIT")
+        if path.startswith(("hf:", "tfds:")):
+            check(len(path.split(":")[1]) > 0, f"{where}.path", path, "names no dataset")
+        check(
+            "data_dir" not in src or path.startswith("tfds:"),
+            f"{where}.data_dir",
+            src.get("data_dir"),
+            "only for tfds: sources",
+        )
+
+
 def open_source(spec: dict, where: str, tokenizer_sha256: str | None = None):
-    """The source a `data.sources[i]` entry names (validated by config.validate)."""
+    """The source a `data.sources[i]` entry names (checked by `check_sources`)."""
     path, fmap = spec["path"], spec.get("field_map")
     if path.startswith("hf:"):
         return HFSource(path[3:], fmap)

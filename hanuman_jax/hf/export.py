@@ -8,13 +8,14 @@ transformers 4.x and 5.x, vLLM and TRL load, and the tokenizer files of `tokeniz
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shutil
 import sys
 from pathlib import Path
 
+from hanuman_jax import cli
+from hanuman_jax.checkpoint.restore import Loaded, load_workdir
 from hanuman_jax.config import ConfigError
 from hanuman_jax.data import DataError
 from hanuman_jax.hf import mapping as hf_mapping
@@ -24,48 +25,22 @@ MAX_SHARD_BYTES = 2 * 1024**3
 log = logging.getLogger("hanuman_jax")
 
 
-def missing_workdir(path: str | Path) -> ConfigError | None:
-    """A clear error when `path` does not exist: what its parent holds (runs first)."""
-    path = Path(path).expanduser().absolute()
-    if path.exists():
-        return None
-    parent = next((p for p in path.parents if p.is_dir()), None)
-    if parent is None:
-        return ConfigError(f"--workdir {path} does not exist")
-    entries = sorted(p for p in parent.iterdir() if p.is_dir())
-    runs = [p.name for p in entries if (p / "checkpoints").is_dir()]
-    listing = ", ".join(runs) if runs else ", ".join(p.name for p in entries[:20]) or "nothing"
-    what = "runs with checkpoints" if runs else "directories"
-    return ConfigError(f"--workdir {path} does not exist; {what} in {parent}: {listing}")
-
-
-def load(workdir: str | Path, step: int | None = None, **kwargs):
-    """`restore.load_params` with a listing of what exists when the workdir does not."""
-    from hanuman_jax.checkpoint.restore import load_params
-
-    error = missing_workdir(workdir)
-    if error is not None:
-        raise error
-    return load_params(workdir, step, **kwargs)
-
-
-def special_ids(tokenizer_path: Path | None, step_dir: Path) -> dict[str, int | None]:
+def special_ids(loaded: Loaded) -> dict[str, int | None]:
     """bos/eos/pad/sep ids (sep: our chat turn separator) of the checkpoint's SentencePiece model,
     or, for an imported model without one, of the Hugging Face config it came from."""
-    if tokenizer_path is None:
-        try:
-            hf = json.loads((step_dir / "meta" / "metadata").read_text())["hf_config"]
-        except (OSError, ValueError, KeyError):
+    if loaded.tokenizer is None:
+        hf = loaded.meta.get("hf_config")
+        if not isinstance(hf, dict):
             raise ConfigError(
-                f"checkpoint {step_dir} has no tokenizer (no tokenizer/tokenizer.model there, "
-                "and its config's data.tokenizer is not found)"
-            ) from None
+                f"checkpoint {loaded.directory} has no tokenizer (no tokenizer/tokenizer.model "
+                "there, and its config's data.tokenizer is not found)"
+            )
         eos = hf.get("eos_token_id")
         return {"bos": hf.get("bos_token_id"), "eos": eos[0] if isinstance(eos, list) else eos,
                 "pad": hf.get("pad_token_id"), "sep": None}  # fmt: skip
     import sentencepiece as spm
 
-    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
+    sp = spm.SentencePieceProcessor(model_file=str(loaded.tokenizer))
     sep = sp.piece_to_id("<sep>")
     return {
         "bos": sp.bos_id() if sp.bos_id() >= 0 else None,
@@ -149,10 +124,10 @@ def export(
     """Writes the Hugging Face model of `step` (default: the newest) of the run at `workdir`."""
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype!r} is invalid: one of {', '.join(DTYPES)}")
-    loaded = load(workdir, step)
+    loaded = load_workdir(workdir, step)
     cfg = loaded.model_cfg
     hf_mapping.check_exportable(cfg)
-    ids = special_ids(loaded.tokenizer, loaded.directory)
+    ids = special_ids(loaded)
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -177,21 +152,18 @@ def export(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hanuman_jax.export", description=__doc__)
+    parser = cli.make_parser("hanuman_jax.export", __doc__)
     parser.add_argument("--workdir", required=True, help="training run directory")
     parser.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
     parser.add_argument("--out", required=True, help="directory for the Hugging Face model")
     parser.add_argument("--dtype", choices=DTYPES, default="float32",
                         help="weights' dtype (float16 for a T4)")  # fmt: skip
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    for noisy in ("absl", "orbax", "jax"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    cli.setup_logging(fmt="%(levelname)s %(message)s")
     try:
         out = export(args.workdir, args.out, step=args.step, dtype=args.dtype)
     except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.fail(e)
     print(f"wrote a Hugging Face model ({args.dtype}) to {out}")
     return 0
 

@@ -8,20 +8,19 @@ sliding windows, other RoPE types, ...) is refused; see hf_mapping.py.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import shutil
 import sys
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 
-from hanuman_jax.checkpoint.manager import MANIFEST, file_sha256
-from hanuman_jax.checkpoint.restore import TOKENIZER_DIR, TOKENIZER_FILE, abstract_params
+from hanuman_jax import cli
+from hanuman_jax.checkpoint import files
 from hanuman_jax.config import ConfigError, ModelConfig
 from hanuman_jax.hf import mapping as hf_mapping
+from hanuman_jax.model.build import abstract_params
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers old Llama checkpoints saved; recomputed
 
@@ -85,8 +84,7 @@ def write_checkpoint(
     root = Path(workdir).expanduser().absolute() / "checkpoints"
     meta = {"config": {"model": dataclasses.asdict(model_cfg)}, **(meta or {})}
     if tokenizer is not None:
-        meta["tokenizer"] = {"file": tokenizer.name, "vocab_size": _pieces(tokenizer),
-                             "sha256": file_sha256(tokenizer)}  # fmt: skip
+        meta["tokenizer"] = files.tokenizer_meta(tokenizer, _pieces(tokenizer))
     with ocp.CheckpointManager(root, item_names=("state", "meta")) as manager:
         manager.save(
             step,
@@ -98,15 +96,7 @@ def write_checkpoint(
         )
         manager.wait_until_finished()
     step_dir = root / str(step)
-    if tokenizer is not None:
-        (step_dir / TOKENIZER_DIR).mkdir(exist_ok=True)
-        shutil.copyfile(tokenizer, step_dir / TOKENIZER_DIR / TOKENIZER_FILE)
-    files = {
-        str(p.relative_to(step_dir)): p.stat().st_size
-        for p in sorted(step_dir.rglob("*"))
-        if p.is_file() and p.parent != step_dir  # as checkpoint.Checkpointer's manifest
-    }
-    (step_dir / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+    files.seal(step_dir, tokenizer)
     return step_dir
 
 
@@ -135,7 +125,7 @@ def import_hf(model_dir: str | Path, out: str | Path, *, param_dtype: str = "flo
         )
     params = _cast(params, jnp.dtype(param_dtype))
     meta = {"imported_from": str(model_dir.absolute()), "hf_config": hf}
-    sp_model = model_dir / TOKENIZER_FILE
+    sp_model = model_dir / files.TOKENIZER_FILE
     tokenizer = sp_model if sp_model.is_file() else None
     return write_checkpoint(params, cfg, out, tokenizer=tokenizer, meta=meta), cfg
 
@@ -160,7 +150,7 @@ def config_overrides(cfg: ModelConfig) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hanuman_jax.import_hf", description=__doc__)
+    parser = cli.make_parser("hanuman_jax.import_hf", __doc__)
     parser.add_argument("--model", required=True, help="local Hugging Face model directory")
     parser.add_argument("--out", required=True, help="workdir to write checkpoints/0 into")
     parser.add_argument("--param-dtype", choices=("float32", "bfloat16"), default="float32",
@@ -170,12 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         step_dir, cfg = import_hf(args.model, args.out, param_dtype=args.param_dtype)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.fail(e)
     print(f"wrote {step_dir} from {args.model}")
     lines = config_overrides(cfg)
-    tokenizer = step_dir / TOKENIZER_DIR / TOKENIZER_FILE
-    if tokenizer.is_file():
+    if tokenizer := files.tokenizer_copy(step_dir):
         lines.append(f"--config.data.tokenizer={tokenizer}")
     lines.append(f"--config.train.init_from={Path(args.out).absolute()}")
     print("train from it with this model config (all of it must match):")

@@ -11,7 +11,6 @@ bytes of the scored text (a chat: of the assistant's replies), comparable across
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import math
@@ -23,9 +22,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hanuman_jax import cli
 from hanuman_jax.config import ConfigError, ModelConfig
 from hanuman_jax.data import DataError, Document, read_documents, resolve_paths
-from hanuman_jax.inference.generate import build_model, inference_config
+from hanuman_jax.model import build
+from hanuman_jax.model.attention import Kernel
+from hanuman_jax.planning.targets import local_target
 from hanuman_jax.tokenizer import Tokenizer
 
 
@@ -48,9 +50,10 @@ def _document(tokenizer: Tokenizer, doc: Document) -> tuple[list[int], list[int]
 
 
 @functools.lru_cache(maxsize=8)
-def _nll_fn(cfg: ModelConfig):
+def _nll_fn(cfg: ModelConfig, kernel: Kernel | None):
     def nll(params, tokens_BT, segment_ids_BT, positions_BT, mask_BT):
-        logits_BTV, _ = build_model(params, cfg)(tokens_BT, segment_ids_BT, positions_BT)
+        model = build.model_from_params(cfg, params, kernel)
+        logits_BTV, _ = model(tokens_BT, segment_ids_BT, positions_BT)
         logits_BTV = logits_BTV[:, :-1]
         target_logit_BT = jnp.take_along_axis(logits_BTV, tokens_BT[:, 1:, None], axis=-1)[..., 0]
         nll_BT = jax.nn.logsumexp(logits_BTV, axis=-1) - target_logit_BT
@@ -73,7 +76,8 @@ def evaluate(
     model with `params` (in memory, on any device or mesh) on `documents` (texts or Documents)."""
     if not isinstance(tokenizer, Tokenizer):
         tokenizer = Tokenizer(tokenizer)
-    cfg = inference_config(model_cfg)
+    target = local_target()
+    cfg = build.inference_config(model_cfg, target)
     length = seq_len or cfg.max_seq_len
     if not 2 <= length <= cfg.max_seq_len:
         raise ConfigError(
@@ -86,7 +90,7 @@ def evaluate(
         ids, mask, nbytes = _document(tokenizer, doc)
         rows += list(windows(ids, mask, length))
         total_bytes += nbytes
-    fn = _nll_fn(cfg)
+    fn = _nll_fn(cfg, build.attention_kernel(cfg, target))
     nll, tokens = 0.0, 0
     for first in range(0, len(rows), batch_size):
         batch = np.zeros((4, batch_size, length), np.int32)  # tokens, segments, positions, mask
@@ -107,11 +111,7 @@ def _table(results: dict[str, dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m hanuman_jax.evaluate",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = cli.make_parser("hanuman_jax.evaluate", __doc__)
     parser.add_argument("--workdir", required=True, help="training run directory")
     parser.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
     parser.add_argument(
@@ -122,10 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
-    from hanuman_jax.hf.export import load
+    from hanuman_jax.checkpoint.restore import load_workdir
 
     try:
-        loaded = load(args.workdir, args.step)
+        loaded = load_workdir(args.workdir, args.step)
         if loaded.tokenizer is None:
             raise ConfigError(f"checkpoint {loaded.directory} has no tokenizer")
         tokenizer = Tokenizer(loaded.tokenizer)
@@ -140,8 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                 seq_len=args.seq_len, batch_size=args.batch_size,
             )  # fmt: skip
     except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.fail(e)
     total = _total(results.values())
     print(_table({**results, "all": total} if len(results) > 1 else results))
     print(json.dumps({"step": loaded.step, **total}))

@@ -31,11 +31,8 @@ def block_rows(num_rows: int, num_experts: int, block_size: int) -> int:
     """Rows per block: about rows / (4 x experts), a power of two from 8 up to `block_size`.
 
     Larger blocks run the matmuls faster; smaller ones pad less (at most one block per expert,
-    so at most a quarter of the rows here). One MoE layer forward + backward on this CPU (fp32,
-    BENCHMARKS.md): 16,384 rows over 4 experts, d 128, hidden 256, took 1.49x a dense SwiGLU of
-    the same FLOPs with 64-row blocks, 1.30x with 256, 1.04x with 512 and 1.05x with 1,024;
-    4,096 rows over 8 experts, d 256, hidden 704, took 1.38x with 64, 1.23x with 128, 1.32x with
-    256."""
+    so at most a quarter of the rows here). The rule is the best of a sweep of block sizes
+    against a dense SwiGLU of the same FLOPs (BENCHMARKS.md, `scripts/bench_grouped_matmul.py`)."""
     target = max(1, num_rows // (4 * num_experts))
     return int(min(block_size, max(8, 1 << int(math.log2(target)))))
 
@@ -53,9 +50,9 @@ def _layout(expert_R: Array, num_experts: int, block: int):
     end_E = jnp.cumsum(padded_E)
     start_R = jnp.take(end_E - padded_E, expert_R, mode="fill", fill_value=num_blocks * block)
     dest_R = jnp.where(has_expert_R, start_R + rank_R, num_blocks * block)
-    block_expert_N = jnp.searchsorted(end_E, jnp.arange(num_blocks) * block, side="right")
+    block_expert_M = jnp.searchsorted(end_E, jnp.arange(num_blocks) * block, side="right")
     used = end_E[-1] // block
-    return dest_R, jnp.minimum(block_expert_N, num_experts - 1), used, num_blocks
+    return dest_R, jnp.minimum(block_expert_M, num_experts - 1), used, num_blocks
 
 
 def _varies_over(a: Array) -> frozenset:
@@ -95,7 +92,7 @@ def _blocked(block: int):
     def _forward(x_RD, expert_R, w_gate_EDF, w_up_EDF, w_down_EFD):
         d = x_RD.shape[1]
         num_experts, _, f = w_gate_EDF.shape
-        dest_R, expert_N, used, num_blocks = _layout(expert_R, num_experts, block)
+        dest_R, expert_M, used, num_blocks = _layout(expert_R, num_experts, block)
         x_PD = (
             jnp.zeros((num_blocks * block, d), x_RD.dtype)
             .at[dest_R]
@@ -104,47 +101,47 @@ def _blocked(block: int):
 
         def body(i, carry):
             y_PD, gate_PF, up_PF = carry
-            e, x_BD = expert_N[i], _rows(x_PD, i, block)
-            gate_BF, up_BF = x_BD @ w_gate_EDF[e], x_BD @ w_up_EDF[e]
-            y_BD = (jax.nn.silu(gate_BF) * up_BF) @ w_down_EFD[e]
+            e, x_CD = expert_M[i], _rows(x_PD, i, block)
+            gate_CF, up_CF = x_CD @ w_gate_EDF[e], x_CD @ w_up_EDF[e]
+            y_CD = (jax.nn.silu(gate_CF) * up_CF) @ w_down_EFD[e]
             return (
-                _put(y_PD, y_BD, i, block),
-                _put(gate_PF, gate_BF, i, block),
-                _put(up_PF, up_BF, i, block),
+                _put(y_PD, y_CD, i, block),
+                _put(gate_PF, gate_CF, i, block),
+                _put(up_PF, up_CF, i, block),
             )
 
         zeros = lambda n: _varying(jnp.zeros((num_blocks * block, n), x_RD.dtype), _vma(x_RD))
         y_PD, gate_PF, up_PF = jax.lax.fori_loop(0, used, body, (zeros(d), zeros(f), zeros(f)))
         y_RD = y_PD.at[dest_R].get(mode="fill", fill_value=0, unique_indices=True)
         weights = (w_gate_EDF, w_up_EDF, w_down_EFD)
-        return y_RD, (x_PD, gate_PF, up_PF, dest_R, expert_N, used, expert_R, weights)
+        return y_RD, (x_PD, gate_PF, up_PF, dest_R, expert_M, used, expert_R, weights)
 
     def _backward(residuals, dy_RD):
-        x_PD, gate_PF, up_PF, dest_R, expert_N, used, expert_R, weights = residuals
+        x_PD, gate_PF, up_PF, dest_R, expert_M, used, expert_R, weights = residuals
         w_gate_EDF, w_up_EDF, w_down_EFD = weights
         dy_PD = jnp.zeros_like(x_PD).at[dest_R].set(dy_RD, mode="drop", unique_indices=True)
         f32 = jnp.float32
 
         def body(i, carry):
             dx_PD, dw_gate, dw_up, dw_down = carry
-            e = expert_N[i]
-            x_BD, dy_BD = _rows(x_PD, i, block), _rows(dy_PD, i, block)
-            gate_BF, up_BF = _rows(gate_PF, i, block), _rows(up_PF, i, block)
-            sig_BF = jax.nn.sigmoid(gate_BF)
-            act_BF = gate_BF * sig_BF
-            dh_BF = dy_BD @ w_down_EFD[e].T
-            dgate_BF = dh_BF * up_BF * (sig_BF * (1 + gate_BF * (1 - sig_BF)))
-            dup_BF = dh_BF * act_BF
-            dx_BD = dgate_BF @ w_gate_EDF[e].T + dup_BF @ w_up_EDF[e].T
+            e = expert_M[i]
+            x_CD, dy_CD = _rows(x_PD, i, block), _rows(dy_PD, i, block)
+            gate_CF, up_CF = _rows(gate_PF, i, block), _rows(up_PF, i, block)
+            sig_CF = jax.nn.sigmoid(gate_CF)
+            act_CF = gate_CF * sig_CF
+            dh_CF = dy_CD @ w_down_EFD[e].T
+            dgate_CF = dh_CF * up_CF * (sig_CF * (1 + gate_CF * (1 - sig_CF)))
+            dup_CF = dh_CF * act_CF
+            dx_CD = dgate_CF @ w_gate_EDF[e].T + dup_CF @ w_up_EDF[e].T
 
             def grad(a, b):  # a.T @ b, accumulated in float32
                 return jnp.matmul(a.T, b, preferred_element_type=f32)
 
             return (
-                _put(dx_PD, dx_BD, i, block),
-                dw_gate.at[e].add(grad(x_BD, dgate_BF)),
-                dw_up.at[e].add(grad(x_BD, dup_BF)),
-                dw_down.at[e].add(grad(act_BF * up_BF, dy_BD)),
+                _put(dx_PD, dx_CD, i, block),
+                dw_gate.at[e].add(grad(x_CD, dgate_CF)),
+                dw_up.at[e].add(grad(x_CD, dup_CF)),
+                dw_down.at[e].add(grad(act_CF * up_CF, dy_CD)),
             )
 
         axes = _vma(x_PD)

@@ -22,8 +22,8 @@ def param(rngs: nnx.Rngs, shape, axes, std: float, dtype) -> nnx.Param:
 
 def project(x: Array, w: Array, contract: int = 1, preferred_element_type=None) -> Array:
     """Contracts the last `contract` axes of x with the first `contract` axes of w, as one 2-D
-    matmul. XLA:CPU runs the backward of the equivalent 3-D einsum ("BTD,DF->BTF") about 2x
-    slower than this (see BENCHMARKS.md); on GPU and TPU the two are the same."""
+    matmul: XLA:CPU runs the backward of the equivalent 3-D einsum ("BTD,DF->BTF") slower
+    (BENCHMARKS.md); on GPU and TPU the two are the same."""
     lead, inner = x.shape[: x.ndim - contract], w.shape[:contract]
     k = math.prod(inner)
     y = jnp.matmul(
@@ -49,7 +49,7 @@ class RMSNorm(nnx.Module):
 def group_ranks(group_R: Array, num_groups: int, counted_R: Array | None = None) -> Array:
     """Each row's rank among the earlier rows of its group (0, 1, ...). Rows where `counted_R` is
     False do not take a rank from the rows after them."""
-    onehot_RG = jax.nn.one_hot(group_R, num_groups, dtype=jnp.int32)
+    onehot_RE = jax.nn.one_hot(group_R, num_groups, dtype=jnp.int32)
     if counted_R is not None:
-        onehot_RG = onehot_RG * counted_R[:, None].astype(jnp.int32)
-    return jnp.take_along_axis(jnp.cumsum(onehot_RG, axis=0), group_R[:, None], axis=1)[:, 0] - 1
+        onehot_RE = onehot_RE * counted_R[:, None].astype(jnp.int32)
+    return jnp.take_along_axis(jnp.cumsum(onehot_RE, axis=0), group_R[:, None], axis=1)[:, 0] - 1

@@ -34,8 +34,8 @@ ExpertsFn = typing.Callable[..., Array]
 
 
 class Routing(typing.NamedTuple):
-    experts_TK: Array  # int32 expert index of each of a token's k choices
-    weights_TK: Array  # fp32, renormalised over the k choices
+    experts_TA: Array  # int32 expert index of each of a token's k choices
+    weights_TA: Array  # fp32, renormalised over the k choices
     aux: dict[str, Array]
 
 
@@ -50,12 +50,12 @@ def route(
     num_experts = logits_TE.shape[-1]
     scaled_TE = logits_TE.astype(jnp.float32) / temperature
     probs_TE = jax.nn.softmax(scaled_TE, axis=-1)
-    top_w_TK, top_e_TK = jax.lax.top_k(probs_TE, top_k)
-    weights_TK = top_w_TK / jnp.sum(top_w_TK, axis=-1, keepdims=True)
+    top_w_TA, top_e_TA = jax.lax.top_k(probs_TE, top_k)
+    weights_TA = top_w_TA / jnp.sum(top_w_TA, axis=-1, keepdims=True)
 
     valid = valid_T.astype(jnp.float32)
     n_valid = jnp.maximum(jnp.sum(valid), 1.0)
-    chosen_TE = jnp.sum(jax.nn.one_hot(top_e_TK, num_experts, dtype=jnp.float32), axis=1)
+    chosen_TE = jnp.sum(jax.nn.one_hot(top_e_TA, num_experts, dtype=jnp.float32), axis=1)
     load_E = jnp.sum(chosen_TE * valid[:, None], axis=0) / (n_valid * top_k)
     importance_E = jnp.sum(probs_TE * valid[:, None], axis=0) / n_valid
     # Switch Transformer: E * sum_e f_e * P_e, which is 1.0 under perfect balance.
@@ -70,14 +70,14 @@ def route(
         "load_min": jnp.min(load_E),
         "router_entropy": jnp.sum(entropy_T * valid) / n_valid,
     }
-    return Routing(top_e_TK.astype(jnp.int32), weights_TK, aux)
+    return Routing(top_e_TA.astype(jnp.int32), weights_TA, aux)
 
 
-def _batched_swiglu(x_NBD: Array, w_gate_NDF: Array, w_up_NDF: Array, w_down_NFD: Array) -> Array:
+def _batched_swiglu(x_ECD: Array, w_gate_EDF: Array, w_up_EDF: Array, w_down_EFD: Array) -> Array:
     """SwiGLU of each group of rows with its own weights: x[n] through expert weights [n]."""
-    gate_NBF = jnp.einsum("NBD,NDF->NBF", x_NBD, w_gate_NDF)
-    up_NBF = jnp.einsum("NBD,NDF->NBF", x_NBD, w_up_NDF)
-    return jnp.einsum("NBF,NFD->NBD", jax.nn.silu(gate_NBF) * up_NBF, w_down_NFD)
+    gate_ECF = jnp.einsum("ECD,EDF->ECF", x_ECD, w_gate_EDF)
+    up_ECF = jnp.einsum("ECD,EDF->ECF", x_ECD, w_up_EDF)
+    return jnp.einsum("ECF,EFD->ECD", jax.nn.silu(gate_ECF) * up_ECF, w_down_EFD)
 
 
 def capacity(num_tokens: int, top_k: int, num_experts: int, factor: float) -> int:
@@ -86,12 +86,12 @@ def capacity(num_tokens: int, top_k: int, num_experts: int, factor: float) -> in
 
 
 def capacity_slots(
-    experts_TK: Array, valid_T: Array, num_experts: int, c: int
+    experts_TA: Array, valid_T: Array, num_experts: int, c: int
 ) -> tuple[Array, Array]:
     """Each assignment's slot in a [experts x c] buffer (k-major: every first choice before any
     second, then token order), or experts x c where it is dropped; and whether it is kept."""
-    k = experts_TK.shape[1]
-    expert_R = experts_TK.T.reshape(-1)
+    k = experts_TA.shape[1]
+    expert_R = experts_TA.T.reshape(-1)
     valid_R = jnp.tile(valid_T, k)
     rank_R = group_ranks(expert_R, num_experts, counted_R=valid_R)
     keep_R = valid_R & (rank_R < c)
@@ -110,16 +110,16 @@ def capacity_dispatch(
     """Capacity dispatch around `experts_fn(x_ECD) -> y_ECD`: the combined output and the number
     of valid assignments dropped."""
     t, d = x_TD.shape
-    k = routing.experts_TK.shape[1]
+    k = routing.experts_TA.shape[1]
     e = num_experts
     c = capacity(t, k, e, capacity_factor)
-    slot_R, keep_R = capacity_slots(routing.experts_TK, valid_T, e, c)
+    slot_R, keep_R = capacity_slots(routing.experts_TA, valid_T, e, c)
     x_RD = jnp.tile(x_TD, (k, 1))  # k-major copies: the backward is a sum, not a scatter-add
     x_ECD = jnp.zeros((e * c, d), x_TD.dtype).at[slot_R].set(x_RD, mode="drop")
     y_ECD = experts_fn(x_ECD.reshape(e, c, d))
     y_RD = y_ECD.reshape(e * c, d).at[slot_R].get(mode="fill", fill_value=0)
-    weights_KT = routing.weights_TK.T.astype(x_TD.dtype) * keep_R.reshape(k, t).astype(x_TD.dtype)
-    y_TD = jnp.einsum("KTD,KT->TD", y_RD.reshape(k, t, d), weights_KT)
+    weights_AT = routing.weights_TA.T.astype(x_TD.dtype) * keep_R.reshape(k, t).astype(x_TD.dtype)
+    y_TD = jnp.einsum("ATD,AT->TD", y_RD.reshape(k, t, d), weights_AT)
     return y_TD, jnp.sum(jnp.tile(valid_T, k) & ~keep_R)
 
 
@@ -127,11 +127,11 @@ def dropless_dispatch(x_TD: Array, routing: Routing, experts_fn: ExpertsFn) -> A
     """Dropless dispatch around `experts_fn(x_RD, expert_R) -> y_RD` (row r through expert
     expert_R[r]), over every token's k assignments."""
     t, d = x_TD.shape
-    k = routing.experts_TK.shape[1]
+    k = routing.experts_TA.shape[1]
     # every token k times (backward: a sum); each copy goes to its own place, so no scatter-add
     # with repeated indices anywhere and the result is deterministic on every backend
-    y_TKD = experts_fn(jnp.repeat(x_TD, k, axis=0), routing.experts_TK.reshape(-1))
-    return jnp.einsum("TKD,TK->TD", y_TKD.reshape(t, k, d), routing.weights_TK.astype(x_TD.dtype))
+    y_TAD = experts_fn(jnp.repeat(x_TD, k, axis=0), routing.experts_TA.reshape(-1))
+    return jnp.einsum("TAD,TA->TD", y_TAD.reshape(t, k, d), routing.weights_TA.astype(x_TD.dtype))
 
 
 class MoEFeedForward(nnx.Module):
@@ -191,8 +191,8 @@ def dispatch(
     travel to the devices of theirs."""
     k = m.top_k
     if m.dispatch == "capacity":
-        experts_fn = functools.partial(_batched_swiglu, w_gate_NDF=weights[0],
-                                       w_up_NDF=weights[1], w_down_NFD=weights[2])  # fmt: skip
+        experts_fn = functools.partial(_batched_swiglu, w_gate_EDF=weights[0],
+                                       w_up_EDF=weights[1], w_down_EFD=weights[2])  # fmt: skip
         if across_devices:
             experts_fn = functools.partial(moe_parallel.exchange_slots, experts_fn=experts_fn)
         return capacity_dispatch(x_TD, routing, valid_T, experts_fn, num_experts=m.num_experts,
@@ -221,9 +221,9 @@ def _expert_parallel(
     b, t, d = x_BTD.shape
     k = m.top_k
 
-    def local(x_BTD, experts_BTK, weights_BTK, valid_BT, *weights):
+    def local(x_BTD, experts_BTA, weights_BTA, valid_BT, *weights):
         rows = x_BTD.shape[0] * t
-        routing = Routing(experts_BTK.reshape(rows, k), weights_BTK.reshape(rows, k), {})
+        routing = Routing(experts_BTA.reshape(rows, k), weights_BTA.reshape(rows, k), {})
         valid_T = valid_BT.reshape(rows)
         y_TD, n_dropped = dispatch(x_BTD.reshape(rows, d), routing, valid_T, weights, m,
                                    across_devices=True)  # fmt: skip
@@ -233,8 +233,8 @@ def _expert_parallel(
 
     return moe_parallel.shard_over_experts(local, mesh)(
         x_BTD,
-        routing.experts_TK.reshape(b, t, k),
-        routing.weights_TK.reshape(b, t, k),
+        routing.experts_TA.reshape(b, t, k),
+        routing.weights_TA.reshape(b, t, k),
         valid_BT,
         *weights,
     )

@@ -41,7 +41,7 @@ def expert_parallel_mesh() -> AbstractMesh | None:
 
 
 def shard_over_experts(local_fn: Callable, mesh: AbstractMesh) -> Callable:
-    """`local_fn(x_BTD, experts_BTK, weights_BTK, valid_BT, w_gate, w_up, w_down)` on each device's
+    """`local_fn(x_BTD, experts_BTA, weights_BTA, valid_BT, w_gate, w_up, w_down)` on each device's
     rows of the batch, with its own experts' weights whole on `embed` (gathered over fsdp) and
     split on the hidden dim as the parameters are; returns (y_BTD, a replicated scalar)."""
     rows = logical_to_spec(("batch", None, None))
@@ -71,15 +71,15 @@ def _swap(a_X: Array) -> Array:
 
 
 def exchange_slots(x_ECD: Array, *, experts_fn: Callable[[Array], Array]) -> Array:
-    """Each expert's capacity slots to the device holding it and back: `experts_fn(x_LND)` runs on
+    """Each expert's capacity slots to the device holding it and back: `experts_fn(x_LQD)` runs on
     this device's L experts over the slots of every source device."""
     e, c, d = x_ECD.shape
     x_count = jax.lax.axis_size(EXPERT_AXIS)
     local = e // x_count
     recv_XLCD = _swap(x_ECD.reshape(x_count, local, c, d))
-    x_LND = recv_XLCD.transpose(1, 0, 2, 3).reshape(local, x_count * c, d)
-    y_LND = _sum_hidden(experts_fn(x_LND))
-    y_XLCD = y_LND.reshape(local, x_count, c, d).transpose(1, 0, 2, 3)
+    x_LQD = recv_XLCD.transpose(1, 0, 2, 3).reshape(local, x_count * c, d)
+    y_LQD = _sum_hidden(experts_fn(x_LQD))
+    y_XLCD = y_LQD.reshape(local, x_count, c, d).transpose(1, 0, 2, 3)
     return _swap(y_XLCD).reshape(e, c, d)
 
 
@@ -105,10 +105,10 @@ def exchange_rows(
     dest_R = expert_R // local
     slot_R = dest_R * slots + group_ranks(dest_R, x_count)
     # An empty slot names expert `local`, which is none: the experts skip it (grouped.py).
-    send_XSD = jnp.zeros((x_count * slots, d), x_RD.dtype).at[slot_R].set(x_RD, unique_indices=True)
-    send_XS = jnp.full((x_count * slots,), local, jnp.int32).at[slot_R].set(expert_R % local)
-    recv_QD = _swap(send_XSD.reshape(x_count, slots, d)).reshape(x_count * slots, d)
-    expert_Q = _swap(send_XS.reshape(x_count, slots)).reshape(x_count * slots)
+    send_XCD = jnp.zeros((x_count * slots, d), x_RD.dtype).at[slot_R].set(x_RD, unique_indices=True)
+    send_XC = jnp.full((x_count * slots,), local, jnp.int32).at[slot_R].set(expert_R % local)
+    recv_QD = _swap(send_XCD.reshape(x_count, slots, d)).reshape(x_count * slots, d)
+    expert_Q = _swap(send_XC.reshape(x_count, slots)).reshape(x_count * slots)
     y_QD = _sum_hidden(experts_fn(recv_QD, expert_Q))
-    y_XSD = _swap(y_QD.reshape(x_count, slots, d))
-    return y_XSD.reshape(x_count * slots, d).at[slot_R].get(unique_indices=True)
+    y_XCD = _swap(y_QD.reshape(x_count, slots, d))
+    return y_XCD.reshape(x_count * slots, d).at[slot_R].get(unique_indices=True)

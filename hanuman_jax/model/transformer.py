@@ -1,8 +1,10 @@
-"""Decoder-only transformer in flax.nnx: RMSNorm, GQA with RoPE, SwiGLU or MoE feed-forward."""
+"""Decoder-only transformer in flax.nnx: RMSNorm, GQA with RoPE, SwiGLU or MoE feed-forward; one
+forward for training, evaluation and decoding (with a KV cache)."""
 
 from __future__ import annotations
 
 import math
+import typing
 
 import jax
 import jax.numpy as jnp
@@ -10,12 +12,7 @@ import numpy as np
 from flax import nnx
 
 from hanuman_jax.config import ConfigError, ModelConfig, RopeConfig
-from hanuman_jax.model.attention import (
-    attention_impl,
-    blockwise_attention,
-    fused_attention,
-    xla_attention,
-)
+from hanuman_jax.model.attention import Kernel, blockwise_attention, xla_attention
 from hanuman_jax.model.layers import RMSNorm, param, project
 from hanuman_jax.model.moe import MoEFeedForward
 
@@ -59,10 +56,43 @@ def _swish_gate(gate: Array, up: Array) -> Array:
     return jax.nn.silu(gate) * up
 
 
-class Attention(nnx.Module):
-    """Grouped-query causal self-attention; tokens attend only within their packed document."""
+class KVCache(typing.NamedTuple):
+    """One layer's keys and values at S slots, each slot's segment id (0: padding or not yet
+    written) and the first slot that the next tokens are written to."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    k_BSKH: Array
+    v_BSKH: Array
+    segment_ids_BS: Array
+    slot: Array  # int32 []
+
+    def write(self, k_BTKH: Array, v_BTKH: Array, segment_ids_BT: Array) -> KVCache:
+        """The cache with T new tokens at slots slot..slot+T-1."""
+        at = (0, self.slot, 0, 0)
+        return KVCache(
+            jax.lax.dynamic_update_slice(self.k_BSKH, k_BTKH.astype(self.k_BSKH.dtype), at),
+            jax.lax.dynamic_update_slice(self.v_BSKH, v_BTKH.astype(self.v_BSKH.dtype), at),
+            jax.lax.dynamic_update_slice(
+                self.segment_ids_BS, segment_ids_BT.astype(jnp.int32), at[:2]
+            ),
+            self.slot + k_BTKH.shape[1],
+        )
+
+
+def init_cache(cfg: ModelConfig, batch: int, slots: int) -> list[KVCache]:
+    """An empty KV cache of `slots` slots per row, one per layer, in the compute dtype."""
+    kv_BSKH = jnp.zeros((batch, slots, cfg.num_kv_heads, cfg.hd), jnp.dtype(cfg.dtype))
+    empty = KVCache(kv_BSKH, kv_BSKH, jnp.zeros((batch, slots), jnp.int32), jnp.int32(0))
+    return [empty] * cfg.num_layers
+
+
+class Attention(nnx.Module):
+    """Grouped-query causal self-attention; tokens attend only within their packed document.
+
+    `kernel` is the fused attention it runs (resolved from `model.attention` where the model is
+    built; None: XLA's). With a KV cache the new tokens attend to the cache's slots, by XLA's
+    attention."""
+
+    def __init__(self, cfg: ModelConfig, *, kernel: Kernel | None = None, rngs: nnx.Rngs):
         d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.hd
         pdt = jnp.dtype(cfg.param_dtype)
         out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
@@ -71,35 +101,52 @@ class Attention(nnx.Module):
         self.wv = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg.init_std, pdt)
         self.wo = param(rngs, (n, h, d), ("heads", "head_dim", "embed"), out_std, pdt)
         self.rope = cfg.rope
-        self.num_kv_heads = k
         self.dtype = jnp.dtype(cfg.dtype)
         self.requested = cfg.attention
-        self.impl = attention_impl(cfg.attention, cfg.dtype, h)
+        self.kernel = kernel
         self.block = cfg.attention_block  # 0: the plain attention, all T x T scores at once
 
-    def __call__(self, x_BTD: Array, segment_ids_BT: Array, positions_BT: Array) -> Array:
+    def __call__(
+        self,
+        x_BTD: Array,
+        segment_ids_BT: Array,
+        positions_BT: Array,
+        cache: KVCache | None = None,
+    ) -> tuple[Array, KVCache | None]:
+        """The attention's output, and the cache with these tokens written (None without one)."""
         dt = self.dtype
         q_BTNH = project(x_BTD, self.wq[...].astype(dt))
-        k_BSKH = project(x_BTD, self.wk[...].astype(dt))
-        v_BSKH = project(x_BTD, self.wv[...].astype(dt))
+        k_BTKH = project(x_BTD, self.wk[...].astype(dt))
+        v_BTKH = project(x_BTD, self.wv[...].astype(dt))
         inv_freq = rope_inv_freq(q_BTNH.shape[-1], self.rope)
         q_BTNH = apply_rope(q_BTNH, positions_BT, inv_freq)
-        k_BSKH = apply_rope(k_BSKH, positions_BT, inv_freq)
-        impl = self.impl
-        if impl == "cudnn" and q_BTNH.shape[1] % 2:  # cuDNN trains a masked attention on even rows
+        k_BTKH = apply_rope(k_BTKH, positions_BT, inv_freq)
+        if cache is None:
+            out_BTNH = self._attend(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT)
+        else:
+            start = cache.slot
+            cache = cache.write(k_BTKH, v_BTKH, segment_ids_BT)
+            out_BTNH = xla_attention(q_BTNH, cache.k_BSKH, cache.v_BSKH, segment_ids_BT,
+                                     cache.segment_ids_BS, start)  # fmt: skip
+        return project(out_BTNH, self.wo[...].astype(dt), contract=2), cache
+
+    def _attend(self, q_BTNH, k_BTKH, v_BTKH, segment_ids_BT) -> Array:
+        """Attention of the tokens among themselves: the fused kernel, or XLA's attention (in
+        blocks of `model.attention_block` query rows when the rows are longer)."""
+        t = q_BTNH.shape[1]
+        kernel = self.kernel
+        if kernel is not None and t % 2:  # cuDNN trains a masked attention on even rows
             if self.requested == "cudnn":
                 raise ConfigError(
-                    f"config model.attention=cudnn cannot run rows of {q_BTNH.shape[1]} tokens: "
+                    f"config model.attention=cudnn cannot run rows of {t} tokens: "
                     "cuDNN needs an even row length (data.seq_len); use auto or xla"
                 )
-            impl = "xla"
-        if impl == "cudnn":
-            out_BTNH = fused_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, "cudnn")
-        elif self.block and q_BTNH.shape[1] > self.block:  # one block would be all the scores
-            out_BTNH = blockwise_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, self.block)
-        else:
-            out_BTNH = xla_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
-        return project(out_BTNH, self.wo[...].astype(dt), contract=2)
+            kernel = None
+        if kernel is not None:
+            return kernel(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT)
+        if self.block and t > self.block:  # one block would be all the scores
+            return blockwise_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, self.block)
+        return xla_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT)
 
 
 class FeedForward(nnx.Module):
@@ -122,24 +169,25 @@ class FeedForward(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, kernel: Kernel | None = None, rngs: nnx.Rngs):
         pdt = jnp.dtype(cfg.param_dtype)
         self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pdt, rngs=rngs)
-        self.attn = Attention(cfg, rngs=rngs)
+        self.attn = Attention(cfg, kernel=kernel, rngs=rngs)
         self.ffn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pdt, rngs=rngs)
         if cfg.moe.num_experts:
             self.moe = MoEFeedForward(cfg, rngs=rngs)
         else:
             self.mlp = FeedForward(cfg, rngs=rngs)
 
-    def __call__(self, x_BTD, segment_ids_BT, positions_BT, rng=None):
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), segment_ids_BT, positions_BT)
+    def __call__(self, x_BTD, segment_ids_BT, positions_BT, rng=None, cache=None):
+        out_BTD, cache = self.attn(self.attn_norm(x_BTD), segment_ids_BT, positions_BT, cache)
+        x_BTD = x_BTD + out_BTD
         h_BTD = self.ffn_norm(x_BTD)
         if hasattr(self, "moe"):
             out_BTD, aux = self.moe(h_BTD, valid_BT=segment_ids_BT != 0, rng=rng)
         else:
             out_BTD, aux = self.mlp(h_BTD), {}
-        return x_BTD + out_BTD, aux
+        return x_BTD + out_BTD, aux, cache
 
 
 def _block_call(remat: str):
@@ -161,15 +209,17 @@ SUMMED_AUX = ("aux_loss", "z_loss")  # MoE losses summed over layers; other aux 
 
 
 class Transformer(nnx.Module):
-    """Token embedding, `num_layers` pre-norm blocks, final RMSNorm, LM head (tied or not)."""
+    """Token embedding, `num_layers` pre-norm blocks, final RMSNorm, LM head (tied or not).
+    Built by model/build.py, which resolves the attention `kernel`."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, kernel: Kernel | None = None, rngs: nnx.Rngs):
         pdt = jnp.dtype(cfg.param_dtype)
         self.cfg = cfg
         self.embed = param(
             rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std, pdt
         )
-        self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        layers = [Block(cfg, kernel=kernel, rngs=rngs) for _ in range(cfg.num_layers)]
+        self.layers = nnx.List(layers)
         self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pdt, rngs=rngs)
         if not cfg.tie_embeddings:
             self.lm_head = param(
@@ -185,10 +235,25 @@ class Transformer(nnx.Module):
     ) -> tuple[Array, dict[str, Array]]:
         """Returns float32 logits and the MoE auxiliaries: `aux_loss` and `z_loss` summed over
         layers, and each per-layer statistic (`load_max`, `load_min`, `router_entropy`,
-        `dropped`) as an array with one value per layer."""
-        x_BTD, totals = self.features(tokens_BT, segment_ids_BT, positions_BT, rng)
-        logits_BTV = project(x_BTD, self.head_VD().T, preferred_element_type=jnp.float32)
-        return logits_BTV, totals
+        `dropped`) as an array with one value per layer. By default all tokens are one document."""
+        if segment_ids_BT is None:
+            segment_ids_BT = jnp.ones_like(tokens_BT)
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
+        x_BTD, totals, _ = self.features(tokens_BT, segment_ids_BT, positions_BT, rng)
+        return self.logits(x_BTD), totals
+
+    def decode(
+        self, tokens_BT: Array, segment_ids_BT: Array, positions_BT: Array, cache: list[KVCache]
+    ) -> tuple[Array, list[KVCache]]:
+        """float32 logits of T new tokens written to the KV cache (one per layer) at its next
+        slots, and the updated cache; segment id 0 marks padding."""
+        x_BTD, _, cache = self.features(tokens_BT, segment_ids_BT, positions_BT, cache=cache)
+        return self.logits(x_BTD), cache
+
+    def logits(self, x_BTD: Array) -> Array:
+        """float32 logits of final-normed hidden states (the LM head)."""
+        return project(x_BTD, self.head_VD().T, preferred_element_type=jnp.float32)
 
     def head_VD(self) -> Array:
         """The LM head as [vocab, d_model] in the compute dtype: logits = features @ head.T."""
@@ -200,53 +265,36 @@ class Transformer(nnx.Module):
     def features(
         self,
         tokens_BT: Array,
-        segment_ids_BT: Array | None = None,
-        positions_BT: Array | None = None,
+        segment_ids_BT: Array,
+        positions_BT: Array,
         rng: Array | None = None,
-    ) -> tuple[Array, dict[str, Array]]:
-        """The final-normed hidden states that the LM head reads, and the MoE auxiliaries."""
+        cache: list[KVCache] | None = None,
+    ) -> tuple[Array, dict[str, Array], list[KVCache] | None]:
+        """The final-normed hidden states that the LM head reads, the MoE auxiliaries, and the
+        updated KV cache (None without one): the forward of training, evaluation and decoding."""
         dt = jnp.dtype(self.cfg.dtype)
-        if segment_ids_BT is None:
-            segment_ids_BT = jnp.ones_like(tokens_BT)
-        if positions_BT is None:
-            positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
         x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0).astype(dt)
-        totals: dict[str, Array] = {}
-        per_layer: dict[str, list[Array]] = {}
+        layer_caches = [None] * len(self.layers) if cache is None else cache
+        auxes, new_cache = [], []
         call = _block_call(self.cfg.remat)
-        for i, block in enumerate(self.layers):
+        for i, (block, layer_cache) in enumerate(zip(self.layers, layer_caches, strict=True)):
             layer_rng = None if rng is None else jax.random.fold_in(rng, i)
-            x_BTD, aux = call(block, x_BTD, segment_ids_BT, positions_BT, layer_rng)
-            for name, value in aux.items():
-                if name in SUMMED_AUX:
-                    totals[name] = totals.get(name, 0.0) + value
-                else:
-                    per_layer.setdefault(name, []).append(value)
-        totals |= {name: jnp.stack(values) for name, values in per_layer.items()}
-        return self.final_norm(x_BTD), totals
+            x_BTD, aux, layer_cache = call(
+                block, x_BTD, segment_ids_BT, positions_BT, layer_rng, layer_cache
+            )
+            auxes.append(aux)
+            new_cache.append(layer_cache)
+        return self.final_norm(x_BTD), _gather_aux(auxes), None if cache is None else new_cache
 
 
-def count_params(cfg: ModelConfig) -> dict[str, int]:
-    """Total and active (per-token) parameter counts from the abstract model (nothing allocated)."""
-    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-    flat = nnx.to_flat_state(nnx.state(abstract, nnx.Param))
-    total = expert = 0
-    for path, var in flat:
-        size = int(np.prod(var.value.shape))
-        total += size
-        if "moe" in path and path[-1] in ("w_gate", "w_up", "w_down"):
-            expert += size
-    e = cfg.moe
-    inactive = expert * (e.num_experts - e.top_k) // e.num_experts if e.num_experts else 0
-    return {"total": total, "active": total - inactive, "embedding": cfg.vocab_size * cfg.d_model}
-
-
-def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token as PaLM counts them: 6 x active matmul params + attention."""
-    counts = count_params(cfg)
-    matmul = counts["active"] - counts["embedding"]  # the lookup is free ...
-    if cfg.tie_embeddings:
-        matmul += counts["embedding"]  # ... but the tied LM head is a matmul
-    norms = (2 * cfg.num_layers + 1) * cfg.d_model
-    attention = 12 * cfg.num_layers * cfg.num_heads * cfg.hd * seq_len
-    return 6.0 * (matmul - norms) + attention
+def _gather_aux(auxes: list[dict[str, Array]]) -> dict[str, Array]:
+    """The layers' MoE auxiliaries: the losses summed, each statistic stacked per layer."""
+    totals: dict[str, Array] = {}
+    per_layer: dict[str, list[Array]] = {}
+    for aux in auxes:
+        for name, value in aux.items():
+            if name in SUMMED_AUX:
+                totals[name] = totals.get(name, 0.0) + value
+            else:
+                per_layer.setdefault(name, []).append(value)
+    return totals | {name: jnp.stack(values) for name, values in per_layer.items()}

@@ -6,21 +6,19 @@
 Parameters and optimizer state are counted from the abstract train state and divided by the mesh
 as `sharding.py` lays them out. Activations are the residuals that the backward pass keeps from
 the forward pass, found by tracing `jax.vjp` of the real loss on one micro-batch (nothing is
-allocated), with the attention the target device runs (attention.py: on a GPU that runs cuDNN
-flash attention, a stand-in that keeps what it keeps). On CPU the total is within 15 % of XLA's
-own `memory_analysis()` of the compiled step (tests/test_memory.py: 1-3 % all scores at once,
-11 % with the attention in blocks).
+allocated), with the attention the target device runs (on a GPU that runs cuDNN flash
+attention, attention_stand_in.py: a stand-in that keeps what it keeps). On CPU the total is close
+to XLA's own `memory_analysis()` of the compiled step (tests/test_memory.py holds it within a
+tolerance; BENCHMARKS.md has the figures).
 
 That holds for XLA:CPU's default scheduler, which `train` keeps when `model.remat` is none.
 Under remat the plan counts what jax.checkpoint keeps, and `train` switches XLA:CPU to its
-memory-minimising scheduler; XLA:CPU then needs far more than the plan says (tiny at 12 layers x
-512 tokens: full remat 1,553 MB against a plan of 408 MB, save_matmuls 1,308 against 478) and,
-without remat, less (1,649 against 2,763). Check GPU and TPU figures against `memory_stats()`.
+memory-minimising scheduler; XLA:CPU then needs far more than the plan says and, without remat,
+less (BENCHMARKS.md, "Memory planner vs XLA"). Check GPU and TPU figures against `memory_stats()`.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import sys
@@ -33,9 +31,18 @@ import numpy as np
 import optax
 from jax.extend import core as jax_core
 
-from hanuman_jax import sharding
-from hanuman_jax.config import MESH_AXES, ConfigError, ModelConfig, load_config
-from hanuman_jax.model.attention import Target, attention_impl, current_target, planning_for
+from hanuman_jax import cli, sharding
+from hanuman_jax.config import (
+    MESH_AXES,
+    ConfigError,
+    ModelConfig,
+    check_batch_divides,
+    load_config,
+)
+from hanuman_jax.model.attention import cudnn_attention
+from hanuman_jax.model.build import abstract_model
+from hanuman_jax.planning.attention_stand_in import cudnn_stand_in
+from hanuman_jax.planning.targets import Target, local_target, resolve_attention
 from hanuman_jax.training import cross_entropy
 
 MiB = 1 << 20
@@ -106,11 +113,17 @@ def _one_device_cfg(cfg: ml_collections.ConfigDict, remat: str | None = None):
     return cfg
 
 
-def _setup(cfg: ml_collections.ConfigDict):
+def _setup(cfg: ml_collections.ConfigDict, target: Target):
+    """The train setup on this process's first device with `model.attention` resolved for
+    `target`; where that is cuDNN flash attention, the model runs the stand-in (any backend
+    traces it)."""
     from hanuman_jax.training.step import build_setup
 
     one = ml_collections.ConfigDict({a: 1 for a in MESH_AXES})
-    return build_setup(cfg, sharding.make_mesh(one, jax.devices()[:1]))
+    setup = build_setup(cfg, sharding.make_mesh(one, jax.devices()[:1]), target)
+    if setup.kernel is cudnn_attention:
+        setup = dataclasses.replace(setup, kernel=cudnn_stand_in)
+    return setup
 
 
 def residual_bytes(f, *args) -> int:
@@ -173,11 +186,11 @@ def activation_bytes(cfg: ml_collections.ConfigDict, micro_batch: int, target: T
     vocab = cfg.model.vocab_size
     _, _, chunk_rows = cross_entropy.chunk_plan(micro_batch, t - 1, vocab, 1, min_rows)
     logits_grad = 2 * chunk_rows * vocab * 4
-    with planning_for(target):
-        kept = _loss_residuals(_setup(_one_device_cfg(cfg)), micro_batch, t) + logits_grad
-        if cfg.model.get("remat", "none") == "none":
-            return kept
-        plain = _loss_residuals(_setup(_one_device_cfg(cfg, "none")), micro_batch, t) + logits_grad
+    kept = _loss_residuals(_setup(_one_device_cfg(cfg), target), micro_batch, t) + logits_grad
+    if cfg.model.get("remat", "none") == "none":
+        return kept
+    plain_setup = _setup(_one_device_cfg(cfg, "none"), target)
+    plain = _loss_residuals(plain_setup, micro_batch, t) + logits_grad
     return kept + (plain - kept) // cfg.model.num_layers
 
 
@@ -201,7 +214,7 @@ def _shard_divisors(setup, mesh_sizes: dict[str, int]) -> dict:
         names = [a for part in spec if part for a in ((part,) if isinstance(part, str) else part)]
         return int(np.prod([mesh_sizes[a] for a in names])) if names else 1
 
-    flat = [(p, ways(p, v)) for p, v in nnx.to_flat_state(setup.param_template)]
+    flat = [(p, ways(p, v)) for p, v in nnx.to_flat_state(abstract_model(setup.model_cfg)[1])]
     return nnx.to_pure_dict(nnx.from_flat_state(flat))
 
 
@@ -211,16 +224,10 @@ def plan(cfg: ml_collections.ConfigDict, num_devices: int, target: Target | None
     mesh = sharding.mesh_shape(cfg.mesh, num_devices)
     shards = int(np.prod([mesh[a] for a in sharding.LOGICAL_RULES["batch"]]))
     accum = cfg.train.get("grad_accum_steps", 1)
-    if cfg.train.batch_size % (shards * accum):
-        raise ConfigError(
-            f"config train.batch_size={cfg.train.batch_size} is invalid: the mesh splits it "
-            f"{shards} ways and train.grad_accum_steps is {accum}; use a multiple of "
-            f"{shards * accum}"
-        )
+    check_batch_divides(cfg.train.batch_size, accum, shards, f"the mesh {mesh}")
     micro = cfg.train.batch_size // (shards * accum)
-    target = target or current_target()
-    with planning_for(target):  # model.attention as the target resolves it
-        setup = _setup(_one_device_cfg(cfg))
+    target = target or local_target()
+    setup = _setup(_one_device_cfg(cfg), target)
     divisors = _shard_divisors(setup, mesh)
     abstract = setup.abstract_state
     param_bytes = jax.tree.map(lambda p, d: _nbytes(p) // d, abstract["params"], divisors)
@@ -261,12 +268,11 @@ def _fmt(n: int) -> str:
 
 def report(cfg: ml_collections.ConfigDict, device: str | None) -> str:
     num = DEVICES[device].devices if device else jax.device_count()
-    target = DEVICES[device].target if device else current_target()
+    target = DEVICES[device].target if device else local_target()
     p = plan(cfg, num, target)
     accum = cfg.train.get("grad_accum_steps", 1)
-    with planning_for(target):
-        model_cfg = ModelConfig.from_config(cfg.model)
-        attention = attention_impl(model_cfg.attention, model_cfg.dtype, model_cfg.hd)
+    model_cfg = ModelConfig.from_config(cfg.model)
+    attention = resolve_attention(model_cfg.attention, model_cfg.dtype, model_cfg.hd, target)
     if attention == "xla":
         block = model_cfg.attention_block
         attention += f" in blocks of {block} query rows" if block else " (all scores at once)"
@@ -293,10 +299,11 @@ def report(cfg: ml_collections.ConfigDict, device: str | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hanuman_jax.memory", description=__doc__)
-    parser.add_argument("--config", required=True, help="path to a configs/*.py file")
-    parser.add_argument("--device", choices=sorted(DEVICES), help="plan for this device")
-    args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    parser = cli.make_parser("hanuman_jax.memory", __doc__)
+    cli.add_config_flag(parser)
+    parser.add_argument("--device", choices=sorted(DEVICES),
+                        help="plan for this device (default: the devices JAX sees)")  # fmt: skip
+    args, overrides = cli.parse_with_overrides(parser, argv)
     try:
         cfg = load_config(args.config, overrides)
         if cfg.model.vocab_size == 0:
@@ -305,8 +312,7 @@ def main(argv: list[str] | None = None) -> int:
             load_tokenizer(cfg)
         print(report(cfg, args.device))
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.fail(e)
     return 0
 
 

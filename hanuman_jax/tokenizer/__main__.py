@@ -1,13 +1,14 @@
-"""CLI: python -m hanuman_jax.tokenizer {train, evaluate, export-hf} ..."""
+"""`python -m hanuman_jax.tokenizer {train, evaluate, export-hf} ...`: the SentencePiece
+tokenizer's command line."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
+from hanuman_jax import cli
 from hanuman_jax.data import DataError, iter_records
 from hanuman_jax.tokenizer.train import BALANCE
 
@@ -77,34 +78,40 @@ def _load(path):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hanuman_jax.tokenizer")
+    parser = cli.make_parser("hanuman_jax.tokenizer", "Train, evaluate or export the tokenizer.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train the Unigram SentencePiece model")
     t.add_argument("--input", nargs="+", required=True, help="files or globs: .txt or .jsonl")
     t.add_argument("--model-prefix", required=True, help="writes PREFIX.model and PREFIX.vocab")
-    t.add_argument("--vocab-size", type=int, default=96_000)
+    t.add_argument("--vocab-size", type=int, default=96_000, help="pieces in the vocabulary")
     t.add_argument("--field", help="JSONL key holding the text (default: known schemas)")
-    t.add_argument("--thai-digits", choices=("keep", "to-arabic"), default="keep")
+    t.add_argument("--thai-digits", choices=("keep", "to-arabic"), default="keep",
+                   help="Thai digits as they are, or as 0-9")  # fmt: skip
     t.add_argument("--max-sentences", type=int, default=2_000_000,
                    help="sample at most this many lines (uniformly, streaming)")  # fmt: skip
     t.add_argument("--balance", type=float, default=BALANCE,
                    help="each --input's share of the sample ~ its characters ** BALANCE; 1 "
                    "keeps the corpus proportions, 0 gives every input the same share")  # fmt: skip
-    t.add_argument("--character-coverage", type=float, default=0.99995)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument(
+        "--character-coverage",
+        type=float,
+        default=0.99995,
+        help="share of characters the vocabulary covers; the rest fall back to bytes",
+    )
+    t.add_argument("--seed", type=int, default=0, help="sampling seed")
     t.set_defaults(run=_train)
 
     e = sub.add_parser("evaluate", help="compression, unknowns and round trip on some text")
-    e.add_argument("--model", required=True)
-    e.add_argument("--input", nargs="+", required=True)
+    e.add_argument("--model", required=True, help="a SentencePiece .model file")
+    e.add_argument("--input", nargs="+", required=True, help="files or globs: .txt or .jsonl")
     e.add_argument("--field", help="JSONL key holding the text (default: known schemas)")
     e.add_argument("--words", help="a word-segmented file ('|' between words)")
     e.set_defaults(run=_evaluate)
 
     x = sub.add_parser("export-hf", help="write a transformers AutoTokenizer directory")
-    x.add_argument("--model", required=True)
-    x.add_argument("--out", required=True)
+    x.add_argument("--model", required=True, help="a SentencePiece .model file")
+    x.add_argument("--out", required=True, help="directory to write")
     x.set_defaults(run=_export_hf)
 
     args = parser.parse_args(argv)
@@ -121,8 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.run(args)
     except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return cli.fail(err)
     return 0
 
 

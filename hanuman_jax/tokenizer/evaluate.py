@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from hanuman_jax.tokenizer.core import Tokenizer
 
@@ -20,18 +20,21 @@ def script_of(line: str) -> str:
 
 @dataclass
 class Counts:
+    """Sums over lines: of the normalized text, of its tokens, and the first lines that fail."""
+
     lines: int = 0
     chars: int = 0
     bytes: int = 0
+    failures: list[str] = field(default_factory=list)  # at most 3, as they are summed in
     tokens: int = 0
     unk: int = 0
     byte_fallback: int = 0
     roundtrip: int = 0
-    failures: list[str] = field(default_factory=list)
 
     def add(self, other: Counts) -> None:
-        for name in ("lines", "chars", "bytes", "tokens", "unk", "byte_fallback", "roundtrip"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for f in fields(self):
+            if f.name != "failures":
+                setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
     def summary(self) -> dict[str, float | int]:
         tokens = max(self.tokens, 1)

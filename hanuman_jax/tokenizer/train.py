@@ -126,9 +126,9 @@ def sample_sentences(
     characters is proportional to its characters ** `balance`, the temperature sampling XLM-R and
     mT5 use for languages: 1.0 keeps the corpus's proportions, lower values raise the share of the
     smaller sources. Their pieces are repeated (stochastically rounded) rather than any being left
-    out, unless the total would pass `max_sentences`. On ../shared/data (news 5.4 M characters,
-    social 0.77 M, English 0.97 M), 0.5 is what makes the tokenizer better than plain
-    SentencePiece on Thai and English at once (BENCHMARKS.md).
+    out, unless the total would pass `max_sentences`. On ../shared/data's three sources, of very
+    unequal sizes, 0.5 is what makes the tokenizer better than plain SentencePiece on Thai and
+    English at once (BENCHMARKS.md).
     """
     rng = random.Random(seed)
     drawn = [_reservoir(docs, max_sentences, rng) for docs in sources]

@@ -6,11 +6,9 @@ reads them twice, the backward writes the softmax gradient and reads it into two
 Here the rows go through in chunks: each chunk's logits, log-sum-exp and gradient (softmax minus
 one-hot) are made while the chunk is in cache, and the forward pass already leaves the gradients
 of the hidden states and of the head's weight; the backward only scales them by the loss's
-cotangent. The FLOPs are the same three matmuls. bench_s's LM head + loss, forward + backward,
-on the 2-core CPU: 147 ms against 187 ms for the plain formulation (8 chunks of 255 rows; 2
-chunks took 158 ms, 24 chunks 171 ms). A chunk holds whole sequences, or, with a large
-vocabulary and long sequences, pieces of them (`chunk_plan`): a 96k vocabulary at 8k tokens
-would otherwise hold 3.1 GB of logits for one sequence.
+cotangent. The FLOPs are the same three matmuls, and on CPU the whole is faster than the plain
+formulation (BENCHMARKS.md). A chunk holds whole sequences, or, with a large vocabulary and long
+sequences, pieces of them (`chunk_plan`), so that one sequence's logits need not fit at once.
 """
 
 from __future__ import annotations
@@ -34,15 +32,15 @@ def _chunk(h_CD: Array, w_VD: Array, target_C: Array, weight_C: Array):
 
 
 @jax.custom_vjp
-def _chunked(h_KCD: Array, w_VD: Array, target_KC: Array, weight_KC: Array) -> Array:
+def _chunked(h_MCD: Array, w_VD: Array, target_MC: Array, weight_MC: Array) -> Array:
     def body(total, chunk):
         return total + _chunk(chunk[0], w_VD, chunk[1], chunk[2])[0], None
 
     zero = jnp.zeros((), jnp.float32)
-    return jax.lax.scan(body, zero, (h_KCD, target_KC, weight_KC))[0]
+    return jax.lax.scan(body, zero, (h_MCD, target_MC, weight_MC))[0]
 
 
-def _forward(h_KCD, w_VD, target_KC, weight_KC):
+def _forward(h_MCD, w_VD, target_MC, weight_MC):
     f32 = jnp.float32
     vocab = w_VD.shape[0]
     w32_VD = w_VD.astype(f32)
@@ -58,20 +56,20 @@ def _forward(h_KCD, w_VD, target_KC, weight_KC):
         return (total + loss, dw_VD), dh_CD
 
     init = (jnp.zeros((), f32), jnp.zeros(w_VD.shape, f32))
-    (total, dw_VD), dh_KCD = jax.lax.scan(body, init, (h_KCD, target_KC, weight_KC))
+    (total, dw_VD), dh_MCD = jax.lax.scan(body, init, (h_MCD, target_MC, weight_MC))
     # float32 until the backward has the cotangent: under float16 it is the loss scale, and the
     # unscaled gradients (about 1 / targets) would underflow in float16 before it is applied
-    dtypes = (jnp.zeros((0,), h_KCD.dtype), jnp.zeros((0,), w_VD.dtype))  # what to cast back to
-    return total, (dh_KCD, dw_VD, target_KC, weight_KC, dtypes)
+    dtypes = (jnp.zeros((0,), h_MCD.dtype), jnp.zeros((0,), w_VD.dtype))  # what to cast back to
+    return total, (dh_MCD, dw_VD, target_MC, weight_MC, dtypes)
 
 
 def _backward(residuals, g):
-    dh_KCD, dw_VD, target_KC, weight_KC, (h_like, w_like) = residuals
+    dh_MCD, dw_VD, target_MC, weight_MC, (h_like, w_like) = residuals
     g = g.astype(jnp.float32)
-    no_grad = np.zeros(target_KC.shape, jax.dtypes.float0)
+    no_grad = np.zeros(target_MC.shape, jax.dtypes.float0)
     # the weights are data (mask / number of targets): not differentiated
-    return ((dh_KCD * g).astype(h_like.dtype), (dw_VD * g).astype(w_like.dtype), no_grad,
-            jnp.zeros_like(weight_KC))  # fmt: skip
+    return ((dh_MCD * g).astype(h_like.dtype), (dw_VD * g).astype(w_like.dtype), no_grad,
+            jnp.zeros_like(weight_MC))  # fmt: skip
 
 
 _chunked.defvjp(_forward, _backward)
@@ -100,7 +98,7 @@ def linear_cross_entropy(
         h_BTD = h_BTD.reshape(rows, piece, h_BTD.shape[-1])
         target_BT, weight_BT = target_BT.reshape(rows, piece), weight_BT.reshape(rows, piece)
 
-    def split(x):  # [R, T, ...] -> [chunks, R / chunks x T, ...]
+    def split(x):  # [rows, T, ...] -> [M, rows / M x T, ...]: M chunks of C rows
         x = x.reshape(rows // chunks, chunks, *x.shape[1:]).swapaxes(0, 1)
         return x.reshape(chunks, -1, *x.shape[3:])
 

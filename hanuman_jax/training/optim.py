@@ -5,26 +5,20 @@ from __future__ import annotations
 import math
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import optax
 
 
 def lr_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
-    """Linear warmup to the peak over `warmup_fraction` of the steps, then cosine to the floor."""
+    """Linear warmup over `warmup_fraction` of the steps, from peak / warmup at step 0 to the peak
+    at the warmup's last step, then cosine from the peak to `min_lr_ratio` x peak at the end."""
     o, steps = cfg.optimizer, cfg.train.steps
-    peak = o.peak_lr
     warmup = math.ceil(o.warmup_fraction * steps)
-    floor = peak * o.min_lr_ratio
-
-    def schedule(step):
-        step = jnp.asarray(step, jnp.float32)
-        warm = peak * (step + 1.0) / max(warmup, 1)
-        progress = jnp.clip((step - warmup) / max(steps - warmup, 1), 0.0, 1.0)
-        cosine = floor + 0.5 * (peak - floor) * (1.0 + jnp.cos(jnp.pi * progress))
-        return jnp.where(step < warmup, warm, cosine)
-
-    return schedule
+    cosine = optax.cosine_decay_schedule(o.peak_lr, max(steps - warmup, 1), alpha=o.min_lr_ratio)
+    if warmup == 0:
+        return cosine
+    warm = optax.linear_schedule(o.peak_lr / warmup, o.peak_lr, warmup - 1)
+    return optax.join_schedules([warm, cosine], [warmup])
 
 
 def decay_mask(params):
@@ -35,6 +29,7 @@ def decay_mask(params):
 def make_optimizer(
     cfg: ml_collections.ConfigDict,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The optimizer of the `optimizer` section, and its learning-rate schedule."""
     o = cfg.optimizer
     schedule = lr_schedule(cfg)
     adamw = optax.adamw(

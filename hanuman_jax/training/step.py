@@ -9,11 +9,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from flax import nnx
 
 from hanuman_jax import sharding
-from hanuman_jax.config import MAX_LOSS_SCALE, ConfigError, ModelConfig
+from hanuman_jax.config import MAX_LOSS_SCALE, ConfigError, ModelConfig, check_batch_divides
+from hanuman_jax.model import build
+from hanuman_jax.model.attention import Kernel
 from hanuman_jax.model.transformer import Transformer
+from hanuman_jax.planning.targets import Target, device_target
 from hanuman_jax.training import cross_entropy
 from hanuman_jax.training.optim import make_optimizer
 
@@ -24,11 +26,11 @@ TrainState = dict[str, Any]
 
 @dataclasses.dataclass
 class Setup:
-    """Everything static about a run: model graph, optimizer, mesh and state layout."""
+    """Everything static about a run: model, optimizer, mesh and state layout."""
 
     model_cfg: ModelConfig
-    graphdef: nnx.GraphDef
-    param_template: nnx.State  # abstract Params: turns a pure dict back into a model
+    target: Target  # the device `model.attention` was resolved for
+    kernel: Kernel | None  # the fused attention the model runs (None: XLA's)
     tx: optax.GradientTransformation
     schedule: optax.Schedule
     mesh: jax.sharding.Mesh
@@ -43,43 +45,35 @@ class Setup:
     loss_chunk_rows: int = 128  # the loss's chunks hold at least this many tokens (cross_entropy)
 
     def model(self, params: dict) -> Transformer:
-        state = jax.tree.map(lambda v: v, self.param_template)
-        nnx.replace_by_pure_dict(state, params)
-        return nnx.merge(self.graphdef, state)
+        """The model holding `params` (a pure dict, traced or concrete)."""
+        return build.model_from_params(self.model_cfg, params, self.kernel)
 
 
-def build_setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
-    """Derives the abstract state and its shardings without allocating anything."""
+def build_setup(
+    cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, target: Target | None = None
+) -> Setup:
+    """Derives the abstract state and its shardings without allocating anything; resolves
+    `model.attention` for `target` (default: the mesh's devices)."""
     if cfg.model.vocab_size == 0:
         raise ConfigError("config model.vocab_size=0 must be resolved from the tokenizer first")
     model_cfg = ModelConfig.from_config(cfg.model)
-    shards = sharding.batch_shards(mesh)
-    if cfg.train.batch_size % shards:
-        raise ConfigError(
-            f"config train.batch_size={cfg.train.batch_size} is invalid: the mesh splits the "
-            f"batch {shards} ways ({dict(mesh.shape)}); use a multiple of {shards}"
-        )
     accum = cfg.train.grad_accum_steps
-    if cfg.train.batch_size % (shards * accum):
-        raise ConfigError(
-            f"config train.grad_accum_steps={accum} is invalid: each of the {shards} batch "
-            f"shards of train.batch_size={cfg.train.batch_size} must split into {accum} "
-            f"micro-batches; use a batch size that is a multiple of {shards * accum}"
-        )
+    where = f"the mesh {dict(mesh.shape)}"
+    check_batch_divides(cfg.train.batch_size, accum, sharding.batch_shards(mesh), where)
+    target = target or device_target(mesh.devices.flat[0])
     moe = model_cfg.moe
-    if moe.num_experts and moe.grouped_matmul == "ragged_dot" and jax.default_backend() == "cpu":
+    if moe.num_experts and moe.grouped_matmul == "ragged_dot" and target.platform == "cpu":
         raise ConfigError(
             "config model.moe.grouped_matmul='ragged_dot' is invalid on CPU: XLA:CPU lowers "
             "it to a dense product over every expert; use 'blocked'"
         )
-    abstract_model = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
-    graphdef, param_template = nnx.split(abstract_model, nnx.Param)
+    kernel = build.attention_kernel(model_cfg, target)
     tx, schedule = make_optimizer(cfg)
-    param_shardings = sharding.param_shardings(param_template, mesh)
+    param_shardings = sharding.param_shardings(build.abstract_model(model_cfg)[1], mesh)
     setup = Setup(
         model_cfg=model_cfg,
-        graphdef=graphdef,
-        param_template=param_template,
+        target=target,
+        kernel=kernel,
         tx=tx,
         schedule=schedule,
         mesh=mesh,
@@ -92,7 +86,7 @@ def build_setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setu
         # float16 overflows without a loss scale (a T4 has no fast bfloat16)
         loss_scale=cfg.optimizer.loss_scale if model_cfg.dtype == "float16" else 1.0,
         loss_scale_period=cfg.optimizer.loss_scale_period if model_cfg.dtype == "float16" else 0,
-        loss_chunk_rows=cross_entropy.min_chunk_rows(jax.default_backend()),
+        loss_chunk_rows=cross_entropy.min_chunk_rows(target.platform),
     )
     setup.abstract_state = jax.eval_shape(lambda: _init_state(setup))
     replicated = sharding.replicated(mesh)
@@ -117,8 +111,7 @@ def _init_state(setup: Setup, params: dict | None = None) -> TrainState:
     key = jax.random.key(setup.seed)
     init_key, train_key = jax.random.split(key)
     if params is None:
-        model = Transformer(setup.model_cfg, rngs=nnx.Rngs(params=init_key))
-        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        params = build.init_params(setup.model_cfg, init_key)
     return {
         "step": jnp.zeros((), jnp.int32),
         "params": params,
@@ -171,7 +164,7 @@ def loss_fn(
     tokens, seg = batch["tokens"], batch["segment_ids"]
     model = setup.model(params)
     # the last position has no target: the LM head and the loss read the rest (cross_entropy.py)
-    h_BTD, aux = model.features(tokens, seg, batch["positions"], rng)
+    h_BTD, aux, _ = model.features(tokens, seg, batch["positions"], rng)
     mask_BT = target_mask(batch)
     if num_targets is None:
         num_targets = jnp.sum(mask_BT)

@@ -1,0 +1,48 @@
+"""The device a run is planned for, and which attention kernel `model.attention` means there.
+
+Setups resolve `model.attention` once, for a `Target` their caller names: training for its
+mesh's devices, generation and evaluation for this process's, the memory planner for the device
+it plans for (`python -m hanuman_jax.memory --device h100` on a CPU)."""
+
+from __future__ import annotations
+
+import typing
+
+import jax
+
+from hanuman_jax.config import ConfigError
+
+
+class Target(typing.NamedTuple):
+    """What decides the attention kernel: the platform and, on NVIDIA GPUs, compute capability."""
+
+    platform: str  # cpu, gpu or tpu
+    capability: float = 0.0  # CUDA compute capability (a T4 is 7.5, an A100 8.0, an H100 9.0)
+
+
+def device_target(device: jax.Device) -> Target:
+    """The target `device` is."""
+    return Target(device.platform, float(getattr(device, "compute_capability", 0) or 0))
+
+
+def local_target() -> Target:
+    """This process's first device."""
+    return device_target(jax.devices()[0])
+
+
+def resolve_attention(requested: str, dtype: str, head_dim: int, target: Target) -> str:
+    """`model.attention` resolved on `target` ('xla' or 'cudnn'): auto takes cuDNN flash attention
+    where it runs (an NVIDIA GPU of compute capability 8.0 or more, bf16/fp16, head_dim a multiple
+    of 8 up to 128; a T4 is 7.5) and XLA's attention otherwise."""
+    fits = dtype in ("bfloat16", "float16") and head_dim % 8 == 0 and head_dim <= 128
+    runs = target.platform == "gpu" and target.capability >= 8.0 and fits
+    if requested == "cudnn" and not runs:
+        raise ConfigError(
+            f"config model.attention=cudnn cannot run here ({target.platform}, capability "
+            f"{target.capability:g}, model.dtype={dtype}, head_dim {head_dim}): it needs an NVIDIA "
+            "GPU of compute capability 8.0+, bfloat16 or float16 and head_dim a multiple of 8 up "
+            "to 128; use auto or xla"
+        )
+    if requested == "auto":
+        return "cudnn" if runs else "xla"
+    return requested
