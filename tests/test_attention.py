@@ -14,7 +14,7 @@ from flax import nnx
 from hanuman_jax.config import ConfigError, load_config
 from hanuman_jax.model import attention, build
 from hanuman_jax.model.attention import cudnn_attention, fused_attention
-from hanuman_jax.planning import memory
+from hanuman_jax.planning import memory, targets
 from hanuman_jax.planning.attention_stand_in import cudnn_stand_in
 from hanuman_jax.planning.targets import Target, local_target, resolve_attention
 
@@ -40,8 +40,8 @@ def test_attention_resolves_for_the_given_target():
     with pytest.raises(ConfigError, match="capability 7.5"):
         resolve_attention("cudnn", "float16", 64, Target("gpu", 7.5))  # a T4
     cfg = small_model_cfg(dtype="bfloat16")
-    assert build.attention_kernel(cfg, H100) is cudnn_attention
-    assert build.attention_kernel(cfg, local_target()) is None  # XLA's attention
+    assert targets.attention_kernel(cfg, H100) is cudnn_attention
+    assert targets.attention_kernel(cfg, local_target()) is None  # XLA's attention
 
 
 def test_building_a_model_never_asks_for_devices(monkeypatch):
@@ -53,9 +53,9 @@ def test_building_a_model_never_asks_for_devices(monkeypatch):
     monkeypatch.setattr(jax, "devices", no_devices)
     # a config no other test builds: the builder's cache has not seen it
     cfg = small_model_cfg(dtype="bfloat16", attention="cudnn", num_layers=1, d_model=96)
-    graphdef, template = build.abstract_model(cfg, build.attention_kernel(cfg, H100))
+    graphdef, template = build.abstract_model(cfg, targets.attention_kernel(cfg, H100))
     params = build.init_params(cfg, jax.random.key(0))
-    model = build.model_from_params(cfg, params, build.attention_kernel(cfg, H100))
+    model = build.model_from_params(cfg, params, targets.attention_kernel(cfg, H100))
     assert model.layers[0].attn.kernel is cudnn_attention
     assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, nnx.to_pure_dict(template))
 
@@ -214,7 +214,7 @@ def test_odd_rows_take_xla_attention_under_auto_and_are_refused_under_cudnn():
     tokens = jnp.ones((1, 9), jnp.int32)
     seg, pos = jnp.ones_like(tokens), jnp.arange(9)[None]
     auto_cfg = small_model_cfg(dtype="bfloat16")
-    assert build.attention_kernel(auto_cfg, H100) is cudnn_attention
+    assert targets.attention_kernel(auto_cfg, H100) is cudnn_attention
     params = build.init_params(auto_cfg, jax.random.key(0))
     auto = build.model_from_params(auto_cfg, params, no_cudnn)
     assert auto(tokens, seg, pos)[0].shape[:2] == (1, 9)

@@ -211,17 +211,19 @@ def test_fused_attention_call_equals_ours():
     """The cuDNN branch's call (jax.nn.dot_product_attention, causal, masked to each packed
     document, GQA) run with implementation=xla equals our attention; auto means xla on CPU."""
     from hanuman_jax.config import ConfigError
-    from hanuman_jax.model import build
     from hanuman_jax.model.attention import fused_attention
     from hanuman_jax.model.transformer import Attention
+    from hanuman_jax.planning import targets
     from hanuman_jax.planning.targets import local_target
 
     cfg = small_model_cfg()
     attn = Attention(cfg, rngs=nnx.Rngs(0))
     assert attn.kernel is None
-    assert build.attention_kernel(small_model_cfg(dtype="bfloat16"), local_target()) is None
+    assert targets.attention_kernel(small_model_cfg(dtype="bfloat16"), local_target()) is None
     with pytest.raises(ConfigError, match="model.attention=cudnn cannot run here"):
-        build.attention_kernel(small_model_cfg(dtype="bfloat16", attention="cudnn"), local_target())
+        targets.attention_kernel(
+            small_model_cfg(dtype="bfloat16", attention="cudnn"), local_target()
+        )
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 21, cfg.d_model))
     seg = jnp.array([[1] * 7 + [2] * 5 + [3] * 9, [1] * 21])
     pos = jnp.array([list(range(7)) + list(range(5)) + list(range(9)), list(range(21))])

@@ -89,3 +89,22 @@ def test_commands_start_without_the_optional_packages():
                           timeout=300, cwd=ROOT)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("usage:") == len(SCRIPTS)
+
+
+def test_export_without_the_export_extra_stops_before_writing(tmp_path):
+    """Without torch, export and import stop with one line naming the extra; nothing is written."""
+    out = tmp_path / "out"
+    code = (
+        "import sys\nsys.modules['torch'] = None\n"
+        "from hanuman_jax.export import main\n"
+        f"sys.exit(main(['--workdir', {str(tmp_path)!r}, '--out', {str(out)!r}]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert "export extra" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()
+    code = code.replace("hanuman_jax.export", "hanuman_jax.import_hf").replace(
+        "--workdir", "--model"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 2 and "export extra" in proc.stderr, proc.stderr

@@ -25,6 +25,20 @@ MAX_SHARD_BYTES = 2 * 1024**3
 log = logging.getLogger("hanuman_jax")
 
 
+def require_export_extra() -> None:
+    """Stops before anything is written when the `export` extra (torch, safetensors, tokenizers)
+    is not installed."""
+    try:
+        import safetensors  # noqa: F401
+        import tokenizers  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(
+            f"the Hugging Face export and import need the export extra ({e}): "
+            "pip install -c constraints.txt -e '.[export]' (or pip install 'hanuman-jax[export]')"
+        ) from None
+
+
 def special_ids(loaded: Loaded) -> dict[str, int | None]:
     """bos/eos/pad/sep ids (sep: our chat turn separator) of the checkpoint's SentencePiece model,
     or, for an imported model without one, of the Hugging Face config it came from."""
@@ -124,6 +138,7 @@ def export(
     """Writes the Hugging Face model of `step` (default: the newest) of the run at `workdir`."""
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype!r} is invalid: one of {', '.join(DTYPES)}")
+    require_export_extra()
     loaded = load_workdir(workdir, step)
     cfg = loaded.model_cfg
     hf_mapping.check_exportable(cfg)

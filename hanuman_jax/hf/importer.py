@@ -20,6 +20,7 @@ from hanuman_jax import cli
 from hanuman_jax.checkpoint import files
 from hanuman_jax.config import ConfigError, ModelConfig
 from hanuman_jax.hf import mapping as hf_mapping
+from hanuman_jax.hf.export import require_export_extra
 from hanuman_jax.model.build import abstract_params
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers old Llama checkpoints saved; recomputed
@@ -111,6 +112,7 @@ def import_hf(model_dir: str | Path, out: str | Path, *, param_dtype: str = "flo
     model_dir = Path(model_dir).expanduser()
     if not model_dir.is_dir():
         raise ConfigError(f"--model {model_dir} is not a directory")
+    require_export_extra()
     hf = read_hf_config(model_dir)
     cfg = dataclasses.replace(hf_mapping.model_config_from_hf(hf), param_dtype=param_dtype)
     tensors = _SafetensorsDir(model_dir)

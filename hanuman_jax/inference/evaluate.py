@@ -27,6 +27,7 @@ from hanuman_jax.config import ConfigError, ModelConfig
 from hanuman_jax.data import DataError, Document, read_documents, resolve_paths
 from hanuman_jax.model import build
 from hanuman_jax.model.attention import Kernel
+from hanuman_jax.planning import targets
 from hanuman_jax.planning.targets import local_target
 from hanuman_jax.tokenizer import Tokenizer
 
@@ -90,7 +91,7 @@ def evaluate(
         ids, mask, nbytes = _document(tokenizer, doc)
         rows += list(windows(ids, mask, length))
         total_bytes += nbytes
-    fn = _nll_fn(cfg, build.attention_kernel(cfg, target))
+    fn = _nll_fn(cfg, targets.attention_kernel(cfg, target))
     nll, tokens = 0.0, 0
     for first in range(0, len(rows), batch_size):
         batch = np.zeros((4, batch_size, length), np.int32)  # tokens, segments, positions, mask

@@ -24,7 +24,6 @@ from hanuman_jax import cli
 from hanuman_jax.config import ConfigError, ModelConfig
 from hanuman_jax.data import DataError
 from hanuman_jax.model import build
-from hanuman_jax.model.attention import Kernel
 from hanuman_jax.model.transformer import init_cache
 from hanuman_jax.planning.targets import local_target
 from hanuman_jax.tokenizer import Tokenizer
@@ -51,14 +50,14 @@ def choose(logits_BV, rng, temperature, top_p, *, greedy: bool, top_k: int, nucl
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled(cfg: ModelConfig, kernel: Kernel | None, prompt_len: int, max_new: int,
+def _compiled(cfg: ModelConfig, prompt_len: int, max_new: int,
               greedy: bool, top_k: int, nucleus: bool):  # fmt: skip
     """The whole generation as one jitted function: prefill, then a while loop of single-token
     steps that ends when every sequence has stopped or max_new tokens are out."""
     pick = functools.partial(choose, greedy=greedy, top_k=top_k, nucleus=nucleus)
 
     def run(params, tokens_BT, pad_B, stops, rng, temperature, top_p):
-        model = build.model_from_params(cfg, params, kernel)
+        model = build.model_from_params(cfg, params)  # the cached path runs XLA's attention
         cache = init_cache(cfg, tokens_BT.shape[0], prompt_len + max_new)
         positions_BT = jnp.arange(prompt_len)[None, :] - pad_B[:, None]  # < 0: padding
         logits_BTV, cache = model.decode(
@@ -130,8 +129,8 @@ def generate_ids(
     stops[: len(stop_ids)] = stop_ids
     greedy = temperature == 0
     top_k = 0 if greedy or top_k >= cfg.vocab_size else top_k
-    run = _compiled(cfg, build.attention_kernel(cfg, target), prompt_len, max_new_tokens, greedy,
-                    top_k, not greedy and top_p < 1.0)  # fmt: skip
+    run = _compiled(cfg, prompt_len, max_new_tokens, greedy, top_k,
+                    not greedy and top_p < 1.0)  # fmt: skip
     out = np.asarray(
         run(params, tokens, pad, stops, jax.random.key(seed),
             jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p))

@@ -5,22 +5,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
 from flax import nnx
 
 from hanuman_jax.config import ModelConfig
-from hanuman_jax.model.attention import Kernel, cudnn_attention
+from hanuman_jax.model.attention import Kernel
 from hanuman_jax.model.transformer import Transformer
-from hanuman_jax.planning.targets import Target, resolve_attention
 
-
-def attention_kernel(cfg: ModelConfig, target: Target) -> Kernel | None:
-    """The fused attention kernel that `model.attention` means on `target` (None: XLA's); a
-    ConfigError where cudnn is asked for and `target` cannot run it."""
-    name = resolve_attention(cfg.attention, cfg.dtype, cfg.hd, target)
-    return cudnn_attention if name == "cudnn" else None
+if TYPE_CHECKING:  # the planner resolves targets; the model only reads one
+    from hanuman_jax.planning.targets import Target
 
 
 def abstract_model(

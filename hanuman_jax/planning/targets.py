@@ -10,7 +10,8 @@ import typing
 
 import jax
 
-from hanuman_jax.config import ConfigError
+from hanuman_jax.config import ConfigError, ModelConfig
+from hanuman_jax.model.attention import Kernel, cudnn_attention
 
 
 class Target(typing.NamedTuple):
@@ -46,3 +47,10 @@ def resolve_attention(requested: str, dtype: str, head_dim: int, target: Target)
     if requested == "auto":
         return "cudnn" if runs else "xla"
     return requested
+
+
+def attention_kernel(cfg: ModelConfig, target: Target) -> Kernel | None:
+    """The fused attention kernel that `model.attention` means on `target` (None: XLA's); a
+    ConfigError where cudnn is asked for and `target` cannot run it."""
+    name = resolve_attention(cfg.attention, cfg.dtype, cfg.hd, target)
+    return cudnn_attention if name == "cudnn" else None

@@ -24,6 +24,7 @@ from hanuman_jax.data import DataError, make_dataset, resolve_file
 from hanuman_jax.data.pipeline import stats_metrics
 from hanuman_jax.data.schedule import SeqLenSchedule
 from hanuman_jax.model import build
+from hanuman_jax.planning import targets
 from hanuman_jax.tokenizer import Tokenizer
 from hanuman_jax.training.hooks import (
     EvalHook,
@@ -172,7 +173,7 @@ class Evaluator:
 
 def _inference_setup(setup):
     cfg = build.inference_config(setup.model_cfg, setup.target)
-    kernel = build.attention_kernel(cfg, setup.target)
+    kernel = targets.attention_kernel(cfg, setup.target)
     return dataclasses.replace(setup, model_cfg=cfg, kernel=kernel)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -15,6 +16,7 @@ from hanuman_jax.config import MAX_LOSS_SCALE, ConfigError, ModelConfig, check_b
 from hanuman_jax.model import build
 from hanuman_jax.model.attention import Kernel
 from hanuman_jax.model.transformer import Transformer
+from hanuman_jax.planning import targets
 from hanuman_jax.planning.targets import Target, device_target
 from hanuman_jax.training import cross_entropy
 from hanuman_jax.training.optim import make_optimizer
@@ -24,7 +26,7 @@ from hanuman_jax.training.optim import make_optimizer
 TrainState = dict[str, Any]
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Setup:
     """Everything static about a run: model, optimizer, mesh and state layout."""
 
@@ -67,61 +69,68 @@ def build_setup(
             "config model.moe.grouped_matmul='ragged_dot' is invalid on CPU: XLA:CPU lowers "
             "it to a dense product over every expert; use 'blocked'"
         )
-    kernel = build.attention_kernel(model_cfg, target)
+    kernel = targets.attention_kernel(model_cfg, target)
     tx, schedule = make_optimizer(cfg)
-    param_shardings = sharding.param_shardings(build.abstract_model(model_cfg)[1], mesh)
-    setup = Setup(
+    float16 = model_cfg.dtype == "float16"  # float16 overflows without a loss scale (T4)
+    loss_scale = cfg.optimizer.loss_scale if float16 else 1.0
+    init = functools.partial(_init_state, model_cfg, tx, cfg.train.seed, loss_scale)
+    abstract_state = jax.eval_shape(init)
+    experts = model_cfg.moe.num_experts
+    return Setup(
         model_cfg=model_cfg,
         target=target,
         kernel=kernel,
         tx=tx,
         schedule=schedule,
         mesh=mesh,
-        abstract_state={},
-        state_shardings={},
-        aux_loss_coef=cfg.model.moe.aux_loss_coef if model_cfg.moe.num_experts else 0.0,
-        z_loss_coef=cfg.model.moe.z_loss_coef if model_cfg.moe.num_experts else 0.0,
+        abstract_state=abstract_state,
+        state_shardings=_state_shardings(abstract_state, model_cfg, tx, mesh),
+        aux_loss_coef=cfg.model.moe.aux_loss_coef if experts else 0.0,
+        z_loss_coef=cfg.model.moe.z_loss_coef if experts else 0.0,
         seed=cfg.train.seed,
         grad_accum_steps=accum,
-        # float16 overflows without a loss scale (a T4 has no fast bfloat16)
-        loss_scale=cfg.optimizer.loss_scale if model_cfg.dtype == "float16" else 1.0,
-        loss_scale_period=cfg.optimizer.loss_scale_period if model_cfg.dtype == "float16" else 0,
+        loss_scale=loss_scale,
+        loss_scale_period=cfg.optimizer.loss_scale_period if float16 else 0,
         loss_chunk_rows=cross_entropy.min_chunk_rows(target.platform),
     )
-    setup.abstract_state = jax.eval_shape(lambda: _init_state(setup))
+
+
+def _state_shardings(abstract_state: TrainState, model_cfg: ModelConfig, tx, mesh) -> TrainState:
+    """Parameters (and their optimizer moments) by the logical-axis table; the rest replicated."""
+    param_shardings = sharding.param_shardings(build.abstract_model(model_cfg)[1], mesh)
     replicated = sharding.replicated(mesh)
     opt_shardings = optax.tree_map_params(
         tx,
         lambda _, s: s,
-        setup.abstract_state["opt_state"],
+        abstract_state["opt_state"],
         param_shardings,
         transform_non_params=lambda _: replicated,
     )
-    setup.state_shardings = {
+    return {
         "step": replicated,
         "params": param_shardings,
         "opt_state": opt_shardings,
         "rng": replicated,
-        "guard": jax.tree.map(lambda _: replicated, setup.abstract_state["guard"]),
+        "guard": jax.tree.map(lambda _: replicated, abstract_state["guard"]),
     }
-    return setup
 
 
-def _init_state(setup: Setup, params: dict | None = None) -> TrainState:
-    key = jax.random.key(setup.seed)
-    init_key, train_key = jax.random.split(key)
+def _init_state(
+    model_cfg: ModelConfig, tx, seed: int, loss_scale: float, params: dict | None = None
+) -> TrainState:
+    init_key, train_key = jax.random.split(jax.random.key(seed))
     if params is None:
-        params = build.init_params(setup.model_cfg, init_key)
+        params = build.init_params(model_cfg, init_key)
     return {
         "step": jnp.zeros((), jnp.int32),
         "params": params,
-        "opt_state": setup.tx.init(params),
+        "opt_state": tx.init(params),
         "rng": jax.random.key_data(train_key),
         # numerical faults: steps skipped for a non-finite loss or gradient, and the loss scale
         "guard": {
             "nonfinite_steps": jnp.zeros((), jnp.int32),
             "nonfinite_in_a_row": jnp.zeros((), jnp.int32),
-            "loss_scale": jnp.asarray(setup.loss_scale, jnp.float32),
+            "loss_scale": jnp.asarray(loss_scale, jnp.float32),
             "finite_in_a_row": jnp.zeros((), jnp.int32),
         },
     }
@@ -130,10 +139,11 @@ def _init_state(setup: Setup, params: dict | None = None) -> TrainState:
 def init_state(setup: Setup, params: dict | None = None) -> TrainState:
     """Creates parameters and optimizer state directly in their sharded layout; with `params`
     (already in `state_shardings["params"]`, e.g. another run's), a fresh state around them."""
+    init = functools.partial(_init_state, setup.model_cfg, setup.tx, setup.seed, setup.loss_scale)
     if params is None:
-        return jax.jit(lambda: _init_state(setup), out_shardings=setup.state_shardings)()
+        return jax.jit(init, out_shardings=setup.state_shardings)()
     return jax.jit(
-        lambda p: _init_state(setup, p),
+        init,
         in_shardings=(setup.state_shardings["params"],),
         out_shardings=setup.state_shardings,
     )(params)
