@@ -108,3 +108,22 @@ def test_export_without_the_export_extra_stops_before_writing(tmp_path):
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 2 and "export extra" in proc.stderr, proc.stderr
+
+
+def test_the_wheel_ships_the_configs_and_the_sample(tmp_path):
+    """A non-editable install has every configs/*.py as hanuman_jax/configs/ (for --config NAME)
+    and the bundled sample corpus with its tokenizer."""
+    import zipfile
+
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(tmp_path), str(ROOT)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    (wheel,) = tmp_path.glob("hanuman_jax-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    configs = {f"hanuman_jax/configs/{p.name}" for p in (ROOT / "configs").glob("*.py")}
+    assert configs and configs <= names, sorted(configs - names)
+    sample = ROOT / "hanuman_jax" / "assets" / "sample"
+    shipped = {str(p.relative_to(ROOT)) for p in sample.iterdir() if p.is_file()}
+    assert shipped and shipped <= names, sorted(shipped - names)
