@@ -22,7 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.model.dtype = "bfloat16"  # TPUs compute in bfloat16 natively
     cfg.model.param_dtype = "float32"  # master weights and AdamW state stay float32
     cfg.model.remat = "full"  # keep one block's activations at a time
-    cfg.model.attention = "xla"  # cuDNN is GPU-only
+    cfg.model.attention = "auto"  # auto: Pallas splash attention on a TPU, XLA's elsewhere
     cfg.model.attention_block = 512  # xla attention: N query rows at a time (N x T scores); 0 = all
     cfg.data.seq_len = 2048  # tokens per packed training row
     cfg.data.seq_len_schedule = []  # 2048 throughout

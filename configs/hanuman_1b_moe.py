@@ -21,7 +21,9 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.model.dtype = "bfloat16"  # compute dtype: float32, bfloat16 or float16
     cfg.model.param_dtype = "float32"  # dtype parameters are stored and updated in
     cfg.model.remat = "full"  # none, full, or save_matmuls: recompute all but the 2-D matmuls
-    cfg.model.attention = "auto"  # auto (cuDNN flash attention where it runs, else xla), xla, cudnn
+    cfg.model.attention = (
+        "auto"  # auto (TPU: splash; GPU: cuDNN where it runs; else xla), xla, cudnn, splash
+    )
     cfg.model.attention_block = 512  # xla attention: N query rows at a time (N x T scores); 0 = all
     cfg.model.rope = ml_collections.ConfigDict()
     cfg.model.rope.theta = 500_000.0  # RoPE base frequency
@@ -37,7 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.model.moe.aux_loss_coef = 0.01  # weight of the load-balancing loss (mean over layers)
     cfg.model.moe.z_loss_coef = 0.001  # weight of the router z-loss (mean over layers)
     cfg.model.moe.jitter = 0.0  # multiplicative router-input noise in training; 0 = off
-    cfg.model.moe.grouped_matmul = "blocked"  # expert kernel: blocked, or ragged_dot (GPU/TPU only)
+    cfg.model.moe.grouped_matmul = "auto"  # auto: blocked on CPU, gmm on TPU, ragged_dot on GPU
     cfg.model.moe.block_size = 1024  # largest block of the blocked expert matmul (rows)
     cfg.model.moe.dispatch = "dropless"  # dropless, or capacity: faster, drops (see BENCHMARKS.md)
     cfg.model.moe.capacity_factor = 1.25  # capacity: slots = factor x tokens x top_k / experts

@@ -26,6 +26,19 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         help="build the model abstractly and print parameter counts and FLOPs; no training",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--check-platform",
+        choices=("tpu", "cuda"),
+        help="lower the train, evaluation and generation steps for this platform on abstract "
+        "devices (nothing compiled) and print one JSON line; no training",
+    )
+    parser.add_argument(
+        "--check-devices",
+        type=int,
+        metavar="N",
+        help="--check-platform: devices to lower for (default: the mesh's; where an axis is -1, "
+        "8 for tpu, 1 for cuda)",
+    )
     cluster = parser.add_argument_group(
         "multi-process", "one process per host; jax.distributed.initialize detects unset values\n"
         "from the cluster environment (SLURM, Open MPI, Cloud TPU, ...)"
@@ -40,6 +53,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     given = [f"--{k.replace('_', '-')}" for k in CLUSTER_FLAGS if getattr(args, k) is not None]
     if given and not args.distributed:
         parser.error(f"{', '.join(given)} only apply with --distributed")
+    if args.check_devices is not None and not args.check_platform:
+        parser.error("--check-devices only applies with --check-platform")
+    if args.check_platform and args.dry_run:
+        parser.error("--check-platform and --dry-run are two different checks: pass one")
     return args, overrides
 
 
@@ -94,18 +111,36 @@ def dry_run(cfg) -> None:
           f"{total:.4g} FLOPs")  # fmt: skip
 
 
+def resolve_vocab(cfg) -> None:
+    """model.vocab_size 0 read from the tokenizer."""
+    if cfg.model.vocab_size == 0:
+        from hanuman_jax.training.loop import load_tokenizer
+
+        load_tokenizer(cfg)
+
+
+def check_platform(cfg, platform: str, devices: int | None) -> int:
+    """Lowers the config's steps for `platform` and prints the report as one JSON line."""
+    import json
+
+    from hanuman_jax.planning.check_platform import check_platform as check
+
+    resolve_vocab(cfg)
+    print(json.dumps(check(cfg, platform, devices)[0]))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     cli.setup_logging()
     try:
         cfg = load_config(args.config, overrides)
         if args.dry_run:  # compiles nothing: no XLA flags, which would outlive the call
-            if cfg.model.vocab_size == 0:
-                from hanuman_jax.training.loop import load_tokenizer
-
-                load_tokenizer(cfg)
+            resolve_vocab(cfg)
             dry_run(cfg)
             return 0
+        if args.check_platform:
+            return check_platform(cfg, args.check_platform, args.check_devices)
         set_xla_flags(cfg)  # before anything starts a JAX backend
         if args.distributed:
             join_cluster(args)

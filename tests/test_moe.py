@@ -1,3 +1,4 @@
+import dataclasses
 import functools
 import json
 import os
@@ -11,10 +12,24 @@ import numpy as np
 import pytest
 from conftest import small_model_cfg
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
-from hanuman_jax.config import MoeConfig
+from hanuman_jax import sharding
+from hanuman_jax.config import ConfigError, MoeConfig, load_config
+from hanuman_jax.model import grouped
+from hanuman_jax.model.build import inference_config
 from hanuman_jax.model.grouped import grouped_swiglu
 from hanuman_jax.model.moe import MoEFeedForward, route
+from hanuman_jax.planning.targets import Target, grouped_matmul_impl
+from hanuman_jax.training.step import build_setup
+
+CPU, TPU, T4, H100 = Target("cpu"), Target("tpu"), Target("gpu", 7.5), Target("gpu", 9.0)
+
+
+@pytest.fixture
+def pallas_interpret(monkeypatch):
+    """gmm, a TPU kernel, runs in Pallas interpret mode on this CPU."""
+    monkeypatch.setattr(grouped, "INTERPRET", True)
 
 
 def _moe(impl="blocked", block_size=8, num_experts=5, top_k=2, dispatch="dropless", factor=1.25):
@@ -50,9 +65,10 @@ def _reference(moe: MoEFeedForward, x_BTD):
 
 @pytest.mark.parametrize(
     ("impl", "dispatch"),
-    [("blocked", "dropless"), ("ragged_dot", "dropless"), ("blocked", "capacity")],
-)
-def test_matches_loop_over_experts_forward_and_grad(impl, dispatch):
+    [("blocked", "dropless"), ("ragged_dot", "dropless"), ("gmm", "dropless"),
+     ("blocked", "capacity")],
+)  # fmt: skip
+def test_matches_loop_over_experts_forward_and_grad(impl, dispatch, pallas_interpret):
     # capacity_factor = experts / top_k gives every expert room for every token: nothing drops
     moe, _ = _moe(impl, dispatch=dispatch, factor=5 / 2)
     x = jax.random.normal(jax.random.PRNGKey(0), (3, 11, 48))
@@ -94,9 +110,10 @@ def test_only_selected_experts_compute_each_token():
         assert np.isnan(np.asarray(out[0, users])).any()  # the poison is real where it is used
 
 
-def test_grouped_kernels_equal_a_loop_with_empty_skewed_and_expertless_rows():
-    """Outputs and gradients (the blocked kernel's backward is written by hand) of every row
-    through its expert; expert index 6 of 6 is no expert: zero output, zero gradient."""
+def test_grouped_kernels_equal_a_loop_with_empty_skewed_and_expertless_rows(pallas_interpret):
+    """Outputs and gradients (the blocked kernel's backward is written by hand, gmm's is
+    megablox's) of every row through its expert, within 1e-4 of the float32 reference; expert
+    index 6 of 6 is no expert: zero output, zero gradient."""
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(37, 16)), jnp.float32)
     wg, wu = (jnp.asarray(rng.normal(size=(6, 16, 24)) * 0.3, jnp.float32) for _ in range(2))
@@ -115,7 +132,7 @@ def test_grouped_kernels_equal_a_loop_with_empty_skewed_and_expertless_rows():
     for sizes in ([37, 0, 0, 0, 0, 0, 0], [0, 0, 20, 0, 17, 0, 0], [1, 9, 3, 0, 10, 9, 5]):
         expert = jnp.asarray(rng.permutation(np.repeat(np.arange(7), sizes)), jnp.int32)
         want, want_grads = value_and_grads(reference, expert)
-        kernels = [("ragged_dot", 8)] + [("blocked", b) for b in (8, 16, 64)]
+        kernels = [("ragged_dot", 8), ("gmm", 8)] + [("blocked", b) for b in (8, 16, 64)]
         for impl, block in kernels:
             fn = functools.partial(grouped_swiglu, impl=impl, block_size=block)
             got, grads = value_and_grads(fn, expert)
@@ -123,6 +140,113 @@ def test_grouped_kernels_equal_a_loop_with_empty_skewed_and_expertless_rows():
             for g, w in zip(grads, want_grads, strict=True):
                 np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-5, err_msg=impl)
         assert not np.asarray(got)[np.asarray(expert) == 6].any()
+
+
+def test_gmm_over_several_row_tiles_equals_blocked(pallas_interpret):
+    """131 rows (two row tiles of 128, groups straddling them, padded to 256) and a hidden width
+    past one tile (136): forward and gradients within 1e-4 of the blocked kernel."""
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(131, 20)), jnp.float32)
+    wg, wu = (jnp.asarray(rng.normal(size=(5, 20, 136)) * 0.2, jnp.float32) for _ in range(2))
+    wd = jnp.asarray(rng.normal(size=(5, 136, 20)) * 0.2, jnp.float32)
+    expert = jnp.asarray(rng.permutation(np.repeat(np.arange(6), [40, 0, 61, 3, 20, 7])), jnp.int32)
+
+    def value_and_grads(impl):
+        fn = functools.partial(grouped_swiglu, impl=impl, block_size=16)
+        loss = lambda x, *w: jnp.sum(jnp.sin(fn(x, expert, *w)))
+        return jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(x, wg, wu, wd)
+
+    (got, grads), (want, want_grads) = value_and_grads("gmm"), value_and_grads("blocked")
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
+    for g, w in zip(grads, want_grads, strict=True):
+        np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-5)
+
+
+def test_gmm_forward_and_gradient_lower_for_tpu_on_this_cpu():
+    """The TPU kernel itself (Mosaic, not interpret mode) lowers for a TPU here, in bfloat16 at
+    widths that are not multiples of its 128 tile."""
+    x = jax.ShapeDtypeStruct((37, 48), jnp.bfloat16)
+    expert = jax.ShapeDtypeStruct((37,), jnp.int32)
+    w_in = jax.ShapeDtypeStruct((5, 48, 40), jnp.bfloat16)
+    w_out = jax.ShapeDtypeStruct((5, 40, 48), jnp.bfloat16)
+
+    def loss(x, expert, wg, wu, wd):
+        y = grouped_swiglu(x, expert, wg, wu, wd, impl="gmm", block_size=8)
+        return jnp.sum(jnp.square(y.astype(jnp.float32)))
+
+    fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 2, 3, 4)))
+    exported = jax.export.export(fn, platforms=["tpu"])(x, expert, w_in, w_in, w_out)
+    # three gmm forward, and per gmm a gmm and a tgmm backward
+    assert exported.mlir_module().count("tpu_custom_call") == 6
+
+
+@pytest.mark.parametrize(
+    ("requested", "dtype", "target", "want"),
+    [("auto", "float32", CPU, "blocked"), ("auto", "bfloat16", TPU, "gmm"),
+     ("auto", "float16", TPU, "ragged_dot"), ("auto", "float16", T4, "ragged_dot"),
+     ("auto", "bfloat16", H100, "ragged_dot"), ("blocked", "bfloat16", TPU, "blocked"),
+     ("ragged_dot", "bfloat16", TPU, "ragged_dot"), ("gmm", "float32", TPU, "gmm")],
+)  # fmt: skip
+def test_grouped_matmul_auto_and_named_kernels_per_target(requested, dtype, target, want):
+    cfg = small_model_cfg(dtype=dtype, moe=MoeConfig(num_experts=5, grouped_matmul=requested))
+    assert grouped_matmul_impl(cfg, target) == want
+
+
+@pytest.mark.parametrize(
+    ("requested", "dtype", "target", "why"),
+    [("ragged_dot", "float32", CPU, "invalid on CPU: XLA:CPU lowers it to a dense product"),
+     ("gmm", "float32", CPU, "cannot run on cpu: megablox gmm is a TPU kernel"),
+     ("gmm", "bfloat16", H100, "cannot run on gpu: megablox gmm is a TPU kernel"),
+     ("gmm", "float16", TPU, "cannot run with model.dtype=float16")],
+)  # fmt: skip
+def test_grouped_matmul_a_target_cannot_run_is_a_one_line_config_error(
+    requested, dtype, target, why
+):
+    cfg = small_model_cfg(dtype=dtype, moe=MoeConfig(num_experts=5, grouped_matmul=requested))
+    with pytest.raises(ConfigError, match=f"model.moe.grouped_matmul='{requested}'") as err:
+        grouped_matmul_impl(cfg, target)
+    assert why in str(err.value) and "\n" not in str(err.value)
+    # a dense model runs no expert kernel: nothing to refuse
+    dense = small_model_cfg(dtype=dtype, moe=MoeConfig(num_experts=0, grouped_matmul=requested))
+    assert grouped_matmul_impl(dense, target) in ("blocked", "ragged_dot")
+    # generation and evaluation take what the target has instead of refusing
+    assert inference_config(cfg, target).moe.grouped_matmul == grouped_matmul_impl(
+        dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, grouped_matmul="auto")), target
+    )
+
+
+@pytest.mark.parametrize(("target", "want"), [(CPU, "blocked"), (TPU, "gmm"), (H100, "ragged_dot")])
+def test_setup_resolves_auto_once_for_its_target(root, target, want):
+    """The model only ever sees a named kernel; ragged_dot on a CPU stops the setup."""
+    cfg = load_config(root / "configs" / "tiny.py", ["--config.model.vocab_size=97"])
+    assert cfg.model.moe.grouped_matmul == "auto"
+    mesh = sharding.make_mesh(cfg.mesh)
+    assert build_setup(cfg, mesh, target).model_cfg.moe.grouped_matmul == want
+    cfg.model.moe.grouped_matmul = "ragged_dot"
+    with pytest.raises(ConfigError, match="grouped_matmul='ragged_dot' is invalid on CPU"):
+        build_setup(cfg, mesh)
+
+
+def test_gmm_gives_way_where_a_mesh_splits_the_experts(pallas_interpret):
+    """megablox's Pallas call cannot run inside the expert-parallel shard_map: auto takes
+    ragged_dot on such a TPU mesh, and gmm named there is refused."""
+    cfg = small_model_cfg(dtype="bfloat16", moe=MoeConfig(num_experts=4, grouped_matmul="auto"))
+    assert grouped_matmul_impl(cfg, TPU, expert_parallel=True) == "ragged_dot"
+    assert grouped_matmul_impl(cfg, TPU, expert_parallel=False) == "gmm"
+    gmm = small_model_cfg(moe=MoeConfig(num_experts=4, grouped_matmul="gmm"))
+    with pytest.raises(ConfigError, match="'gmm' cannot run with the experts split over devices"):
+        grouped_matmul_impl(gmm, TPU, expert_parallel=True)
+    # what the refusal prevents: the kernel inside shard_map, as expert parallelism runs it
+    mesh = jax.make_mesh((1,), ("expert",), devices=jax.devices()[:1])
+    run = jax.shard_map(
+        functools.partial(grouped_swiglu, impl="gmm", block_size=8),
+        mesh=mesh,
+        in_specs=P(),
+        out_specs=P(),
+    )
+    x, w = jnp.ones((8, 16)), jnp.ones((4, 16, 16))
+    with pytest.raises(ValueError, match="check_vma"):
+        run(x, jnp.zeros(8, jnp.int32), w, w, w)
 
 
 def test_router_losses_and_weights():
@@ -248,6 +372,15 @@ EXPERT_PARALLEL = textwrap.dedent(
         dropped += float(aux_i["dropped"]) * int(valid[i].sum())
     out["per_shard"] = {"diff": diff(y, np.concatenate(want)), "dropped": float(aux["dropped"]),
                         "want_dropped": dropped / int(valid.sum())}
+
+    # a TPU setup on a mesh that splits the experts resolves auto to a kernel that runs there
+    from hanuman_jax.config import load_config
+    from hanuman_jax.planning.targets import Target
+    from hanuman_jax.training.step import build_setup
+    overrides = ["model.vocab_size=97", "model.dtype=bfloat16", "mesh.expert=2"]
+    cfg = load_config("configs/tiny.py", [f"--config.{o}" for o in overrides])
+    setup = build_setup(cfg, sharding.make_mesh(cfg.mesh), Target("tpu"))
+    out["tpu_kernel"] = setup.model_cfg.moe.grouped_matmul
     print("RESULT" + json.dumps(out))
     """
 )
@@ -263,9 +396,58 @@ def test_expert_parallel_matches_one_device_on_8_devices(root):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.split("RESULT", 1)[1])
     per_shard = out.pop("per_shard")
+    assert out.pop("tpu_kernel") == "ragged_dot"  # gmm cannot run inside the shard_map
     for name, run in out.items():
         assert run["all_to_all"], name  # the expert-parallel path was taken
         assert run["diff"] < 1e-5 and run["dropped"] == 0.0, (name, run)
     assert per_shard["diff"] < 1e-5
     assert per_shard["dropped"] > 0
     assert per_shard["dropped"] == pytest.approx(per_shard["want_dropped"], rel=1e-6)
+
+
+GMM_ON_A_MESH = textwrap.dedent(
+    """
+    import json
+    import jax, jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from hanuman_jax.model import grouped
+    grouped.INTERPRET = True
+    e_, d, f, r = 3, 16, 24, 4 * 21
+    k = jax.random.split(jax.random.key(0), 5)
+    x = jax.random.normal(k[0], (r, d))
+    expert = jax.random.randint(k[1], (r,), 0, e_ + 1)  # e_: rows without an expert
+    w = [jax.random.normal(k[2], (e_, d, f)) * 0.2, jax.random.normal(k[3], (e_, d, f)) * 0.2,
+         jax.random.normal(k[4], (e_, f, d)) * 0.2]
+    probe = jnp.cos(jnp.arange(r * d).reshape(r, d))
+
+    def loss(x, *w):
+        y = grouped.grouped_swiglu(x, expert, *w, impl="gmm", block_size=64)
+        return jnp.sum(y * probe)
+
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
+    one = grad(x, *w)
+    mesh = jax.make_mesh((2, 2, 1, 1), ("data", "fsdp", "expert", "tensor"),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 4)
+    with jax.set_mesh(mesh):
+        xs = jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp", "expert"), None)))
+        ws = [jax.device_put(a, NamedSharding(mesh, P(None, "fsdp"))) for a in w]
+        text = grad.lower(xs, *ws).as_text()
+        four = grad(xs, *ws)
+    diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in
+               zip(jax.tree.leaves(one), jax.tree.leaves(four)))
+    print("RESULT" + json.dumps({"diff": diff, "manual": "manual" in text}))
+    """
+)
+
+
+@pytest.mark.slow
+def test_gmm_runs_per_device_under_a_mesh(root):
+    """XLA cannot split a Pallas call: under a 4-device mesh gmm runs on each device's rows
+    (shard_map) with the weights gathered, and the loss and every gradient equal one device's."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    proc = subprocess.run([sys.executable, "-c", GMM_ON_A_MESH], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.split("RESULT", 1)[1])
+    assert out["manual"], "gmm did not run inside a shard_map"
+    assert out["diff"] < 1e-5, out

@@ -24,8 +24,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 PARAM_DTYPES = ("float32", "bfloat16")
 ROPE_SCALINGS = ("none", "linear", "llama3")
 REMAT_MODES = ("none", "full", "save_matmuls")  # what a block keeps for the backward pass
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")
-GROUPED_MATMULS = ("blocked", "ragged_dot")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
+GROUPED_MATMULS = ("auto", "blocked", "ragged_dot", "gmm")
 DISPATCHES = ("dropless", "capacity")
 
 
@@ -91,7 +91,7 @@ class MoeConfig(Section):
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.001
     jitter: float = 0.0
-    grouped_matmul: str = "blocked"
+    grouped_matmul: str = "auto"  # resolved per platform (model/grouped.py grouped_kernel)
     block_size: int = 1024
     dispatch: str = "dropless"
     capacity_factor: float = 1.25

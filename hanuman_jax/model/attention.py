@@ -1,18 +1,27 @@
 """Attention kernels: XLA's (all scores at once, or `model.attention_block` query rows at a
-time) and cuDNN flash attention. Which one `model.attention` means on a device is decided where a
-setup is built (planning/targets.py); the model is handed the fused kernel it runs."""
+time), cuDNN flash attention and Pallas splash attention (TPU). Which one `model.attention` means
+on a device is decided where a setup is built (planning/targets.py); the model is handed the fused
+kernel it runs."""
 
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+
+from hanuman_jax.config import ConfigError
+from hanuman_jax.sharding import logical_to_spec
 
 Array = jax.Array
+log = logging.getLogger("hanuman_jax")
+SPLASH_BLOCKS = (512, 256, 128)  # splash attention's tiles, largest first
 
 # A fused attention: (q_BTNH, k_BSKH, v_BSKH, segment_ids_BT) -> out_BTNH, causal within each
 # packed document, for rows of even length (cuDNN trains a masked attention on those only).
@@ -57,6 +66,85 @@ def cudnn_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, segment_ids_BT:
     """cuDNN flash attention: the `Kernel` that `model.attention` cudnn (or auto where it runs)
     means."""
     return fused_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, "cudnn")
+
+
+def splash_block(t: int) -> int:
+    """The largest splash attention tile that divides rows of `t` tokens; 0 where none does."""
+    return next((c for c in SPLASH_BLOCKS if t % c == 0), 0)
+
+
+@functools.lru_cache(maxsize=64)
+def _splash_kernel(t: int, n: int, interpret: bool) -> splash.SplashAttentionKernel:
+    """The splash kernel for [N, T, H] queries, causal, in tiles of `splash_block(t)` rows.
+
+    MHA mode takes GQA as it is: query head n reads kv head n // G (our grouping), and the
+    backward sums each group's dk, dv, with no copies of k and v (MQA mode is one kv head)."""
+    c = splash_block(t)
+    blocks = splash.BlockSizes(block_q=c, block_kv=c, block_kv_compute=c, block_q_dkv=c,
+                               block_kv_dkv=c, block_kv_dkv_compute=c, block_q_dq=c,
+                               block_kv_dq=c)  # fmt: skip
+    mask = splash_mask.MultiHeadMask([splash_mask.CausalMask((t, t))] * n)
+    with jax.ensure_compile_time_eval():  # its mask tables are constants, cached across traces
+        return splash.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1,
+                                      interpret=interpret)  # fmt: skip
+
+
+def _splash_local(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, interpret: bool) -> Array:
+    _, t, n, h = q_BTNH.shape
+    kernel = _splash_kernel(t, n, interpret)
+    q_BNTH = jnp.swapaxes(q_BTNH / jnp.asarray(math.sqrt(h), q_BTNH.dtype), 1, 2)  # unscaled in it
+    k_BKSH, v_BKSH = jnp.swapaxes(k_BSKH, 1, 2), jnp.swapaxes(v_BSKH, 1, 2)
+    segment_ids = splash.SegmentIds(q=segment_ids_BT, kv=segment_ids_BT)
+    out_BNTH = jax.vmap(kernel)(q_BNTH, k_BKSH, v_BKSH, segment_ids=segment_ids)
+    return jnp.swapaxes(out_BNTH, 1, 2)
+
+
+def splash_attention(
+    q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, segment_ids_BT: Array, interpret: bool = False
+) -> Array:
+    """Pallas splash attention, causal within each packed document (GQA), for rows of a multiple
+    of 128 tokens. Under a mesh in context it runs per device on its rows and heads (XLA cannot
+    split a Pallas call); `interpret` runs it on any backend (tests)."""
+    local = functools.partial(_splash_local, interpret=interpret)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return local(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
+    q_spec = logical_to_spec(("batch", None, "heads", None))
+    kv_spec = logical_to_spec(("batch", None, "kv_heads", None))
+    in_specs = (q_spec, kv_spec, kv_spec, logical_to_spec(("batch", None)))
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=q_spec,
+                            check_vma=False)  # fmt: skip
+    return sharded(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
+
+
+@functools.cache
+def _log_fallback(t: int) -> None:
+    """Once per row length, not once per layer and trace."""
+    log.info("attention: rows of %d tokens are no multiple of 128, so XLA's attention runs", t)
+
+
+def _splash_or_xla(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, *, block, strict, interpret) -> Array:
+    t = q_BTNH.shape[1]
+    if splash_block(t):
+        return splash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, interpret)
+    if strict:
+        raise ConfigError(
+            f"config model.attention=splash cannot run rows of {t} tokens: splash attention "
+            "needs a multiple of 128 (data.seq_len); use auto or xla"
+        )
+    _log_fallback(t)
+    if block and t > block:
+        return blockwise_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, block)
+    return xla_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
+
+
+@functools.lru_cache(maxsize=16)
+def splash_kernel(block: int, strict: bool, interpret: bool = False) -> Kernel:
+    """The `Kernel` that `model.attention` splash (or auto on a TPU) means: splash attention on
+    rows it tiles; on others XLA's attention (in blocks of `block` query rows), or under
+    `strict` (splash asked for by name) a ConfigError. One kernel per arguments: models built
+    with it are cached by it."""
+    return functools.partial(_splash_or_xla, block=block, strict=strict, interpret=interpret)
 
 
 def softmax_rows(dout_BTKGH: Array, out_BTKGH: Array) -> Array:

@@ -13,6 +13,7 @@ from flax import nnx
 
 from hanuman_jax.config import ModelConfig
 from hanuman_jax.model.attention import Kernel
+from hanuman_jax.model.grouped import grouped_kernel
 from hanuman_jax.model.transformer import Transformer
 
 if TYPE_CHECKING:  # the planner resolves targets; the model only reads one
@@ -58,11 +59,11 @@ def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
 def inference_config(cfg: ModelConfig, target: Target) -> ModelConfig:
     """The model as it runs outside training on `target`: dropless MoE (capacity drops
     assignments only in training), no router noise, no rematerialisation, kernels `target` has
-    (cudnn becomes auto: cuDNN where it runs, XLA's attention where it cannot, as on odd rows)."""
-    moe = dataclasses.replace(cfg.moe, dispatch="dropless", jitter=0.0)
-    if target.platform == "cpu":
-        moe = dataclasses.replace(moe, grouped_matmul="blocked")
-    attention = "auto" if cfg.attention == "cudnn" else cfg.attention
+    (cudnn and splash become auto: the fused kernel where it runs, XLA's attention elsewhere)."""
+    # an expert kernel `target` lacks (ragged_dot or gmm trained elsewhere) gives way to auto's
+    impl = grouped_kernel(cfg.moe.grouped_matmul, cfg.dtype, target.platform, strict=False)
+    moe = dataclasses.replace(cfg.moe, dispatch="dropless", jitter=0.0, grouped_matmul=impl)
+    attention = "auto" if cfg.attention in ("cudnn", "splash") else cfg.attention
     return dataclasses.replace(cfg, moe=moe, remat="none", attention=attention)
 
 

@@ -1,6 +1,6 @@
 """Grouped SwiGLU: each row through the SwiGLU of its own expert, for dropless MoE dispatch.
 
-Two kernels (`model.moe.grouped_matmul`):
+Three kernels (`model.moe.grouped_matmul`):
 - `blocked`: rows are laid out from block boundaries, expert by expert, and a loop runs one block
   at a time through its expert's weights, read in place. The loop stops after the blocks in use,
   so padding costs less than one block per expert and nothing else. The backward is written out
@@ -8,6 +8,9 @@ Two kernels (`model.moe.grouped_matmul`):
   the hand-written one accumulates each expert's weight gradient in float32 in place.
 - `ragged_dot`: `jax.lax.ragged_dot` on rows sorted by expert (GPU and TPU only: XLA:CPU lowers it
   to a dense product over every expert).
+- `gmm`: the megablox grouped matmul (a Pallas TPU kernel) on rows sorted by expert and padded to
+  its row tile; its gradient is megablox's own (gmm for the rows, tgmm for the weights).
+`auto` is resolved per platform before the model sees it (`grouped_kernel`).
 
 An expert index equal to the number of experts marks a row that has no expert (an empty slot of
 an expert-parallel exchange buffer): it is not computed and its output is zero.
@@ -21,10 +24,64 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.pallas.ops.tpu import megablox
+from jax.sharding import PartitionSpec
 
+from hanuman_jax.config import ConfigError
 from hanuman_jax.model.layers import group_ranks
+from hanuman_jax.sharding import logical_to_spec
 
 Array = jax.Array
+GMM_TILE = 128  # megablox's default tile along rows, contraction and output columns
+# Runs `gmm` in Pallas interpret mode, so that tests check the TPU kernel on a CPU.
+INTERPRET = False
+
+
+def _cannot_run(requested: str, dtype: str, platform: str, expert_parallel: bool) -> str | None:
+    """Why kernel `requested` cannot run on `platform` in `dtype` (None: it can)."""
+    if requested == "ragged_dot" and platform == "cpu":
+        return (
+            "config model.moe.grouped_matmul='ragged_dot' is invalid on CPU: XLA:CPU lowers "
+            "it to a dense product over every expert; use 'blocked'"
+        )
+    if requested == "gmm" and platform != "tpu":
+        return (
+            f"config model.moe.grouped_matmul='gmm' cannot run on {platform}: megablox gmm is a "
+            "TPU kernel; use 'auto'"
+        )
+    if requested == "gmm" and dtype == "float16":
+        return (
+            "config model.moe.grouped_matmul='gmm' cannot run with model.dtype=float16: megablox "
+            "gmm takes bfloat16 or float32; use 'auto'"
+        )
+    if requested == "gmm" and expert_parallel:
+        return (
+            "config model.moe.grouped_matmul='gmm' cannot run with the experts split over devices: "
+            "megablox's Pallas call does not type its output for shard_map; use 'auto'"
+        )
+    return None
+
+
+def grouped_kernel(
+    requested: str,
+    dtype: str,
+    platform: str,
+    *,
+    expert_parallel: bool = False,
+    strict: bool = True,
+) -> str:
+    """`model.moe.grouped_matmul` resolved on `platform`: auto takes blocked on CPU, gmm on TPU
+    (ragged_dot in float16 or with the experts split over devices, where gmm cannot run) and
+    ragged_dot on GPU. A kernel named that cannot run there is a ConfigError, or without
+    `strict` (inference) gives way to auto's choice."""
+    why = _cannot_run(requested, dtype, platform, expert_parallel)
+    if why and strict:
+        raise ConfigError(why)
+    if requested != "auto" and not why:
+        return requested
+    if platform == "tpu":
+        return "ragged_dot" if _cannot_run("gmm", dtype, platform, expert_parallel) else "gmm"
+    return "ragged_dot" if platform == "gpu" else "blocked"
 
 
 def block_rows(num_rows: int, num_experts: int, block_size: int) -> int:
@@ -157,16 +214,51 @@ def _blocked(block: int):
     return jax.jit(swiglu)
 
 
-def _ragged(x_RD, expert_R, w_gate_EDF, w_up_EDF, w_down_EFD):
-    num_experts = w_gate_EDF.shape[0]
+def _gmm(lhs: Array, rhs_E: Array, sizes_E: Array) -> Array:
+    # a full tile along both widths even past a small one: megablox masks the excess, and the
+    # backward's transposed product can take the same tiling (Mosaic wants multiples of 128)
+    tiling = (min(GMM_TILE, lhs.shape[0]), GMM_TILE, GMM_TILE)
+    return megablox.gmm(lhs, rhs_E, sizes_E, lhs.dtype, tiling, interpret=INTERPRET)
+
+
+def _gmm_rows(num_rows: int) -> int:
+    """Rows padded to a multiple of gmm's row tile (min(GMM_TILE, rows rounded up to 8))."""
+    tile = min(GMM_TILE, -(-num_rows // 8) * 8)
+    return -(-num_rows // tile) * tile
+
+
+def _sorted(x_RD, expert_R, w_gate_EDF, w_up_EDF, w_down_EFD, *, impl: str):
+    """The SwiGLU as three grouped matmuls over rows sorted by expert (ragged_dot or gmm)."""
+    num_rows, num_experts = x_RD.shape[0], w_gate_EDF.shape[0]
+    matmul = _gmm if impl == "gmm" else jax.lax.ragged_dot
+    padded = _gmm_rows(num_rows) if impl == "gmm" else num_rows
     order_R = jnp.argsort(expert_R, stable=True)  # rows without an expert sort last
     sizes_E = jnp.bincount(expert_R, length=num_experts).astype(jnp.int32)
-    x_sorted = x_RD.at[order_R].get(unique_indices=True)
-    gate = jax.lax.ragged_dot(x_sorted, w_gate_EDF, sizes_E)
-    up = jax.lax.ragged_dot(x_sorted, w_up_EDF, sizes_E)
-    y_sorted = jax.lax.ragged_dot(jax.nn.silu(gate) * up, w_down_EFD, sizes_E)
-    y_sorted = jnp.where((jnp.arange(x_RD.shape[0]) < jnp.sum(sizes_E))[:, None], y_sorted, 0)
-    return jnp.zeros_like(y_sorted).at[order_R].set(y_sorted, unique_indices=True)
+    x_PD = jnp.pad(x_RD.at[order_R].get(unique_indices=True), ((0, padded - num_rows), (0, 0)))
+    # no group covers the rows past the experts' (gmm leaves their outputs and gradients unset)
+    grouped_P = jnp.arange(padded) < jnp.sum(sizes_E)
+    x_PD = jnp.where(grouped_P[:, None], x_PD, 0)
+    gate_PF, up_PF = matmul(x_PD, w_gate_EDF, sizes_E), matmul(x_PD, w_up_EDF, sizes_E)
+    y_PD = jnp.where(
+        grouped_P[:, None], matmul(jax.nn.silu(gate_PF) * up_PF, w_down_EFD, sizes_E), 0
+    )
+    return jnp.zeros_like(x_RD).at[order_R].set(y_PD[:num_rows], unique_indices=True)
+
+
+def _gmm_per_device(x_RD, expert_R, w_gate_EDF, w_up_EDF, w_down_EFD) -> Array:
+    """gmm on each device's own rows under a mesh in context (XLA cannot split a Pallas call):
+    the weights are gathered whole and, in the backward, their gradients summed over devices."""
+    local = functools.partial(_sorted, impl="gmm")
+    inputs = (x_RD, expert_R, w_gate_EDF, w_up_EDF, w_down_EFD)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or _vma(*inputs):  # one device, or already per device (inside shard_map)
+        return local(*inputs)
+    rows_RD = logical_to_spec(("batch", None))
+    whole = PartitionSpec()
+    in_specs = (rows_RD, logical_to_spec(("batch",)), whole, whole, whole)
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=rows_RD,
+                            check_vma=False)  # fmt: skip
+    return sharded(*inputs)
 
 
 def grouped_swiglu(
@@ -180,12 +272,15 @@ def grouped_swiglu(
     block_size: int,
 ) -> Array:
     """Row r through expert expert_R[r]'s SwiGLU (zero where expert_R[r] == experts); rows in any
-    order, outputs in the same order."""
-    if impl == "ragged_dot":
-        return _ragged(x_RD, expert_R, w_gate_EDF, w_up_EDF, w_down_EFD)
-    block = block_rows(x_RD.shape[0], w_gate_EDF.shape[0], block_size)
+    order, outputs in the same order. `impl` is a resolved kernel (an unresolved auto runs
+    blocked, its choice on a CPU)."""
     # Inside shard_map every input must vary over the same axes: the hand-written backward then
     # returns weight gradients with the rows' axes, and this cast's transpose sums them over.
     inputs = (x_RD, expert_R, w_gate_EDF, w_up_EDF, w_down_EFD)
     axes = _vma(*inputs)
-    return _blocked(block)(*(_varying(a, axes) for a in inputs))
+    inputs = tuple(_varying(a, axes) for a in inputs)
+    if impl == "gmm":
+        return _gmm_per_device(*inputs)
+    if impl == "ragged_dot":
+        return _sorted(*inputs, impl=impl)
+    return _blocked(block_rows(x_RD.shape[0], w_gate_EDF.shape[0], block_size))(*inputs)

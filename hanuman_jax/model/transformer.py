@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 
 from hanuman_jax.config import ConfigError, ModelConfig, RopeConfig
-from hanuman_jax.model.attention import Kernel, blockwise_attention, xla_attention
+from hanuman_jax.model.attention import Kernel, blockwise_attention, cudnn_attention, xla_attention
 from hanuman_jax.model.layers import RMSNorm, param, project
 from hanuman_jax.model.moe import MoEFeedForward
 
@@ -135,7 +135,7 @@ class Attention(nnx.Module):
         blocks of `model.attention_block` query rows when the rows are longer)."""
         t = q_BTNH.shape[1]
         kernel = self.kernel
-        if kernel is not None and t % 2:  # cuDNN trains a masked attention on even rows
+        if kernel is cudnn_attention and t % 2:  # cuDNN trains a masked attention on even rows
             if self.requested == "cudnn":
                 raise ConfigError(
                     f"config model.attention=cudnn cannot run rows of {t} tokens: "

@@ -13,7 +13,7 @@ import optax
 
 from hanuman_jax import sharding
 from hanuman_jax.config import MAX_LOSS_SCALE, ConfigError, ModelConfig, check_batch_divides
-from hanuman_jax.model import build
+from hanuman_jax.model import build, moe_parallel
 from hanuman_jax.model.attention import Kernel
 from hanuman_jax.model.transformer import Transformer
 from hanuman_jax.planning import targets
@@ -55,7 +55,8 @@ def build_setup(
     cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, target: Target | None = None
 ) -> Setup:
     """Derives the abstract state and its shardings without allocating anything; resolves
-    `model.attention` for `target` (default: the mesh's devices)."""
+    `model.attention` and `model.moe.grouped_matmul` for `target` (default: the mesh's
+    devices)."""
     if cfg.model.vocab_size == 0:
         raise ConfigError("config model.vocab_size=0 must be resolved from the tokenizer first")
     model_cfg = ModelConfig.from_config(cfg.model)
@@ -63,12 +64,11 @@ def build_setup(
     where = f"the mesh {dict(mesh.shape)}"
     check_batch_divides(cfg.train.batch_size, accum, sharding.batch_shards(mesh), where)
     target = target or device_target(mesh.devices.flat[0])
-    moe = model_cfg.moe
-    if moe.num_experts and moe.grouped_matmul == "ragged_dot" and target.platform == "cpu":
-        raise ConfigError(
-            "config model.moe.grouped_matmul='ragged_dot' is invalid on CPU: XLA:CPU lowers "
-            "it to a dense product over every expert; use 'blocked'"
-        )
+    # the model only ever sees a concrete expert kernel: auto becomes the target's
+    split = mesh.shape.get(moe_parallel.EXPERT_AXIS, 1) > 1
+    impl = targets.grouped_matmul_impl(model_cfg, target, expert_parallel=split)
+    moe = dataclasses.replace(model_cfg.moe, grouped_matmul=impl)
+    model_cfg = dataclasses.replace(model_cfg, moe=moe)
     kernel = targets.attention_kernel(model_cfg, target)
     tx, schedule = make_optimizer(cfg)
     float16 = model_cfg.dtype == "float16"  # float16 overflows without a loss scale (T4)
