@@ -21,9 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.model.dtype = "float32"  # compute dtype: float32, bfloat16 or float16
     cfg.model.param_dtype = "float32"  # dtype parameters are stored and updated in
     cfg.model.remat = "none"  # none, full, or save_matmuls: recompute all but the 2-D matmuls
-    cfg.model.attention = (
-        "auto"  # auto (TPU: splash; GPU: cuDNN where it runs; else xla), xla, cudnn, splash
-    )
+    cfg.model.attention = "auto"  # auto: splash (TPU), cudnn (GPU 8.0+) or xla; or name one
     cfg.model.attention_block = 0  # xla attention: N query rows at a time (N x T scores); 0 = all
     cfg.model.rope = ml_collections.ConfigDict()
     cfg.model.rope.theta = 10_000.0  # RoPE base frequency

@@ -205,21 +205,23 @@ def test_rows_no_longer_than_a_block_take_the_plain_attention(root):
     assert activations(64, 128) < activations(0, 128)
 
 
-def test_odd_rows_take_xla_attention_under_auto_and_are_refused_under_cudnn():
+def test_odd_rows_take_xla_attention_under_auto_and_are_refused_under_cudnn(monkeypatch):
     """JAX's cuDNN rule trains a masked attention only on even row lengths."""
 
     def no_cudnn(*args):
         raise AssertionError("the fused kernel ran")
+
+    monkeypatch.setattr(attention, "fused_attention", no_cudnn)  # what cudnn_attention calls
 
     tokens = jnp.ones((1, 9), jnp.int32)
     seg, pos = jnp.ones_like(tokens), jnp.arange(9)[None]
     auto_cfg = small_model_cfg(dtype="bfloat16")
     assert targets.attention_kernel(auto_cfg, H100) is cudnn_attention
     params = build.init_params(auto_cfg, jax.random.key(0))
-    auto = build.model_from_params(auto_cfg, params, no_cudnn)
+    auto = build.model_from_params(auto_cfg, params, cudnn_attention)
     assert auto(tokens, seg, pos)[0].shape[:2] == (1, 9)
     cudnn_cfg = small_model_cfg(dtype="bfloat16", attention="cudnn")
-    cudnn = build.model_from_params(cudnn_cfg, params, no_cudnn)
+    cudnn = build.model_from_params(cudnn_cfg, params, cudnn_attention)
     with pytest.raises(ConfigError, match="even row length"):
         cudnn(tokens, seg, pos)
     # even rows run the kernel the model was built with

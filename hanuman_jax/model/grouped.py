@@ -251,7 +251,7 @@ def _gmm_per_device(x_RD, expert_R, w_gate_EDF, w_up_EDF, w_down_EFD) -> Array:
     local = functools.partial(_sorted, impl="gmm")
     inputs = (x_RD, expert_R, w_gate_EDF, w_up_EDF, w_down_EFD)
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or _vma(*inputs):  # one device, or already per device (inside shard_map)
+    if mesh.empty or mesh.manual_axes:  # one device, or already per device (in shard_map)
         return local(*inputs)
     rows_RD = logical_to_spec(("batch", None))
     whole = PartitionSpec()
