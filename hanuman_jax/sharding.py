@@ -107,3 +107,20 @@ def global_batch(local: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[
     return {
         k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()
     }
+
+
+def per_device(fn, in_axes: tuple, out_axes: tuple):
+    """`fn` run on each device's own shard (inputs and output split by their logical axes) under
+    the mesh in context: XLA cannot split a Pallas call. Without a mesh, or already per device
+    (inside shard_map), `fn` as it is. An input with no axes is gathered whole, and its gradient
+    summed over the devices."""
+
+    def run(*args):
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty or mesh.manual_axes:
+            return fn(*args)
+        in_specs = tuple(logical_to_spec(axes) for axes in in_axes)
+        return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=logical_to_spec(out_axes),
+                             check_vma=False)(*args)  # fmt: skip
+
+    return run

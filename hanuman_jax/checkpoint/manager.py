@@ -233,8 +233,8 @@ def init_params(cfg: ml_collections.ConfigDict, abstract_params: dict, shardings
         )
     check_tokenizer(meta, step_dir, tokenizer_sha, cfg)
     same_dtype = saved.model.param_dtype == cfg.model.param_dtype
-    loaded = restore.load_params(
-        root, step, shardings=shardings, dtype=None if same_dtype else cfg.model.param_dtype
+    loaded = restore.restore_step(
+        step_dir, meta, shardings=shardings, dtype=None if same_dtype else cfg.model.param_dtype
     )
     log.info("initialised the parameters from %s (step %d); fresh optimizer, schedule and data",
              step_dir, step)  # fmt: skip

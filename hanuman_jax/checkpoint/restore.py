@@ -65,7 +65,11 @@ def load_params(path: str | Path, step: int | None = None, *, shardings=None, dt
     """
     root = files.checkpoint_root(path)
     step, meta = find_step(root, step)
-    step_dir = root / str(step)
+    return restore_step(root / str(step), meta, shardings=shardings, dtype=dtype)
+
+
+def restore_step(step_dir: Path, meta: dict, *, shardings=None, dtype=None) -> Loaded:
+    """`load_params` of one step already found whole, whose metadata is `meta`."""
     config = saved_config(meta, step_dir)
     model_cfg = ModelConfig.from_config(config.model)
     target = abstract_params(model_cfg)
@@ -100,7 +104,7 @@ def load_params(path: str | Path, step: int | None = None, *, shardings=None, dt
         config=config,
         meta=meta,
         model_cfg=model_cfg,
-        step=step,
+        step=int(step_dir.name),
         directory=step_dir,
         tokenizer=_tokenizer(step_dir, config),
     )

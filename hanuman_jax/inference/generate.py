@@ -50,7 +50,7 @@ def choose(logits_BV, rng, temperature, top_p, *, greedy: bool, top_k: int, nucl
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled(cfg: ModelConfig, prompt_len: int, max_new: int,
+def compiled_generation(cfg: ModelConfig, prompt_len: int, max_new: int,
               greedy: bool, top_k: int, nucleus: bool):  # fmt: skip
     """The whole generation as one jitted function: prefill, then a while loop of single-token
     steps that ends when every sequence has stopped or max_new tokens are out."""
@@ -129,7 +129,7 @@ def generate_ids(
     stops[: len(stop_ids)] = stop_ids
     greedy = temperature == 0
     top_k = 0 if greedy or top_k >= cfg.vocab_size else top_k
-    run = _compiled(cfg, prompt_len, max_new_tokens, greedy, top_k,
+    run = compiled_generation(cfg, prompt_len, max_new_tokens, greedy, top_k,
                     not greedy and top_p < 1.0)  # fmt: skip
     out = np.asarray(
         run(params, tokens, pad, stops, jax.random.key(seed),

@@ -17,7 +17,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
 from hanuman_jax.config import ConfigError
-from hanuman_jax.sharding import logical_to_spec
+from hanuman_jax.sharding import per_device
 
 Array = jax.Array
 log = logging.getLogger("hanuman_jax")
@@ -105,16 +105,10 @@ def splash_attention(
     """Pallas splash attention, causal within each packed document (GQA), for rows of a multiple
     of 128 tokens. Under a mesh in context it runs per device on its rows and heads (XLA cannot
     split a Pallas call); `interpret` runs it on any backend (tests)."""
-    local = functools.partial(_splash_local, interpret=interpret)
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return local(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
-    q_spec = logical_to_spec(("batch", None, "heads", None))
-    kv_spec = logical_to_spec(("batch", None, "kv_heads", None))
-    in_specs = (q_spec, kv_spec, kv_spec, logical_to_spec(("batch", None)))
-    sharded = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=q_spec,
-                            check_vma=False)  # fmt: skip
-    return sharded(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
+    q_axes, kv_axes = ("batch", None, "heads", None), ("batch", None, "kv_heads", None)
+    local = per_device(functools.partial(_splash_local, interpret=interpret),
+                       (q_axes, kv_axes, kv_axes, ("batch", None)), q_axes)  # fmt: skip
+    return local(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
 
 
 @functools.cache

@@ -25,11 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental.pallas.ops.tpu import megablox
-from jax.sharding import PartitionSpec
 
 from hanuman_jax.config import ConfigError
 from hanuman_jax.model.layers import group_ranks
-from hanuman_jax.sharding import logical_to_spec
+from hanuman_jax.sharding import per_device
 
 Array = jax.Array
 GMM_TILE = 128  # megablox's default tile along rows, contraction and output columns
@@ -245,22 +244,6 @@ def _sorted(x_RD, expert_R, w_gate_EDF, w_up_EDF, w_down_EFD, *, impl: str):
     return jnp.zeros_like(x_RD).at[order_R].set(y_PD[:num_rows], unique_indices=True)
 
 
-def _gmm_per_device(x_RD, expert_R, w_gate_EDF, w_up_EDF, w_down_EFD) -> Array:
-    """gmm on each device's own rows under a mesh in context (XLA cannot split a Pallas call):
-    the weights are gathered whole and, in the backward, their gradients summed over devices."""
-    local = functools.partial(_sorted, impl="gmm")
-    inputs = (x_RD, expert_R, w_gate_EDF, w_up_EDF, w_down_EFD)
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.manual_axes:  # one device, or already per device (in shard_map)
-        return local(*inputs)
-    rows_RD = logical_to_spec(("batch", None))
-    whole = PartitionSpec()
-    in_specs = (rows_RD, logical_to_spec(("batch",)), whole, whole, whole)
-    sharded = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=rows_RD,
-                            check_vma=False)  # fmt: skip
-    return sharded(*inputs)
-
-
 def grouped_swiglu(
     x_RD: Array,
     expert_R: Array,
@@ -279,8 +262,9 @@ def grouped_swiglu(
     inputs = (x_RD, expert_R, w_gate_EDF, w_up_EDF, w_down_EFD)
     axes = _vma(*inputs)
     inputs = tuple(_varying(a, axes) for a in inputs)
-    if impl == "gmm":
-        return _gmm_per_device(*inputs)
+    if impl == "gmm":  # per device: the weights gathered whole, their gradients summed
+        rows = (("batch", None), ("batch",), (), (), ())
+        return per_device(functools.partial(_sorted, impl="gmm"), rows, ("batch", None))(*inputs)
     if impl == "ragged_dot":
         return _sorted(*inputs, impl=impl)
     return _blocked(block_rows(x_RD.shape[0], w_gate_EDF.shape[0], block_size))(*inputs)

@@ -73,14 +73,6 @@ def lower(part: str, fn: Callable, args: tuple, platform: str, kernels: str) -> 
     return exported
 
 
-def _grouped_matmul(model_cfg, target: Target) -> str | None:
-    """The expert kernel the model runs on `target` (None: a dense model)."""
-    if not model_cfg.moe.num_experts:
-        return None
-    resolve = getattr(targets, "grouped_matmul_impl", None)
-    return resolve(model_cfg, target) if resolve else model_cfg.moe.grouped_matmul
-
-
 def _attention(model_cfg, target: Target, seq_len: int, lowered) -> str:
     """The attention `model.attention` means on `target`, as the setup `lowered` runs it."""
     name = targets.resolve_attention(model_cfg.attention, model_cfg.dtype, model_cfg.hd, target)
@@ -96,16 +88,21 @@ def check_platform(cfg: ml_collections.ConfigDict, platform: str, devices: int |
     cuda) on abstract devices: (the report, the exports by part). A part that does not lower is a
     ConfigError."""
     from hanuman_jax.checkpoint.manager import abstract_with_shardings
-    from hanuman_jax.training.loop import _inference_setup
-    from hanuman_jax.training.step import build_setup, jit_eval_step, jit_train_step
+    from hanuman_jax.training.step import (
+        build_setup,
+        inference_setup,
+        jit_eval_step,
+        jit_train_step,
+    )
 
     target, _ = PLATFORMS[platform]
     count = device_count(cfg.mesh, platform, devices)
     mesh = abstract_mesh(cfg.mesh, count)
     setup = build_setup(cfg, mesh, target)
-    train_setup, eval_setup = _stand_in(setup), _stand_in(_inference_setup(setup))
+    train_setup, eval_setup = _stand_in(setup), _stand_in(inference_setup(setup))
     attention = _attention(setup.model_cfg, target, cfg.data.seq_len, train_setup)
-    grouped_matmul = _grouped_matmul(setup.model_cfg, target)
+    moe = setup.model_cfg.moe  # build_setup resolved its kernel for the target
+    grouped_matmul = moe.grouped_matmul if moe.num_experts else None
     kernels = f"attention={attention}, grouped_matmul={grouped_matmul}"
     batch = _batch(cfg.train.batch_size, cfg.data.seq_len, sharding.batch_sharding(mesh))
     state = abstract_with_shardings(setup.abstract_state, setup.state_shardings)
@@ -130,12 +127,14 @@ def check_platform(cfg: ml_collections.ConfigDict, platform: str, devices: int |
 
 def _lower_generation(setup, target: Target, platform: str, kernels: str) -> jax.export.Exported:
     """Generation as `inference.generate` runs it (one device, sampling with top-k and top-p)."""
-    from hanuman_jax.inference.generate import MAX_STOP_IDS, _compiled
+    from hanuman_jax.inference.generate import MAX_STOP_IDS, compiled_generation
 
     cfg = build.inference_config(setup.model_cfg, target)
     prompt = min(GENERATE_PROMPT, cfg.max_seq_len - 1)
     new = min(GENERATE_NEW, cfg.max_seq_len - prompt)
-    run = _compiled(cfg, prompt, new, False, min(GENERATE_TOP_K, cfg.vocab_size - 1), True)
+    run = compiled_generation(
+        cfg, prompt, new, False, min(GENERATE_TOP_K, cfg.vocab_size - 1), True
+    )
     i32, f32 = jnp.int32, jnp.float32
     args = (
         build.abstract_params(cfg),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -24,7 +23,6 @@ from hanuman_jax.data import DataError, make_dataset, resolve_file
 from hanuman_jax.data.pipeline import stats_metrics
 from hanuman_jax.data.schedule import SeqLenSchedule
 from hanuman_jax.model import build
-from hanuman_jax.planning import targets
 from hanuman_jax.tokenizer import Tokenizer
 from hanuman_jax.training.hooks import (
     EvalHook,
@@ -37,7 +35,13 @@ from hanuman_jax.training.hooks import (
 )
 from hanuman_jax.training.metrics import MetricsWriter, ProgressBar
 from hanuman_jax.training.preemption import StopRequest
-from hanuman_jax.training.step import build_setup, init_state, jit_eval_step, jit_train_step
+from hanuman_jax.training.step import (
+    build_setup,
+    inference_setup,
+    init_state,
+    jit_eval_step,
+    jit_train_step,
+)
 
 log = logging.getLogger("hanuman_jax")
 
@@ -158,7 +162,7 @@ class Evaluator:
 
     def __init__(self, setup, batches: list[dict]):
         self.setup, self.batches = setup, batches
-        self.step_fn = jit_eval_step(_inference_setup(setup)) if batches else None
+        self.step_fn = jit_eval_step(inference_setup(setup)) if batches else None
 
     def __call__(self, params) -> dict:
         nll, tokens = 0.0, 0
@@ -169,12 +173,6 @@ class Evaluator:
             nll, tokens = nll + float(out["nll_sum"]), tokens + int(out["tokens"])
         loss = nll / max(tokens, 1)
         return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": tokens}
-
-
-def _inference_setup(setup):
-    cfg = build.inference_config(setup.model_cfg, setup.target)
-    kernel = targets.attention_kernel(cfg, setup.target)
-    return dataclasses.replace(setup, model_cfg=cfg, kernel=kernel)
 
 
 class Sampler:

@@ -95,6 +95,14 @@ def build_setup(
     )
 
 
+def inference_setup(setup: Setup) -> Setup:
+    """`setup` with the model as it runs outside training (evaluation, samples) on its target."""
+    cfg = build.inference_config(setup.model_cfg, setup.target)
+    return dataclasses.replace(
+        setup, model_cfg=cfg, kernel=targets.attention_kernel(cfg, setup.target)
+    )
+
+
 def _state_shardings(abstract_state: TrainState, model_cfg: ModelConfig, tx, mesh) -> TrainState:
     """Parameters (and their optimizer moments) by the logical-axis table; the rest replicated."""
     param_shardings = sharding.param_shardings(build.abstract_model(model_cfg)[1], mesh)
