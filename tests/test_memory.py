@@ -1,3 +1,9 @@
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 
 from hanuman_jax import sharding
@@ -95,3 +101,56 @@ def test_usable_gpu_memory_follows_jax_preallocation(monkeypatch):
     # at once is an error)
     assert memory.usable_bytes("h100") == int(h100 * 0.9)
     assert memory.usable_bytes("v5e-8") == 16 * 2**30  # TPUs: all of it
+
+
+def test_colab_single_chip_tpus_are_targets():
+    """Colab's one-chip TPU runtimes, with the HBM of their chips in the 8-chip slices."""
+    for name, devices, gib in [("v5e-1", 1, 16), ("v6e-1", 1, 32), ("v5e-8", 8, 16),
+                               ("v6e-8", 8, 32), ("v2-8", 8, 8)]:  # fmt: skip
+        device = memory.DEVICES[name]
+        assert (device.devices, device.hbm, device.target.platform) == (devices, gib << 30, "tpu")
+    assert memory.usable_bytes("v6e-1") == 32 << 30  # TPUs: all of it
+
+
+# configs/colab_tpu.py on 1 and 8 of 8 simulated devices: the mesh, the micro-batch per device,
+# and v5e-1's overrides (docs/colab.md), which fit one chip only
+COLAB_MESH = textwrap.dedent(
+    """
+    import json
+    import jax
+    from hanuman_jax import sharding
+    from hanuman_jax.config import ConfigError, load_config
+    from hanuman_jax.planning.targets import Target
+    from hanuman_jax.training.step import build_setup
+
+    V5E_1 = ["--config.model.param_dtype=bfloat16", "--config.train.grad_accum_steps=64"]
+    out = {}
+    for name, overrides in (("preset", []), ("v5e-1", V5E_1)):
+        cfg = load_config("configs/colab_tpu.py", ["--config.model.num_layers=2", *overrides])
+        for n in (1, 8):
+            try:
+                setup = build_setup(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:n]),
+                                    Target("tpu"))
+            except ConfigError as e:
+                out[f"{name}/{n}"] = str(e)
+                continue
+            shards = sharding.batch_shards(setup.mesh) * setup.grad_accum_steps
+            out[f"{name}/{n}"] = {"mesh": dict(setup.mesh.shape),
+                                  "micro_batch": cfg.train.batch_size // shards}
+    print("RESULT" + json.dumps(out))
+    """
+)
+
+
+def test_colab_tpu_mesh_takes_the_devices_found(root):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "JAX_PLATFORMS": "cpu"}  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", COLAB_MESH], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.split("RESULT", 1)[1])
+    rest = {"data": 1, "expert": 1, "tensor": 1}
+    assert out["preset/8"] == {"mesh": {**rest, "fsdp": 8}, "micro_batch": 1}  # v2-8, v5e-8
+    assert out["preset/1"] == {"mesh": {**rest, "fsdp": 1}, "micro_batch": 8}  # v5e-1, v6e-1
+    assert out["v5e-1/1"] == {"mesh": {**rest, "fsdp": 1}, "micro_batch": 1}
+    assert "train.grad_accum_steps=64 is invalid" in out["v5e-1/8"]

@@ -1,6 +1,6 @@
 """Memory planner: per-device bytes of parameters, optimizer state, gradients and activations.
 
-    python -m hanuman_jax.memory --config configs/NAME.py [--device t4|a100|h100|v2-8|v5e-8|...]
+    python -m hanuman_jax.memory --config configs/NAME.py [--device t4|h100|v2-8|v5e-1|v6e-1|...]
                                  [--config.a.b=value ...]
 
 Parameters and optimizer state are counted from the abstract train state and divided by the mesh
@@ -73,11 +73,13 @@ DEVICES: dict[str, Device] = {
     "h100": _gpu(81_559, 9.0),  # SXM, 80 GB HBM3
     "h200": _gpu(143_771, 9.0),  # 141 GB HBM3e
     "v2-8": _tpu(8, 8),  # 4 chips x 2 cores x 8 GiB
-    "v3-8": _tpu(8, 16),
-    "v4-8": _tpu(4, 32),
-    "v5e-8": _tpu(8, 16),
-    "v5p-8": _tpu(4, 95),
-    "v6e-8": _tpu(8, 32),
+    "v3-8": _tpu(8, 16),  # 4 chips x 2 cores x 16 GiB
+    "v4-8": _tpu(4, 32),  # 4 chips x 32 GiB
+    "v5e-1": _tpu(1, 16),  # 1 chip x 16 GiB (a Colab TPU runtime)
+    "v5e-8": _tpu(8, 16),  # 8 chips x 16 GiB
+    "v5p-8": _tpu(4, 95),  # 4 chips x 95 GiB
+    "v6e-1": _tpu(1, 32),  # 1 chip x 32 GiB (a Colab TPU runtime)
+    "v6e-8": _tpu(8, 32),  # 8 chips x 32 GiB
 }
 
 
