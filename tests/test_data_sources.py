@@ -6,8 +6,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from hanuman_jax.data import DataError, make_dataset, read_documents, resolve_file
-from hanuman_jax.data.prepare import prepare
+from hanuman_jax.data import DataError, make_dataset, read_documents, records, resolve_file
+from hanuman_jax.data import prepare as prepare_module
+from hanuman_jax.data.prepare import prepare, prepare_source
 from hanuman_jax.data.sources import SKIP_REASONS, Skip, open_source
 
 TOKENIZER = "bundled:tokenizer.model"
@@ -67,6 +68,88 @@ def test_bad_records_are_skipped_counted_or_strict(tmp_path):
     with pytest.raises(DataError, match=r"messy.jsonl:\d: .*data.strict"):
         for _ in range(12):
             next(strict)
+
+
+DEEP = '{"text": "x", "meta": ' + "[" * 10_000 + "]" * 10_000 + "}"  # past the parser's recursion
+
+
+def test_any_error_reading_a_record_is_a_counted_skip_or_one_strict_line(tmp_path):
+    """Whatever one record makes its reader raise (RecursionError, TypeError...) costs that record:
+    skipped and counted by training and `prepare`, or one DataError naming file:line."""
+    good = json.dumps({"text": "สวัสดี hello world"}, ensure_ascii=False)
+    bad_role = json.dumps({"messages": [{"role": ["user"], "content": "q"}]})  # unhashable role
+    f = tmp_path / "deep.jsonl"
+    f.write_text("\n".join([good] * 3 + [DEEP, "[1, 2]", '{"text": 5}', bad_role, good]) + "\n")
+    got = _records(f)
+    assert [(r.reason, r.where.rsplit(":", 1)[1]) for r in got if isinstance(r, Skip)] == [
+        ("malformed_json", "4"), ("missing_field", "5"), ("missing_field", "6"),
+        ("missing_field", "7")
+    ]  # fmt: skip
+    it = iter(make_dataset(_cfg([{"path": str(f)}], batch=1), resolve_file(TOKENIZER)))
+    skipped = dict(zip(SKIP_REASONS, [next(it) for _ in range(6)][-1]["stats"]["skipped"],
+                       strict=True))  # fmt: skip
+    assert skipped["malformed_json"] >= 1 and skipped["missing_field"] >= 3
+    deep = tmp_path / "only_deep.jsonl"
+    deep.write_text("\n".join([good] * 3 + [DEEP, good]) + "\n")
+    strict = iter(make_dataset(_cfg([{"path": str(deep)}], batch=1, strict=True),
+                               resolve_file(TOKENIZER)))  # fmt: skip
+    with pytest.raises(DataError, match=r"only_deep.jsonl:4: nested too deeply .*data.strict"):
+        for _ in range(6):
+            next(strict)
+    manifest = prepare_source({"path": str(f)}, "data.sources[0]", resolve_file(TOKENIZER),
+                              tmp_path / "prepared", workers=1)  # fmt: skip
+    assert manifest["documents"] == 4 and manifest["skipped"]["malformed_json"] == 1
+
+
+def test_a_byte_order_mark_costs_no_record(tmp_path):
+    rows = tmp_path / "bom.jsonl"
+    rows.write_bytes(b'\xef\xbb\xbf{"text": "first"}\n{"text": "second"}\n')
+    assert [d.text for d in _records(rows)] == ["first", "second"]
+    text = tmp_path / "bom.txt"
+    text.write_bytes(b"\xef\xbb\xbffirst\r\nsecond\n")
+    assert [d.text for d in _records(text)] == ["first", "second"]
+    assert [d.text for d in _records(text, format="paragraphs")] == ["first\nsecond"]
+
+
+def _prepared(tmp_path, name, docs, out=None, **kw):
+    corpus = tmp_path / f"{name}.jsonl"
+    corpus.write_text("\n".join(docs) + "\n")
+    out = out or tmp_path / name
+    prepare_source({"path": str(corpus)}, "data.sources[0]", resolve_file(TOKENIZER), out,
+                   workers=1, **kw)  # fmt: skip
+    return out
+
+
+def test_prepared_shards_must_be_the_ones_their_manifest_lists(tmp_path, monkeypatch):
+    """A re-run of prepare, interrupted, leaves no manifest; a manifest that lists other shards
+    (of another run) is refused naming the shard; ids past the vocabulary stop at once."""
+    pytest.importorskip("array_record")
+    monkeypatch.setattr(prepare_module, "RECORDS_PER_SHARD", 4)  # 12 documents: 3 shards
+    docs_a = [json.dumps({"text": f"เอกสาร {i} first run"}, ensure_ascii=False) for i in range(12)]
+    docs_b = [json.dumps({"text": f"document {i} second run"}) for i in range(12)]
+    shards = lambda out: {"path": str(out / "*.array_record")}  # noqa: E731
+    a = _prepared(tmp_path, "a", docs_a)
+    assert len(_records(**shards(a))) == 12
+    with pytest.raises(DataError, match=r"b.jsonl:6: invalid JSON"):  # stops in the second shard
+        _prepared(tmp_path, "b", docs_b[:5] + ["{oops"] + docs_b[5:], out=a, strict=True)
+    assert (a / "shard-00000-of-00004.array_record").exists()
+    with pytest.raises(DataError, match=r"a/manifest.json: missing or unreadable"):
+        _records(**shards(a))
+
+    a, b = _prepared(tmp_path, "a", docs_a), _prepared(tmp_path, "b", docs_b)
+    (b / "manifest.json").write_bytes((a / "manifest.json").read_bytes())  # the same shard names
+    with pytest.raises(DataError, match=r"b/shard-00000-of-00003.array_record: not as .*manifest"):
+        _records(**shards(b))
+
+    bad = a / "shard-00001-of-00003.array_record"
+    records.write_shard(bad, [records.encode(np.array([5, 8, 70_000]), np.ones(3))] * 4)
+    manifest = json.loads((a / "manifest.json").read_text())
+    manifest["shards"][1] = records.shard_entry(bad, 4)  # a shard listed as it is, bad ids
+    records.write_manifest(a, manifest)
+    source = open_source(shards(a), "data.sources[0]")
+    assert len(source[3]["tokens"]) > 0  # the last record of the first shard
+    with pytest.raises(DataError, match=r"shard-00001-of-00003.array_record\[0\]: token id 70000"):
+        source[4]
 
 
 def test_unusable_file_fails_before_training(tmp_path):

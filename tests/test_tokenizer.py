@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from hanuman_jax.data import resolve_file
+from hanuman_jax.data import DataError, resolve_file
 from hanuman_jax.tokenizer import SPECIAL_IDS, Tokenizer, normalize
 from hanuman_jax.tokenizer.__main__ import main
 from hanuman_jax.tokenizer.evaluate import measure, script_of, tokens_per_word
@@ -118,6 +118,20 @@ def test_corpus_reading_schemas_and_splitting(tmp_path):
         [(str(i) for i in range(10_000))], 100, seed=1
     )
     assert 2_000 < sum(int(s) for s in sample) / 100 < 8_000  # spread over the whole stream
+
+
+def test_corpus_reading_stops_at_a_bad_record_in_one_line_and_keeps_the_first(tmp_path):
+    """A byte-order mark costs no record; any record that cannot be read (here nested past the
+    JSON parser's recursion, or a turn's role of the wrong type) is a DataError naming file:line."""
+    f = tmp_path / "c.jsonl"
+    deep = '{"text": "x", "meta": ' + "[" * 10_000 + "]" * 10_000 + "}"
+    role = json.dumps({"messages": [{"role": ["user"], "content": "q"}]})
+    for bad, message in [(deep, "nested too deeply"), (role, r"messages\[0\] must be")]:
+        f.write_bytes(b'\xef\xbb\xbf{"text": "first"}\n{"text": "second"}\n' + bad.encode())
+        documents = iter_documents([str(f)])
+        assert [next(documents), next(documents)] == ["first", "second"]
+        with pytest.raises(DataError, match=rf"c.jsonl:3: {message}"):
+            next(documents)
 
 
 def test_sample_balances_sources_by_characters():

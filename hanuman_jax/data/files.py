@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hanuman_jax.data.schemas import DataError
+from hanuman_jax.data.schemas import DataError, Skip, read_record
 
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "assets" / "sample"
 BUNDLED_PREFIX = "bundled:"
@@ -31,12 +31,20 @@ def resolve_file(path: str) -> Path:
     return resolve_paths(path)[0]
 
 
+def parse_line(line: str, jsonl: bool) -> object:
+    """A .jsonl line's JSON value, else the line; a leading byte-order mark (U+FEFF, which some
+    Windows editors write at a file's start) belongs to neither."""
+    line = line.removeprefix("\ufeff")
+    return json.loads(line) if jsonl else line
+
+
 def iter_records(path: Path, progress=None) -> Iterator[tuple[str, object]]:
     """(where, value) for each non-empty line: the parsed object of a .jsonl line, else the line.
 
     Streams the file. Undecodable, unreadable or malformed input raises DataError naming the file
     and line (the tokenizer trainer wants that; the training pipeline skips and counts instead).
     """
+    jsonl = path.suffix == ".jsonl"
     try:
         with open(path, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
@@ -45,14 +53,10 @@ def iter_records(path: Path, progress=None) -> Iterator[tuple[str, object]]:
                 if not line.strip():
                     continue
                 where = f"{path}:{lineno}"
-                if path.suffix != ".jsonl":
-                    yield where, line.rstrip("\n")
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{where}: invalid JSON ({e.msg})") from None
-                yield where, row
+                value = read_record(where, parse_line, line.rstrip("\n"), jsonl)
+                if isinstance(value, Skip):
+                    raise DataError(f"{where}: {value.message}")
+                yield where, value
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except OSError as e:

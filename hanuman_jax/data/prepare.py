@@ -3,14 +3,14 @@
     python -m hanuman_jax.data prepare --config configs/X.py --output DIR [--config.a.b=v ...]
 
 Writes DIR/sources_<i>/ (and DIR/eval_sources_<i>/) holding `shard-KKKKK-of-NNNNN.array_record`
-files and a manifest.json naming the tokenizer, then prints the `data.sources` to train with.
+files and, once all are written, a manifest.json naming the tokenizer and listing them (training
+refuses shards it does not list as they are), then prints the `data.sources` to train with.
 Records keep the source's order with unusable ones dropped (counted in the manifest), so with
 a clean source the prepared run sees exactly the batches the raw one would.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import multiprocessing
 import os
@@ -22,6 +22,7 @@ from hanuman_jax.data import records
 from hanuman_jax.data.schemas import DataError
 from hanuman_jax.data.sources import SKIP_REASONS, Skip, open_source
 from hanuman_jax.data.tokens import tokenize_record
+from hanuman_jax.tokenizer import Tokenizer
 
 RECORDS_PER_SHARD = 50_000  # at most; a source of 100+ records is split over every worker
 _worker_state: dict = {}
@@ -32,8 +33,9 @@ def _init_worker(spec: dict, where: str, tokenizer_path: str, strict: bool) -> N
     _worker_state["tokenizer"], _worker_state["strict"] = tokenizer_path, strict
 
 
-def _write_shard(job: tuple[int, int, int, str]) -> tuple[int, list[int], int]:
-    """Tokenizes records [start, stop) into one shard; returns (documents, skips, tokens)."""
+def _write_shard(job: tuple[int, int, int, str]) -> tuple[dict, list[int], int]:
+    """Tokenizes records [start, stop) into one shard; returns (its manifest entry, skips,
+    tokens)."""
     start, stop, _, path = job
     source, strict = _worker_state["source"], _worker_state["strict"]
     encoded, skipped, tokens = [], [0] * len(SKIP_REASONS), 0
@@ -48,7 +50,7 @@ def _write_shard(job: tuple[int, int, int, str]) -> tuple[int, list[int], int]:
         tokens += len(doc["tokens"])
         encoded.append(records.encode(doc["tokens"], doc["loss_mask"]))
     records.write_shard(Path(path), encoded)
-    return len(encoded), skipped, tokens
+    return records.shard_entry(Path(path), len(encoded)), skipped, tokens
 
 
 def prepare_source(spec: dict, where: str, tokenizer_path: Path, out: Path, *,
@@ -59,6 +61,7 @@ def prepare_source(spec: dict, where: str, tokenizer_path: Path, out: Path, *,
     workers = workers or os.cpu_count() or 1
     shards = max(1, math.ceil(n / RECORDS_PER_SHARD), min(workers, n // 100))
     out.mkdir(parents=True, exist_ok=True)
+    (out / records.MANIFEST).unlink(missing_ok=True)  # first: it must not outlive its shards
     for old in out.glob("shard-*"):
         old.unlink()
     bounds = [n * k // shards for k in range(shards + 1)]
@@ -67,7 +70,7 @@ def prepare_source(spec: dict, where: str, tokenizer_path: Path, out: Path, *,
         for k in range(shards)
     ]
     workers = min(workers, shards)
-    totals = {"documents": 0, "tokens": 0, "skipped": dict.fromkeys(SKIP_REASONS, 0)}
+    totals = {"documents": 0, "tokens": 0, "skipped": dict.fromkeys(SKIP_REASONS, 0), "shards": []}
     args = (spec, where, str(tokenizer_path), strict)
     with tqdm.tqdm(total=n, desc=where, unit="doc", disable=None) as bar:
         if workers > 1:
@@ -86,17 +89,18 @@ def prepare_source(spec: dict, where: str, tokenizer_path: Path, out: Path, *,
         "format": records.FORMAT,
         "tokenizer": str(tokenizer_path),
         "tokenizer_sha256": records.file_sha256(tokenizer_path),
+        "vocab_size": Tokenizer(tokenizer_path).vocab_size,
         "source": {k: v for k, v in spec.items() if k in ("path", "field_map", "format")},
-        "shards": [Path(job[3]).name for job in jobs],
         **totals,
     }
-    (out / records.MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+    records.write_manifest(out, manifest)  # last: a manifest means every shard is written
     return manifest
 
 
-def _add(totals: dict, result: tuple[int, list[int], int]) -> None:
-    docs, skipped, tokens = result
-    totals["documents"] += docs
+def _add(totals: dict, result: tuple[dict, list[int], int]) -> None:
+    shard, skipped, tokens = result
+    totals["shards"].append(shard)
+    totals["documents"] += shard["documents"]
     totals["tokens"] += tokens
     for reason, count in zip(SKIP_REASONS, skipped, strict=True):
         totals["skipped"][reason] += count

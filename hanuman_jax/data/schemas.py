@@ -6,10 +6,14 @@
 - prompt / response pairs;
 - chat: `messages` of `role`/`content`, or `conversations` of `from`/`value` (ShareGPT roles).
 Instruction and pair rows become a user turn and an assistant turn.
+Every reader of records (the sources and the tokenizer trainer) reads each one through
+`read_record`, so that a record its reader cannot take is a `Skip`, never a crash.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 ROLE_ALIASES = {
@@ -32,6 +36,38 @@ EXPECTED = (
 
 class DataError(ValueError):
     """Unusable input data; the message names the file (and line) and what to change."""
+
+
+@dataclass(frozen=True)
+class Skip:
+    """A record the pipeline passes over (and counts); `data.strict` turns it into an error."""
+
+    reason: str  # one of sources.SKIP_REASONS
+    where: str  # file:line, or source[index]
+    message: str
+
+    def error(self) -> DataError:
+        return DataError(f"{self.where}: {self.message} (data.strict=True stops at the first)")
+
+
+def read_record(where: str, read: Callable, *args):
+    """`read(*args)`, or the Skip saying why it raised: whatever one record makes its reader raise
+    (bad UTF-8 or JSON, JSON nested past the parser's recursion limit, a field of the wrong type,
+    a library's own error) costs that record, never the run. An unreadable file still stops."""
+    try:
+        return read(*args)
+    except OSError as e:
+        raise DataError(f"{where}: cannot be read ({e})") from None
+    except UnicodeDecodeError as e:
+        return Skip("invalid_utf8", where, f"not UTF-8 ({e.reason})")
+    except json.JSONDecodeError as e:
+        return Skip("malformed_json", where, f"invalid JSON ({e.msg})")
+    except RecursionError:
+        return Skip("malformed_json", where, "nested too deeply to read")
+    except DataError as e:
+        return Skip("missing_field", where, str(e).removeprefix(f"{where}: "))
+    except Exception as e:  # noqa: BLE001 (any other error of one record is that record's)
+        return Skip("missing_field", where, f"unreadable ({type(e).__name__}: {e})"[:300])
 
 
 @dataclass(frozen=True)
@@ -59,7 +95,8 @@ def _chat(turns, key: str, where: str) -> tuple[dict, ...]:
         raise DataError(f"{where}: {key!r} must be a list of turns")
     messages = []
     for i, turn in enumerate(turns):
-        role = ROLE_ALIASES.get(turn.get(role_key)) if isinstance(turn, dict) else None
+        role = turn.get(role_key) if isinstance(turn, dict) else None
+        role = ROLE_ALIASES.get(role) if isinstance(role, str) else None
         if role is None or not isinstance(turn.get(text_key), str):
             raise DataError(
                 f"{where}: {key}[{i}] must be {{{role_key!r}: one of "

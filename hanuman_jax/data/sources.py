@@ -11,20 +11,20 @@ are read through a byte-offset index, the others through their libraries' random
 from __future__ import annotations
 
 import bisect
-import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 from hanuman_jax.config.fields import check
 from hanuman_jax.data import records
-from hanuman_jax.data.files import LineIndex, resolve_paths
+from hanuman_jax.data.files import LineIndex, parse_line, resolve_paths
 from hanuman_jax.data.schemas import (
     CHATS,
     PAIRS,
     TEXTS,
     DataError,
     Document,
+    Skip,
+    read_record,
     row_to_document,
     schema_of,
 )
@@ -37,18 +37,6 @@ DETECT_ROWS = 1000  # rows read at start to find a source's schema
 # files as "lines" (a document per line) or "paragraphs" (blank-line separated); data_dir: tfds's
 SOURCE_KEYS = ("path", "weight", "max_examples", "field_map", "format", "data_dir")
 TEXT_FORMATS = ("lines", "paragraphs")
-
-
-@dataclass(frozen=True)
-class Skip:
-    """A record the pipeline passes over (and counts); `data.strict` turns it into an error."""
-
-    reason: str  # one of SKIP_REASONS
-    where: str  # file:line, or source[index]
-    message: str
-
-    def error(self) -> DataError:
-        return DataError(f"{self.where}: {self.message} (data.strict=True stops at the first)")
 
 
 Record = Document | Skip | dict
@@ -64,10 +52,10 @@ class TextSource:
         return len(self.index)
 
     def __getitem__(self, i: int) -> Record:
-        try:
-            text = self.index[i].decode("utf-8")
-        except UnicodeDecodeError as e:
-            return Skip("invalid_utf8", self.index.where(i), f"not UTF-8 ({e.reason})")
+        return read_record(self.index.where(i), self._document, i)
+
+    def _document(self, i: int) -> Record:
+        text = parse_line(self.index[i].decode("utf-8"), jsonl=False)
         if not text.strip():
             return Skip("empty", self.index.where(i), "an empty document")
         return Document(text=text.replace("\r\n", "\n"))
@@ -86,13 +74,18 @@ class RowSource:
         self.field_map = dict(field_map) if field_map else None
         self.schema = self._detect()
 
-    def row(self, i: int) -> tuple[str, object]:
-        """(where, row) for row i; a Skip instead of the row when it cannot be read."""
+    def where(self, i: int) -> str:
+        """Row i's place, for messages: file:line, file[row i] or name[i]."""
+        raise NotImplementedError
+
+    def row(self, i: int) -> object:
+        """Row i as its container holds it (or a Skip); may raise: see `read_record`."""
         raise NotImplementedError
 
     def _detect(self) -> str:
         for i in range(min(len(self), DETECT_ROWS)):
-            where, row = self.row(i)
+            where = self.where(i)
+            row = read_record(where, self.row, i)
             if isinstance(row, Skip) or not isinstance(row, dict):
                 continue
             mapped = row
@@ -107,13 +100,14 @@ class RowSource:
         raise DataError(f"{self.name}: no usable row among the first {DETECT_ROWS}")
 
     def __getitem__(self, i: int) -> Record:
-        where, row = self.row(i)
+        where = self.where(i)
+        return read_record(where, self._document, i, where)
+
+    def _document(self, i: int, where: str) -> Record:
+        row = self.row(i)
         if isinstance(row, Skip):
             return row
-        try:
-            doc = row_to_document(row, where, self.field_map, self.schema)
-        except DataError as e:
-            return Skip("missing_field", where, str(e).removeprefix(f"{where}: "))
+        doc = row_to_document(row, where, self.field_map, self.schema)
         if doc is None or not any(t.strip() for t in doc.texts()):
             return Skip("empty", where, "a row with no text (or only whitespace)")
         return doc
@@ -127,18 +121,14 @@ class JsonlSource(RowSource):
     def __len__(self) -> int:
         return len(self.index)
 
+    def where(self, i: int) -> str:
+        return self.index.where(i)
+
     def row(self, i: int):
-        where = self.index.where(i)
-        try:
-            line = self.index[i].decode("utf-8")
-        except UnicodeDecodeError as e:
-            return where, Skip("invalid_utf8", where, f"not UTF-8 ({e.reason})")
+        line = self.index[i].decode("utf-8")
         if not line.strip():
-            return where, Skip("empty", where, "an empty line")
-        try:
-            return where, json.loads(line)
-        except json.JSONDecodeError as e:
-            return where, Skip("malformed_json", where, f"invalid JSON ({e.msg})")
+            return Skip("empty", self.where(i), "an empty line")
+        return parse_line(line, jsonl=True)
 
 
 class ParquetSource(RowSource):
@@ -165,8 +155,11 @@ class ParquetSource(RowSource):
     def __len__(self) -> int:
         return self.rows
 
+    def where(self, i: int) -> str:
+        return f"{self.path}[row {i}]"
+
     def row(self, i: int):
-        return f"{self.path}[row {i}]", {k: col[i].as_py() for k, col in self.columns.items()}
+        return {k: col[i].as_py() for k, col in self.columns.items()}
 
     @classmethod
     def _columns(cls, names: list[str], field_map: dict | None, where: str) -> list[str]:
@@ -194,8 +187,11 @@ class LibraryRows(RowSource):
     def __len__(self) -> int:
         return len(self.ds)
 
+    def where(self, i: int) -> str:
+        return f"{self.name}[{i}]"
+
     def row(self, i: int):
-        return f"{self.name}[{i}]", self.ds[i]
+        return self.ds[i]
 
 
 class HFSource(LibraryRows):
@@ -226,13 +222,9 @@ class TfdsSource(LibraryRows):
         super().__init__(f"tfds:{spec}", load, field_map)
 
     def row(self, i: int):
-        where = f"{self.name}[{i}]"
-        try:
-            row = _decode_bytes(self.ds[i])
-        except UnicodeDecodeError as e:
-            return where, Skip("invalid_utf8", where, f"not UTF-8 ({e.reason})")
+        row = _decode_bytes(self.ds[i])
         # A Sequence of dicts (chat turns) comes back as a dict of lists: turn it into turns.
-        return where, {k: _rows(v) for k, v in row.items()} if isinstance(row, dict) else row
+        return {k: _rows(v) for k, v in row.items()} if isinstance(row, dict) else row
 
 
 def _rows(value):
@@ -257,23 +249,23 @@ def _decode_bytes(value):
     return value
 
 
-class TokenShards:
-    """Pre-tokenized documents in ArrayRecord shards written by `python -m hanuman_jax.data
-    prepare`; refuses shards made with another tokenizer."""
+class TokenShard:
+    """Pre-tokenized documents in an ArrayRecord shard written by `python -m hanuman_jax.data
+    prepare` (checked against its manifest by `open_source`); an id past `vocab_size` stops."""
 
-    def __init__(self, paths: list[Path], tokenizer_sha256: str | None):
-        records.check_manifest(paths, tokenizer_sha256)
-        self.source = records.open_shards(paths)
-        self.name = str(paths[0].parent)
+    def __init__(self, path: Path, vocab_size: int):
+        self.source = records.open_shards([path])
+        self.path, self.vocab_size = path, vocab_size
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, i: int) -> Record:
-        try:
-            return records.decode(self.source[i])
-        except ValueError as e:
-            return Skip("missing_field", f"{self.name}[{i}]", str(e))
+        where = f"{self.path}[{i}]"
+        record = read_record(where, lambda: records.decode(self.source[i]))
+        if isinstance(record, dict):
+            records.check_ids(record["tokens"], self.vocab_size, where)
+        return record
 
 
 class Concat:
@@ -362,17 +354,17 @@ def open_source(spec: dict, where: str, tokenizer_sha256: str | None = None):
     if shards:
         if len(shards) != len(paths):
             raise DataError(f"{where}: {path!r} mixes ArrayRecord shards with other files")
-        return TokenShards(shards, tokenizer_sha256)
-    parts = []
-    for p in paths:
-        if p.suffix == ".jsonl":
-            parts.append(JsonlSource(p, fmap))
-        elif p.suffix == ".parquet":
-            parts.append(ParquetSource(p, fmap))
-        elif p.name == records.MANIFEST:
-            continue
-        else:
-            parts.append(TextSource(p, spec.get("format", "lines")))
+        vocab_sizes = records.check_manifest(shards, tokenizer_sha256)
+        parts = [TokenShard(p, v) for p, v in zip(shards, vocab_sizes, strict=True)]
+    else:
+        parts = []
+        for p in paths:
+            if p.suffix == ".jsonl":
+                parts.append(JsonlSource(p, fmap))
+            elif p.suffix == ".parquet":
+                parts.append(ParquetSource(p, fmap))
+            elif p.name != records.MANIFEST:
+                parts.append(TextSource(p, spec.get("format", "lines")))
     return parts[0] if len(parts) == 1 else Concat(parts)
 
 
