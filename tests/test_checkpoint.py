@@ -1,5 +1,6 @@
 """Checkpoints in process: damaged steps, mismatched checkpoints, non-finite runs, bad workdirs."""
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -12,11 +13,12 @@ import pytest
 from conftest import random_params, small_model_cfg
 
 from hanuman_jax import __version__, sharding
-from hanuman_jax.checkpoint.files import MANIFEST, CheckpointError, damage
+from hanuman_jax.checkpoint.files import MANIFEST, CheckpointError, damage, seal
 from hanuman_jax.checkpoint.manager import Checkpointer, check_resumable
 from hanuman_jax.checkpoint.restore import load_params
 from hanuman_jax.config import ConfigError, load_config
 from hanuman_jax.hf.importer import write_checkpoint
+from hanuman_jax.model.build import abstract_params
 from hanuman_jax.training.loop import NonFiniteError, train
 from hanuman_jax.training.step import build_setup, init_state
 
@@ -89,10 +91,37 @@ def _imported_run(tmp_path, steps=(1, 2)):
     return tmp_path / "run" / "checkpoints"
 
 
+def _shard(step_dir: Path) -> Path:
+    """The largest OCDBT data file of the step's train state."""
+    return max((p for p in (step_dir / "state").rglob("*") if p.parent.name == "d"),
+               key=lambda p: p.stat().st_size)  # fmt: skip
+
+
 def _truncate_state(step_dir: Path) -> None:
-    shard = next(p for p in (step_dir / "state").rglob("*") if p.parent.name == "d")
-    with open(shard, "r+b") as f:
+    with open(_shard(step_dir), "r+b") as f:
         f.truncate(5)
+
+
+def _flip_state(step_dir: Path) -> None:
+    """Flips 4 KB (or half the file) in the middle of a data file: its size stays the same."""
+    shard = _shard(step_dir)
+    size = shard.stat().st_size
+    count = min(4096, size // 2)
+    with open(shard, "r+b") as f:
+        f.seek((size - count) // 2)
+        flipped = bytes(b ^ 0xFF for b in f.read(count))
+        f.seek((size - count) // 2)
+        f.write(flipped)
+    assert shard.stat().st_size == size
+
+
+def _edit_meta(step_dir: Path, edit, *, reseal: bool) -> None:
+    """Rewrites the step's metadata with `edit(text)`; `reseal`: and its manifest, as someone who
+    meant the edit would (else the manifest tells the edit)."""
+    meta_file = step_dir / "meta" / "metadata"
+    meta_file.write_text(edit(meta_file.read_text()))
+    if reseal:
+        seal(step_dir, None)
 
 
 def _damaged_warnings(caplog) -> list[str]:
@@ -105,17 +134,25 @@ class _Checked(Exception):
     pass
 
 
-def test_resume_and_load_params_skip_a_damaged_step_alike(tmp_path, caplog):
+@pytest.mark.parametrize("damage_state, why", [
+    (_truncate_state, "has 5 bytes"),
+    (_flip_state, "was changed after it was written"),  # the size is the same: the hash tells
+])  # fmt: skip
+def test_resume_and_load_params_skip_a_damaged_step_alike(tmp_path, caplog, damage_state, why):
     """Training's resume and load_params find the newest whole step by the same walk: one
     warning, word for word the same, for the damaged step, then the one before is opened."""
     caplog.set_level(logging.WARNING, logger="hanuman_jax")
     ckpts = _imported_run(tmp_path)
-    _truncate_state(ckpts / "2")
+    shard = _shard(ckpts / "2").relative_to(ckpts / "2")
+    damage_state(ckpts / "2")
     assert load_params(ckpts.parent).step == 1
     by_load = _damaged_warnings(caplog)
     assert len(by_load) == 1 and by_load[0].startswith(
-        f"checkpoint {ckpts / '2'} is damaged (state/"
+        f"checkpoint {ckpts / '2'} is damaged ({shard} {why}"
     )
+    with pytest.raises(ConfigError, match=f"{ckpts / '2'} is damaged: {shard} {why}.*; step 1 "
+                       "before it is whole"):  # fmt: skip
+        load_params(ckpts.parent, 2)
 
     opened = []
 
@@ -131,15 +168,13 @@ def test_resume_and_load_params_skip_a_damaged_step_alike(tmp_path, caplog):
         ckpt.close()
     assert opened == [(48, ckpts / "1")] and _damaged_warnings(caplog) == by_load
 
-    # metadata that reads as no JSON (same size, so the manifest passes) is damage too
-    meta_file = ckpts / "1" / "meta" / "metadata"
-    meta_file.write_text("x" * meta_file.stat().st_size)
-    with pytest.raises(
-        ConfigError, match="holds no whole checkpoint \\(saved steps: \\[1, 2\\]\\)"
-    ):
+    # metadata that reads as no JSON (its manifest rewritten, so that it passes) is damage too
+    _edit_meta(ckpts / "1", lambda text: "x" * len(text), reseal=True)
+    with pytest.raises(ConfigError, match=rf"holds no whole checkpoint \(step 2: {shard} {why}.*; "
+                       r"step 1: meta/metadata is not valid JSON"):  # fmt: skip
         load_params(ckpts.parent)
-    assert "damaged (meta unreadable: " in _damaged_warnings(caplog)[1]
-    with pytest.raises(ConfigError, match=f"checkpoint {ckpts / '1'} is damaged: meta unreadable"):
+    assert "damaged (meta/metadata is not valid JSON " in _damaged_warnings(caplog)[1]
+    with pytest.raises(ConfigError, match=f"{ckpts / '1'} is damaged: meta/metadata is not valid"):
         load_params(ckpts.parent, 1)
 
 
@@ -159,6 +194,89 @@ def test_an_imported_checkpoint_is_sealed_and_checked_as_a_trained_one(tmp_path)
     )
     with pytest.raises(ConfigError, match="is damaged: tokenizer/tokenizer.model has 0 bytes"):
         load_params(ckpts.parent, 0)
+
+
+def test_training_hashes_its_checkpoint_files_in_the_background_save(tmp_path, monkeypatch):
+    import threading
+
+    import hanuman_jax.checkpoint.files as files_module
+
+    hashed_by, real = [], files_module.file_sha256
+
+    def sha256(path):
+        hashed_by.append(threading.current_thread())
+        return real(path)
+
+    monkeypatch.setattr(files_module, "file_sha256", sha256)
+    ckpt = Checkpointer(tmp_path / "checkpoints", keep=2, tokenizer=TOKENIZER)
+    try:
+        ckpt.save(3, {"params": {"w": np.ones((5, 3), np.float32)}}, {"i": 3}, {"config": {}})
+        ckpt.wait()
+    finally:
+        ckpt.close()
+    listed = json.loads((tmp_path / "checkpoints" / "3" / MANIFEST).read_text())["files"]
+    assert listed["tokenizer/tokenizer.model"]["sha256"] == real(TOKENIZER)
+    assert all(len(record["sha256"]) == 64 for record in listed.values())
+    assert len(hashed_by) >= len(listed) and threading.main_thread() not in hashed_by
+
+
+def test_a_size_only_manifest_still_loads_and_hashes_are_checked_where_present(tmp_path):
+    """Steps sealed before the manifest kept hashes record a size per file."""
+    step_dir = _imported_run(tmp_path, steps=(0,)) / "0"
+    manifest_file = step_dir / MANIFEST
+    listed = json.loads(manifest_file.read_text())["files"]
+    sizes = {name: record["size"] for name, record in listed.items()}
+    manifest_file.write_text(json.dumps({"files": sizes}))
+    assert damage(step_dir) is None and load_params(step_dir.parents[1]).step == 0
+    sizes["meta/metadata"] = listed["meta/metadata"]  # this one file's hash is known
+    manifest_file.write_text(json.dumps({"files": sizes}))
+    assert damage(step_dir) is None
+    _edit_meta(step_dir, lambda text: text.replace('"d_model": 48', '"d_model": 49'), reseal=False)
+    assert damage(step_dir) == (
+        f"meta/metadata was changed after it was written (its sha256 is not the one in {MANIFEST})"
+    )
+
+
+def test_metadata_that_does_not_describe_the_saved_arrays_is_refused(tmp_path):
+    """An edited meta/metadata (the same size) must not restore a part of the model, or one of
+    another shape: partial_restore reads what the metadata names and nothing tells the rest."""
+    cfg = small_model_cfg(num_layers=3)
+    step_dir = write_checkpoint(random_params(cfg), cfg, tmp_path / "run", step=5)
+
+    def layers(then, now, ffn=40):
+        return lambda text: text.replace(f'"num_layers": {then}', f'"num_layers": {now}').replace(
+            '"ffn_hidden": 40', f'"ffn_hidden": {ffn}'
+        )
+
+    _edit_meta(step_dir, layers(3, 2), reseal=False)  # the manifest's hash tells the edit
+    with pytest.raises(CheckpointError, match=f"{step_dir} is damaged: meta/metadata was changed"):
+        load_params(tmp_path / "run", 5)
+    seal(step_dir, None)  # and when the manifest was rewritten too, the arrays tell it
+    with pytest.raises(CheckpointError, match=rf"^checkpoint {step_dir} is damaged: state holds "
+                       r"params\.layers\.2\.attn\.wk \(48, 2, 8\), which the model in "
+                       r"meta/metadata does not have$"):  # fmt: skip
+        load_params(tmp_path / "run", 5)
+    _edit_meta(step_dir, layers(2, 4), reseal=True)
+    with pytest.raises(CheckpointError, match=r"model in meta/metadata has params\.layers\.3\.attn"
+                       r"\.wk \(48, 2, 8\), which state does not hold"):  # fmt: skip
+        load_params(tmp_path / "run", 5)
+    _edit_meta(step_dir, layers(4, 3, ffn=48), reseal=True)
+    with pytest.raises(CheckpointError, match=r"model in meta/metadata has params\.layers\.0\.moe"
+                       r"\.w_down \(5, 48, 48\), state holds \(5, 40, 48\)"):  # fmt: skip
+        load_params(tmp_path / "run", 5)
+
+    # training's resume checks its whole train state the same way before it restores
+    ckpt = Checkpointer(step_dir.parent, keep=3)
+    bigger = abstract_params(dataclasses.replace(cfg, ffn_hidden=48))
+    try:
+        with pytest.raises(
+            CheckpointError,
+            match=r"none is whole \(step 5: the model in meta"
+            r"/metadata has params\.layers\.0\.moe\.w_down \(5, 48, 48\)",
+        ):
+            ckpt.restore_newest({"params": bigger}, None, lambda meta, where: None)
+    finally:
+        ckpt.close()
 
 
 def test_a_checkpoint_of_another_model_or_tokenizer_is_refused(tmp_path):
@@ -212,10 +330,7 @@ def test_a_run_trained_with_cudnn_attention_loads_where_cudnn_is_absent(tmp_path
     meta = json.loads(meta_file.read_text())
     meta["config"]["model"] |= {"attention": "cudnn", "dtype": "bfloat16"}
     meta_file.write_text(json.dumps(meta))
-    manifest_file = meta_file.parents[1] / MANIFEST  # the new size, or the step reads as damaged
-    manifest = json.loads(manifest_file.read_text())
-    manifest["files"]["meta/metadata"] = meta_file.stat().st_size
-    manifest_file.write_text(json.dumps(manifest))
+    seal(meta_file.parents[1], None)  # the new size and hash, or the step reads as damaged
     got = load_params(run).params  # the saved config's attention cannot be built on a CPU
     jax.tree.map(np.testing.assert_array_equal, got, want)
 

@@ -22,6 +22,7 @@ from hanuman_jax.config import ConfigError, load_config
 from hanuman_jax.hf.export import export
 from hanuman_jax.hf.export import main as export_main
 from hanuman_jax.hf.importer import import_hf
+from hanuman_jax.hf.importer import write_checkpoint as import_checkpoint
 from hanuman_jax.hf.mapping import model_config_from_hf
 from hanuman_jax.inference.evaluate import evaluate
 from hanuman_jax.inference.generate import generate_ids, prompt_ids
@@ -259,6 +260,41 @@ def test_export_errors_and_shards(runs, tmp_path, capsys):
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1 and not (out / "model.safetensors").exists()
     np.testing.assert_array_equal(_hf_logits(_hf(out), [1, 5, 900, 7]), whole)
+
+
+@pytest.mark.parametrize(
+    "edit, says",
+    [
+        (lambda text: "[" + text[1:], "meta/metadata is not valid JSON"),
+        (lambda text: text.replace('"num_layers": 2, ', ""), "model.num_layers is missing"),
+        (lambda text: text.replace('"model"', '"modl"'), "meta/metadata holds no config.model"),
+        # the same size, and its manifest rewritten: the saved arrays tell the edit
+        (lambda text: text.replace('"num_layers": 2', '"num_layers": 1'),
+         "state holds params.layers.1.attn.wk (48, 2, 8), which the model in meta/metadata"),
+    ],
+)  # fmt: skip
+def test_edited_metadata_is_one_line_in_export_generate_and_evaluate(tmp_path, capsys, edit, says):
+    from conftest import random_params, small_model_cfg
+
+    from hanuman_jax.checkpoint.files import seal
+    from hanuman_jax.inference.evaluate import main as evaluate_main
+    from hanuman_jax.inference.generate import main as generate_main
+
+    cfg = small_model_cfg()
+    step_dir = import_checkpoint(random_params(cfg), cfg, tmp_path / "run", step=1,
+                                 tokenizer=SAMPLE / "tokenizer.model")  # fmt: skip
+    meta_file = step_dir / "meta" / "metadata"
+    meta_file.write_text(edit(meta_file.read_text()))
+    seal(step_dir, None)
+    for main, args in [(export_main, ["--out", str(tmp_path / "hf"), "--step", "1"]),
+                       (generate_main, ["--prompt", "hello"]),
+                       (evaluate_main, ["--input", str(SAMPLE / "english.txt")])]:  # fmt: skip
+        assert main(["--workdir", str(tmp_path / "run"), *args]) == 2
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and says in errors[0] and "Traceback" not in err, err
+        assert str(step_dir.parent) in errors[0]
+    assert not (tmp_path / "hf" / "config.json").exists()
 
 
 # The MoE trains in the background meanwhile; the tests that need it come last.

@@ -1,10 +1,11 @@
 """A checkpoint step on disk: its directory, manifest, metadata and tokenizer copy.
 
 `<root>/<step>/` holds the items Orbax writes (`state/`, `data/`, `meta/metadata`), a copy of the
-run's tokenizer (`tokenizer/tokenizer.model`) and, written last, `manifest.json`: a record of every
-file in them. A step without a manifest, or with a file that no longer matches its record, is
-damaged. Training and the Hugging Face import seal steps here; training's resume and
-`restore.load_params` find and check them here.
+run's tokenizer (`tokenizer/tokenizer.model`) and, written last, `manifest.json`: the size and
+SHA-256 of every file in them. A step without a manifest, or with a file that no longer matches its
+record (truncated, or changed in place: a flipped block, an edited metadata), is damaged.
+Training and the Hugging Face import seal steps here; training's resume and `restore.load_params`
+find and check them here.
 """
 
 from __future__ import annotations
@@ -101,16 +102,23 @@ def seal(step_dir: Path, tokenizer: Path | None) -> None:
     partial.rename(step_dir / MANIFEST)
 
 
-def _record(path: Path) -> int:
-    """What the manifest keeps of one file: its size. A content hash would join it here, and
-    `_mismatch` would check it (an int record stays a size, so older steps still read)."""
-    return path.stat().st_size
+def _record(path: Path) -> dict:
+    """What the manifest keeps of one file: its size and the SHA-256 of its bytes. Training seals
+    in Orbax's background thread, so hashing holds up the next save, never a train step."""
+    return {"size": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 def _mismatch(name: str, path: Path, record) -> str | None:
-    """Why `path` no longer matches its manifest record, or None."""
+    """Why `path` no longer matches its manifest record, or None. The size is compared first (it
+    costs nothing); a record that is an int is a size alone, as steps sealed before hashes have."""
+    old = isinstance(record, int)
+    written, digest = (record, None) if old else (record["size"], record["sha256"])
     size = path.stat().st_size
-    return None if size == record else f"{name} has {size} bytes, {record} were written"
+    if size != written:
+        return f"{name} has {size} bytes, {written} were written"
+    if digest is not None and file_sha256(path) != digest:
+        return f"{name} was changed after it was written (its sha256 is not the one in {MANIFEST})"
+    return None
 
 
 def damage(step_dir: Path) -> str | None:
@@ -125,7 +133,11 @@ def damage(step_dir: Path) -> str | None:
         path = step_dir / name
         if not path.is_file():
             return f"{name} is missing"
-        if reason := _mismatch(name, path, record):
+        try:
+            reason = _mismatch(name, path, record)
+        except (KeyError, TypeError):
+            return f"{MANIFEST} is unreadable (its record of {name})"
+        if reason:
             return reason
     return None
 
@@ -140,10 +152,12 @@ def read_meta(step_dir: Path) -> dict:
     """The step's `meta` item: the run's config, tokenizer, version, ...; Damaged if unreadable."""
     try:
         meta = json.loads((step_dir / META).read_text())
-    except (OSError, ValueError) as e:
-        raise Damaged(step_dir, f"meta unreadable: {first_line(e)}") from None
+    except OSError as e:
+        raise Damaged(step_dir, f"{META} is unreadable ({first_line(e)})") from None
+    except ValueError as e:
+        raise Damaged(step_dir, f"{META} is not valid JSON ({first_line(e)})") from None
     if not isinstance(meta, dict):
-        raise Damaged(step_dir, f"meta unreadable: {META} holds no JSON object")
+        raise Damaged(step_dir, f"{META} holds no JSON object")
     return meta
 
 
@@ -165,3 +179,14 @@ def newest_whole(
             log.warning("checkpoint %s is damaged (%s); trying the one before", step_dir, e.reason)
             damaged.append((step, e.reason))
     return None, damaged
+
+
+def listing(damaged: list[tuple[int, str]]) -> str:
+    """`step 6: why; step 4: why` of `newest_whole`'s damaged steps."""
+    return "; ".join(f"step {step}: {reason}" for step, reason in damaged)
+
+
+def whole_before(root: Path, step: int) -> int | None:
+    """The newest step before `step` that is whole, or None (to name it when `step` is not)."""
+    return next((s for s in reversed(saved_steps(root)) if s < step and not damage(root / str(s))),
+                None)  # fmt: skip

@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 
 from hanuman_jax.checkpoint import files, restore
 from hanuman_jax.checkpoint.files import CheckpointError, Damaged
-from hanuman_jax.config import ConfigError, ModelConfig
+from hanuman_jax.config import ConfigError
 
 log = logging.getLogger("hanuman_jax")
 
@@ -87,12 +87,14 @@ class Checkpointer:
         """(step, state) of the newest whole checkpoint, or None when there is none at all.
 
         `check(meta, step_dir)` raises for a checkpoint of another model or tokenizer. A damaged
-        step is named in a warning and set aside as `<step>.damaged`, once an older one restored;
-        if none restores, CheckpointError says why for each and nothing is moved."""
+        step (one whose arrays are not those of `abstract_state` is damaged too) is named in a
+        warning and set aside as `<step>.damaged`, once an older one restored; if none restores,
+        CheckpointError says why for each and nothing is moved."""
 
         def open_step(step_dir: Path):
             meta = files.read_meta(step_dir)
             check(meta, step_dir)
+            restore.check_arrays(step_dir, abstract_state)
             try:
                 return self.restore(int(step_dir.name), abstract_state, data_iterator)
             except (ValueError, OSError, KeyError) as e:
@@ -103,10 +105,9 @@ class Checkpointer:
             self._set_aside([s for s, _ in damaged])
             return found
         if damaged:
-            listed = "; ".join(f"step {s}: {r}" for s, r in damaged)
             raise CheckpointError(
-                f"{self.directory} holds checkpoints but none is whole ({listed}); move them "
-                "away to start from scratch, or copy in a whole checkpoint"
+                f"{self.directory} holds checkpoints but none is whole ({files.listing(damaged)}); "
+                "move them away to start from scratch, or copy in a whole checkpoint"
             )
         return None
 
@@ -218,11 +219,12 @@ def init_params(cfg: ml_collections.ConfigDict, abstract_params: dict, shardings
         root = files.checkpoint_root(cfg.train.init_from)
         step, meta = restore.find_step(root)
         saved = restore.saved_config(meta, root / str(step))
+        saved_model = restore.saved_model(saved, root / str(step))
     except ConfigError as e:
         raise CheckpointError(f"{field}: {e}") from None
     step_dir = root / str(step)
-    theirs = _shapes(restore.abstract_params(ModelConfig.from_config(saved.model)))
-    ours = _shapes(abstract_params)
+    theirs = restore.shapes(restore.abstract_params(saved_model))
+    ours = restore.shapes(abstract_params)
     wrong = [f"{k} is {theirs.get(k)} there, {ours.get(k)} now" for k in sorted(ours | theirs)
              if theirs.get(k) != ours.get(k)]  # fmt: skip
     if wrong:
@@ -239,8 +241,3 @@ def init_params(cfg: ml_collections.ConfigDict, abstract_params: dict, shardings
     log.info("initialised the parameters from %s (step %d); fresh optimizer, schedule and data",
              step_dir, step)  # fmt: skip
     return loaded.params
-
-
-def _shapes(tree) -> dict[str, tuple]:
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in leaves}
