@@ -87,6 +87,7 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.train.profile_steps = 0  # steps traced by jax.profiler into tensorboard/; 0 = none
     cfg.train.max_nonfinite_steps = 25  # this many non-finite steps in a row: save and stop
     cfg.train.init_from = ""  # another run's workdir: start from its parameters (only); "" = none
+    cfg.train.compilation_cache = "compilation_cache"  # compiled steps kept for restarts; "" = none
 
     cfg.mesh = ml_collections.ConfigDict()
     cfg.mesh.data = -1  # data-parallel replicas; -1 = all devices left over

@@ -5,7 +5,6 @@ python -m hanuman_jax.plot --workdir DIR
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -16,16 +15,13 @@ matplotlib.use("Agg")  # files only: no display needed, and none is opened
 import matplotlib.pyplot as plt  # noqa: E402
 
 from hanuman_jax import cli  # noqa: E402
+from hanuman_jax.training.workdir import jsonl_rows  # noqa: E402
 
 
 def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
-    """Train rows and evaluation rows; a half-written last line (a killed run) is skipped."""
+    """Train rows and evaluation rows; a line a killed run left torn is skipped."""
     train, evals = [], []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
+    for _, row in jsonl_rows(path.read_bytes()):
         if "eval_loss" in row:
             evals.append(row)
         elif "loss" in row:

@@ -137,3 +137,26 @@ def test_sample_hook_appends_to_samples_jsonl(tmp_path, logged):
         {"step": 5, "prompt": "สวัสดี", "text": "p!"},
         {"step": 5, "prompt": "Hi", "text": "there"},
     ]
+
+
+@pytest.mark.parametrize(
+    "tail", [b'{"step": 3, "text": "\xe0\xb8', b"\x00" * 9], ids=["cut-character", "zero-filled"]
+)
+def test_a_resume_drops_later_rows_and_what_a_kill_left_torn(tmp_path, tail):
+    """Both logs, cut in the middle of a character or ending in zeros (a crash before the disk
+    caught up): the rows up to the resumed step stay, and the next row starts a line of its own."""
+    rows = [{"step": s, "loss": 1.0 / s} for s in (1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in rows)
+                                             + tail)  # fmt: skip
+    sample = {"step": 2, "prompt": "กรุง", "text": "เทพ\u2028\x85"}  # kept raw by ensure_ascii=False
+    sample_line = json.dumps(sample, ensure_ascii=False).encode()
+    (tmp_path / "samples.jsonl").write_bytes(sample_line + b"\n" + tail)
+    writer = MetricsWriter(tmp_path, resume_step=2)
+    writer.write(3, {"loss": 0.25})
+    writer.write_samples(3, [("Hi", "there")])
+    writer.close()
+    lines = (tmp_path / "metrics.jsonl").read_bytes().split(b"\n")
+    assert [json.loads(line) for line in lines[:-1]] == [*rows[:2], {"step": 3, "loss": 0.25}]
+    assert (tmp_path / "samples.jsonl").read_bytes() == sample_line + b"\n" + json.dumps(
+        {"step": 3, "prompt": "Hi", "text": "there"}
+    ).encode() + b"\n"

@@ -8,8 +8,10 @@ def _write_run(workdir, with_eval: bool):
              "seq_len": 64 if s < 20 else 128} for s in (1, 10, 20, 30)]  # fmt: skip
     if with_eval:
         rows.insert(3, {"step": 20, "eval_loss": 3.1, "eval_perplexity": 22.2, "eval_tokens": 99})
-    lines = [json.dumps(r) for r in rows] + ['{"step": 40, "loss": 1.']  # a killed run's last line
-    (workdir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    lines = [json.dumps(r).encode() for r in rows]
+    lines.insert(2, b"\xff\xfe")  # an invalid byte mid-file: the rows around it still read
+    killed = b'{"step": 40, "loss": 1.\x00\x00'  # a killed run's last line, a zero-filled tail
+    (workdir / "metrics.jsonl").write_bytes(b"\n".join([*lines, killed]))
 
 
 def test_plot_writes_a_png_with_and_without_eval(tmp_path, capsys):

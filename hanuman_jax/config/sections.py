@@ -116,6 +116,9 @@ class TrainConfig(Section):
             "must be a path to another run's workdir or checkpoints/ (or '' for none)",
             empty_ok=True,
         ),
+        "compilation_cache": Text(
+            "must be a folder (relative: inside the workdir), or '' for none", empty_ok=True
+        ),
     }
 
     steps: int
@@ -134,6 +137,7 @@ class TrainConfig(Section):
     profile_steps: int
     max_nonfinite_steps: int
     init_from: str
+    compilation_cache: str = "compilation_cache"  # older configs lack it
 
     def check_fields(self) -> None:
         prompts = self.sample_prompts

@@ -14,6 +14,7 @@ import numpy as np
 from hanuman_jax.data.pipeline import stats_metrics
 from hanuman_jax.data.schedule import SeqLenSchedule
 from hanuman_jax.training.metrics import MetricsWriter, ProgressBar
+from hanuman_jax.training.utilization import Utilization
 
 log = logging.getLogger("hanuman_jax")
 
@@ -72,9 +73,11 @@ class MetricsLog:
         end: int,
         every: int,
         tokens_per_step: int,
+        utilization: Utilization | None = None,
     ):
         self.writer, self.bar, self.schedule = writer, bar, schedule
         self.start, self.end, self.every, self.tokens_per_step = start, end, every, tokens_per_step
+        self.utilization = utilization
         self.pending: tuple | None = None  # (step, device metrics, data stats), not yet read
         self.restart_timing(start)
 
@@ -104,10 +107,12 @@ class MetricsLog:
         steps_timed, seconds = step - self.step_mark, now - self.t_mark
         values["tokens_per_s"] = self.tokens_per_step * steps_timed / seconds
         values["seq_len"] = self.schedule.length(step - 1)
+        if self.utilization:
+            values |= self.utilization.row(values["tokens_per_s"], values["seq_len"])
         values |= stats_metrics(_process_sum(stats))
         self.t_mark, self.step_mark = now, step
         self.writer.write(step, values)
-        self.bar.update(step, float(values["loss"]), values["tokens_per_s"])
+        self.bar.update(step, values)
         run.last = {"step": step, **{k: float(v) for k, v in values.items()}}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from pathlib import Path
 
 import jax
@@ -24,6 +25,7 @@ from hanuman_jax.data.pipeline import stats_metrics
 from hanuman_jax.data.schedule import SeqLenSchedule
 from hanuman_jax.model import build
 from hanuman_jax.tokenizer import Tokenizer
+from hanuman_jax.training import compile_cache
 from hanuman_jax.training.hooks import (
     EvalHook,
     Hook,
@@ -42,19 +44,10 @@ from hanuman_jax.training.step import (
     jit_eval_step,
     jit_train_step,
 )
+from hanuman_jax.training.utilization import Utilization
+from hanuman_jax.training.workdir import hold
 
 log = logging.getLogger("hanuman_jax")
-
-
-def prepare_workdir(workdir: Path) -> None:
-    """Fails now, not at the first save hours later, if the workdir cannot be written."""
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / ".write_test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"--workdir {workdir} is not writable: {e.strerror}") from None
 
 
 def load_tokenizer(cfg: ml_collections.ConfigDict) -> Tokenizer:
@@ -80,8 +73,15 @@ def load_tokenizer(cfg: ml_collections.ConfigDict) -> Tokenizer:
 def train(cfg: ml_collections.ConfigDict, workdir: Path, *, progress: bool = True) -> dict:
     """Trains to `train.steps`, resuming from the newest whole checkpoint in `workdir` (else
     starting from `train.init_from`'s parameters, or from scratch); returns the last logged
-    metrics."""
-    prepare_workdir(workdir)
+    metrics. The workdir is held against a second trainer until then (workdir.py)."""
+    with (
+        hold(workdir, jax.process_index()),
+        compile_cache.persistent_cache(cfg.train.compilation_cache, workdir),
+    ):
+        return _train(cfg, workdir, progress=progress)
+
+
+def _train(cfg: ml_collections.ConfigDict, workdir: Path, *, progress: bool) -> dict:
     tokenizer = load_tokenizer(cfg)
     setup = build_setup(cfg, sharding.make_mesh(cfg.mesh))
     meta = _run_meta(cfg, setup, tokenizer)
@@ -214,6 +214,7 @@ class Trainer:
         self.metrics = MetricsLog(
             self.writer, self.bar, self.schedule, start=start, end=t.steps, every=t.log_every,
             tokens_per_step=t.batch_size * cfg.data.seq_len,  # in every phase of the schedule
+            utilization=Utilization(setup.model_cfg, list(setup.mesh.devices.flat)),
         )  # fmt: skip
         self.save = Saver(ckpt, meta, batches, self.metrics)
         self.hooks = [  # in this order: an eval row is on disk before the save that a kill may cut
@@ -255,7 +256,13 @@ class Trainer:
         stats = batch.pop("stats")
         new_length = self.announce_length(run, batch)
         self.profiler.before(step)
+        began, cached = time.perf_counter(), compile_cache.hits()
         run.state, metrics = self.step_fn(run.state, sharding.global_batch(batch, self.setup.mesh))
+        if step == self.start:  # the call returns once the step is compiled and dispatched
+            loaded = compile_cache.hits() > cached
+            source = "loaded from the compilation cache" if loaded else "compiled"
+            log.info("step %d: the train step %s in %.1f s", step, source,
+                     time.perf_counter() - began)  # fmt: skip
         self.profiler.after(step, run.state)
         run.step = step + 1
         if new_length:  # the new phase starts its timing after its compile

@@ -10,6 +10,8 @@ import numpy as np
 import tqdm
 from tensorboardX import SummaryWriter
 
+from hanuman_jax.training.workdir import jsonl_rows
+
 
 def _plain(value):
     value = np.asarray(value).item() if np.ndim(value) == 0 else value
@@ -60,35 +62,34 @@ class MetricsWriter:
 
 
 def _truncate_after(path: Path, step: int) -> None:
-    """On resume, drop rows logged after the restored checkpoint: they are about to be redone."""
+    """On resume, drop rows logged after the restored checkpoint (they are about to be redone)
+    and what a killed process left torn, so that the next row starts a line of its own."""
     if not path.exists():
         return
-    rows = path.read_text(encoding="utf-8").splitlines()
-    kept = [r for r in rows if _step_of(r) is not None and _step_of(r) <= step]
-    if len(kept) != len(rows):
-        path.write_text("".join(r + "\n" for r in kept), encoding="utf-8")
-
-
-def _step_of(row: str) -> int | None:
-    """The step of a metrics row; None for a line a killed process left half-written."""
-    try:
-        return int(json.loads(row)["step"])
-    except (ValueError, KeyError, TypeError):
-        return None
+    data = path.read_bytes()
+    kept = b"".join(line + b"\n" for line, row in jsonl_rows(data) if row["step"] <= step)
+    if kept != data:
+        path.write_bytes(kept)
 
 
 class ProgressBar:
-    """tqdm bar showing step, loss, tokens/s and the ETA."""
+    """tqdm bar showing step, loss, tokens/s, MFU and peak device memory (where known), the ETA."""
 
     def __init__(self, total: int, initial: int, enabled: bool = True):
         self.bar = tqdm.tqdm(
             total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True
         )
 
-    def update(self, step: int, loss: float | None = None, tokens_per_s: float | None = None):
+    def update(self, step: int, row: dict | None = None):
+        """Advances to `step`; `row`: a metrics row to show."""
         self.bar.update(step - self.bar.n)
-        if loss is not None:
-            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+        if row is not None:
+            shown = {"loss": f"{float(row['loss']):.4f}", "tok_s": f"{row['tokens_per_s']:,.0f}"}
+            if "mfu" in row:
+                shown["mfu"] = f"{row['mfu']:.1%}"
+            if "peak_memory_gib" in row:
+                shown["mem"] = f"{row['peak_memory_gib']:.1f}GiB"
+            self.bar.set_postfix(shown, refresh=False)
 
     def close(self) -> None:
         self.bar.close()
