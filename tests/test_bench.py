@@ -48,7 +48,8 @@ def test_bench_attention_checks_and_times_every_variant(root):
 
 @pytest.mark.slow
 def test_device_checks_smoke_runs_every_check_and_records_its_figures(root, tmp_path):
-    """The GPU run, prepared: the same checks and configs at tiny shapes on the CPU."""
+    """The GPU and TPU runs, prepared: every check of both, at tiny shapes on the CPU; splash and
+    gmm in Pallas interpret mode, cuDNN skipped with its reason."""
     proc = subprocess.run(
         [sys.executable, "scripts/device_checks.py", "--out", str(tmp_path), "--smoke"],
         cwd=root, capture_output=True, text=True, timeout=600,
@@ -57,18 +58,67 @@ def test_device_checks_smoke_runs_every_check_and_records_its_figures(root, tmp_
     assert json.loads(proc.stdout.strip().splitlines()[-1])["failed"] == []
     lines = (tmp_path / "device_checks.jsonl").read_text().splitlines()
     records = {r["name"]: r for r in map(json.loads, lines)}
-    assert list(records) == ["env", "attention", "moe", "dense", "experts", "plan", "moe_xla"]
+    assert list(records) == ["env", "attention", "experts", "moe", "plan", "gpu_preset",
+                             "tpu_preset", "dense", "moe_blocked", "moe_xla"]  # fmt: skip
     assert all(r["rc"] == 0 and (tmp_path / f"{n}.log").exists() for n, r in records.items())
+    env = {k: v for line in records["env"]["results"] for k, v in line.items()}
+    assert env["backend"] == "cpu" and env["planner_device"] is None
+    assert env["kernels"]["configs/colab_tpu.py"] == {
+        "attention": "xla",
+        "grouped_matmul": "blocked",
+    }
     moe, dense = records["moe"]["results"][-1], records["dense"]["results"][-1]
     assert moe["config"] == "configs/hanuman_1b_moe.py" and moe["tokens_per_s"] > 0
     assert dense["config"] == "configs/bench_dense_05b.py" and 0 < dense["mfu_measured_peak"] < 1
-    assert records["moe_xla"]["results"][-1]["tokens_per_step"] == moe["tokens_per_step"]
+    for name in ("moe_xla", "moe_blocked"):
+        assert records[name]["results"][-1]["tokens_per_step"] == moe["tokens_per_step"]
     attention = records["attention"]["results"][-1]
+    assert set(attention["ms"]) == {"all", "block_32", "splash"}
+    assert (
+        attention["interpret"] == ["splash"] and "cannot run here" in attention["skipped"]["cudnn"]
+    )
     assert max(attention["max_grad_diff"].values()) < 1e-4
+    assert max(attention["max_out_diff"].values()) < 1e-5
     kernels = {r["kernel"]: r for r in records["experts"]["results"]}
-    assert set(kernels) == {"dense_same_flops", "blocked", "ragged_dot"}
-    assert kernels["ragged_dot"]["max_grad_diff"] < 1e-4
+    assert set(kernels) == {"dense_same_flops", "blocked", "ragged_dot", "gmm"}
+    assert [k for k, r in kernels.items() if r.get("auto")] == ["blocked"]  # auto's pick on CPU
+    assert kernels["gmm"]["interpret"] and not kernels["ragged_dot"]["interpret"]
+    for name in ("blocked", "ragged_dot", "gmm"):
+        assert kernels[name]["max_grad_diff"] < 1e-4 and kernels[name]["max_out_diff"] < 1e-5
     assert records["plan"]["results"][-1]["planned_total"].endswith("MiB")
+    for name in ("gpu_preset", "tpu_preset"):  # the real train CLI, its last metrics row
+        last = records[name]["results"][-1]
+        assert last["step"] == 2 and last["seq_len"] == 64 and last["tokens_per_s"] > 0
+        assert (tmp_path / f"{name}.metrics.jsonl").exists()
+
+
+def test_device_checks_pick_each_platforms_arguments_and_the_planners_device(root, monkeypatch):
+    monkeypatch.syspath_prepend(str(root / "scripts"))
+    from device_check_list import CHECKS, DEVICE_FLAG, WORKDIR, planner_device
+    from device_checks import fill
+
+    def kernels(name, platform):
+        argv = next(c for c in CHECKS if c.name == name).argv(platform, smoke=False)
+        return argv[argv.index("--kernels") + 1]
+
+    assert kernels("attention", "gpu") == "cudnn" and kernels("attention", "tpu") == "splash"
+    assert "ragged_dot" in kernels("experts", "gpu") and "gmm" not in kernels("experts", "gpu")
+    assert "gmm" in kernels("experts", "tpu")
+    gpu = [c.name for c in CHECKS if c.argv("gpu", smoke=False)]
+    tpu = [c.name for c in CHECKS if c.argv("tpu", smoke=True)]
+    assert "gpu_preset" in gpu and "tpu_preset" not in gpu
+    assert "tpu_preset" in tpu and "gpu_preset" not in tpu
+    assert all(c.argv("cpu", smoke=True) for c in CHECKS)  # a CPU smoke runs every check
+    assert planner_device("TPU v4", 4, "tpu") == "v4-8"
+    assert planner_device("TPU v5 lite", 8, "tpu") == "v5e-8"
+    assert planner_device("TPU v5", 4, "tpu") == "v5p-8"
+    assert planner_device("NVIDIA A100-SXM4-80GB", 1, "gpu") == "a100-80"
+    assert planner_device("NVIDIA A100-SXM4-40GB", 1, "gpu") == "a100"
+    assert planner_device("NVIDIA H100 80GB HBM3", 2, "gpu") is None  # the planner's h100 is one
+    argv = ["-m", "x", DEVICE_FLAG, "--workdir", WORKDIR]
+    assert fill(argv, {"planner_device": "h100"}, root) == ["-m", "x", "--device=h100",
+                                                           "--workdir", str(root)]  # fmt: skip
+    assert fill(argv, {}, root) == ["-m", "x", "--workdir", str(root)]
 
 
 def test_device_checks_skip_what_the_budget_cannot_hold(root, tmp_path):
