@@ -4,8 +4,8 @@ through transformers, on CUDA when there is a GPU and on the CPU otherwise.
 python scripts/serve_t4.py --model OUT --prompt "สวัสดี" [--max-new-tokens N] [--temperature T]
     [--top-k K] [--top-p P] [--chat] [--dtype float16|float32]
 
-`--chat` builds the prompt as `Tokenizer.encode_chat` does: <bos> <sep> user <nl> text, then the
-assistant's header <sep> assistant <nl>; generation stops at <eos> or <sep>
+`--chat` makes the prompt a user turn with the export's chat template (`apply_chat_template`, the
+ids of `Tokenizer.encode_chat` and of `generate --chat`); generation stops at <eos> or <sep>
 (generation_config.json).
 """
 
@@ -13,15 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-
-
-def chat_ids(tokenizer, text: str) -> list[int]:
-    def encode(s: str) -> list[int]:
-        return tokenizer.encode(s, add_special_tokens=False)
-
-    sep, nl = tokenizer.convert_tokens_to_ids(["<sep>", "<nl>"])
-    bos = tokenizer.bos_token_id
-    return [bos, sep, *encode("user"), nl, *encode(text), sep, *encode("assistant"), nl]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,7 +43,11 @@ def main(argv: list[str] | None = None) -> int:
         sampling = {"do_sample": True, "temperature": args.temperature, "top_k": args.top_k,
                     "top_p": args.top_p}  # fmt: skip
     for prompt in args.prompt:
-        ids = chat_ids(tokenizer, prompt) if args.chat else tokenizer(prompt).input_ids
+        if args.chat:
+            turn = [{"role": "user", "content": prompt}]
+            ids = tokenizer.apply_chat_template(turn, add_generation_prompt=True, return_dict=False)
+        else:
+            ids = tokenizer(prompt).input_ids
         with torch.no_grad():
             out = model.generate(
                 torch.tensor([ids], device=device), max_new_tokens=args.max_new_tokens, **sampling

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from hanuman_jax.data import DataError, make_dataset, read_documents, resolve_file
+from hanuman_jax.data.sources import open_source
 from hanuman_jax.tokenizer import Tokenizer
 
 TOKENIZER = "bundled:tokenizer.model"
@@ -134,22 +135,27 @@ def test_processes_read_disjoint_shards(corpus, tokenizer):
     assert not np.array_equal(parts[0]["tokens"], parts[1]["tokens"])
 
 
-def test_schemas_are_detected_per_row(tmp_path, tokenizer):
+def test_a_source_reads_its_rows_in_the_shape_of_most_first_rows(tmp_path, tokenizer):
     rows = [
         {"instruction": "แปลเป็นไทย", "input": "hello", "output": "<think>ง่าย</think>สวัสดี"},
-        {"prompt": "2+2?", "response": "4"},
+        {"instruction": "2+2?", "output": "4"},
+        {"prompt": "2+2?", "response": "4"},  # another shape: skipped in this file
         {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
-        {"title": "t", "content": "c"},  # not an SFT row: skipped in this file
+        {"title": "t", "content": "c"},  # not an SFT row: skipped too
     ]
     f = tmp_path / "mixed_schemas.jsonl"
     f.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
+    source = open_source({"path": str(f)}, "test")
+    records = [source[i] for i in range(len(source))]
+    assert [r.reason for r in records[2:]] == ["missing_field"] * 3
+    message = records[2].message
+    assert "'instruction' is missing or null in this row; its source holds prompt/" in message
     docs = read_documents(f)
-    assert len(docs) == 3
     assert docs[0].messages == (
         {"role": "user", "content": "แปลเป็นไทย\n\nhello"},
         {"role": "assistant", "content": "<think>ง่าย</think>สวัสดี"},  # kept verbatim
     )
-    assert [m["role"] for m in docs[2].messages] == ["user", "assistant"]
+    assert len(docs) == 2 and docs[1].messages[1] == {"role": "assistant", "content": "4"}
     g = tmp_path / "texts.jsonl"
     g.write_text('{"title": "t", "content": "c"}\n{"text": null}\n{"text": "x"}\n')
     assert [d.text for d in read_documents(g)] == ["t\nc", "x"]  # the empty row is skipped
@@ -160,19 +166,19 @@ def test_schemas_are_detected_per_row(tmp_path, tokenizer):
 
 def test_field_map_and_max_examples(tmp_path, tokenizer):
     f = tmp_path / "own_schema.jsonl"
-    rows = [{"question": f"คำถาม {i}", "answer": f"คำตอบ {i}", "id": i} for i in range(50)]
+    rows = [{"frage": f"คำถาม {i}", "antwort": f"คำตอบ {i}", "id": i} for i in range(50)]
     f.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
     with pytest.raises(
         DataError,
-        match=r"unrecognised row; keys are \['answer', 'id', "
-        r"'question'\].*field_map",
+        match=r"unrecognised row; keys are \['antwort', 'frage', "
+        r"'id'\].*field_map",
     ):
         read_documents(f)
-    fmap = {"instruction": "question", "output": "answer"}
+    fmap = {"instruction": "frage", "output": "antwort"}
     docs = read_documents(f, fmap)
     assert docs[7].messages[1] == {"role": "assistant", "content": "คำตอบ 7"}
     with pytest.raises(DataError, match=r"field_map names \['reply'\], not in this row"):
-        read_documents(f, {"instruction": "question", "output": "reply"})
+        read_documents(f, {"instruction": "frage", "output": "reply"})
 
     src = {"path": str(f), "field_map": fmap, "max_examples": 10}
 

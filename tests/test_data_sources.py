@@ -173,8 +173,11 @@ def test_parquet_rows_follow_the_schemas(tmp_path):
     pq.write_table(table, f, row_group_size=4)
     docs = _records(f, field_map={"instruction": "question", "output": "answer"})
     assert docs[5].messages[1] == {"role": "assistant", "content": "คำตอบ 5"}
-    with pytest.raises(DataError, match=r"chat.parquet\[row 0\]: unrecognised row; keys are "):
-        _records(f)
+    assert _records(f) == docs  # question/answer is a pair without the map too
+    odd = tmp_path / "odd.parquet"
+    pq.write_table(pa.table({"frage": ["q"], "antwort": ["a"]}), odd)
+    with pytest.raises(DataError, match=r"odd.parquet\[row 0\]: unrecognised row; keys are "):
+        _records(odd)
     broken = tmp_path / "broken.parquet"
     broken.write_bytes(b"PAR1 not really")
     with pytest.raises(DataError, match="broken.parquet: not a readable Parquet file"):

@@ -2,6 +2,8 @@
 asked, stop ids stop, and the CLI runs on a checkpoint. (Equality with transformers' generate:
 test_export.py.)"""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +16,7 @@ from hanuman_jax.inference.generate import choose, generate_ids, main, prompt_id
 from hanuman_jax.model.build import inference_config, model_from_params
 from hanuman_jax.planning.targets import Target
 from hanuman_jax.tokenizer import Tokenizer
+from hanuman_jax.tokenizer.core import drop_thinking
 
 TOKENIZER = Tokenizer("hanuman_jax/assets/sample/tokenizer.model")
 # odd sizes, 5 experts; large weights so that greedy paths wander (a 0.02-init model repeats)
@@ -99,6 +102,22 @@ def test_chat_prompt_is_the_training_template():
     assert prompt_ids(TOKENIZER, "hello") == [TOKENIZER.bos_id, *TOKENIZER.encode("hello")]
 
 
+def test_chat_history_drops_the_think_blocks_of_earlier_replies():
+    """Training keeps `<think>` blocks verbatim; at inference a reply in the history keeps only
+    its answer (every block, and the space after it), and the reply being trained on keeps all."""
+    thought = "<think>2 + 2 = 4</think>\nมันคือ 4 <think>ตรวจ: ถูก</think> ครับ"
+    history = [{"role": "system", "content": "ตอบสั้น ๆ"}, {"role": "user", "content": "2+2?"},
+               {"role": "assistant", "content": thought}]  # fmt: skip
+    ids = prompt_ids(TOKENIZER, "แล้ว 3+3?", chat=True, history=history)
+    later = [{"role": "user", "content": "แล้ว 3+3?"}, {"role": "assistant", "content": ""}]
+    plain = [*history[:2], {"role": "assistant", "content": "มันคือ 4 ครับ"}, *later]
+    assert ids == TOKENIZER.encode_chat(plain)[0][:-1]
+    kept = TOKENIZER.encode_chat([*history, later[0]])[0]
+    assert ids[: len(kept) - 1] != kept[:-1]  # training's layout keeps the blocks
+    assert TOKENIZER.encode_chat(history, drop_think=True) == TOKENIZER.encode_chat(history)
+    assert drop_thinking("<think>unclosed") == "<think>unclosed"
+
+
 def test_cli_generates_from_a_checkpoint(tmp_path, capsys):
     cfg = small_model_cfg(vocab_size=TOKENIZER.vocab_size, moe=MoeConfig())
     write_checkpoint(random_params(cfg), cfg, tmp_path / "run", tokenizer=TOKENIZER.path)
@@ -108,3 +127,13 @@ def test_cli_generates_from_a_checkpoint(tmp_path, capsys):
     assert "--- Hello\n" in out and "--- ภาษาไทย\n" in out
     assert main([*argv, "--prompt", "x", "--step", "5"]) == 2
     assert "no checkpoint for step 5; saved steps: 0" in capsys.readouterr().err
+    turns = tmp_path / "turns.json"
+    said = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "<think>x</think>"}]
+    turns.write_text(json.dumps(said))
+    assert main([*argv, "--prompt", "again", "--chat", "--history", str(turns)]) == 0
+    assert "--- again\n" in capsys.readouterr().out
+    assert main([*argv, "--prompt", "again", "--history", str(turns)]) == 2
+    assert "--history needs --chat" in capsys.readouterr().err
+    turns.write_text('[{"role": "robot", "content": "x"}]')
+    assert main([*argv, "--prompt", "again", "--chat", "--history", str(turns)]) == 2
+    assert "turns.json: must hold a list of" in capsys.readouterr().err

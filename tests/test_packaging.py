@@ -50,6 +50,7 @@ def test_imports_are_declared():
     unused = core - used - IMPORTED_INDIRECTLY
     assert not unused, f"core dependencies no module of ours imports: {unused}"
     assert "torch" not in core
+    assert not {"torch", "transformers"} & _third_party_imports()  # only tests and scripts use them
 
 
 def test_console_scripts_point_at_mains():
@@ -91,23 +92,23 @@ def test_commands_start_without_the_optional_packages():
     assert proc.stdout.count("usage:") == len(SCRIPTS)
 
 
-def test_export_without_the_export_extra_stops_before_writing(tmp_path):
-    """Without torch, export and import stop with one line naming the extra; nothing is written."""
+def test_export_without_safetensors_stops_before_writing(tmp_path):
+    """Without safetensors (a dependency, so a --no-deps install), export and import stop with one
+    line that gives the pip command; nothing is written. (Without torch they work:
+    tests/test_export.py.)"""
     out = tmp_path / "out"
-    code = (
-        "import sys\nsys.modules['torch'] = None\n"
-        "from hanuman_jax.export import main\n"
-        f"sys.exit(main(['--workdir', {str(tmp_path)!r}, '--out', {str(out)!r}]))\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert proc.returncode == 2, proc.stderr
-    assert "export extra" in proc.stderr and "Traceback" not in proc.stderr
-    assert not out.exists()
-    code = code.replace("hanuman_jax.export", "hanuman_jax.import_hf").replace(
-        "--workdir", "--model"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert proc.returncode == 2 and "export extra" in proc.stderr, proc.stderr
+    for module, flag in [("hanuman_jax.export", "--workdir"), ("hanuman_jax.import_hf", "--model")]:
+        code = (
+            "import sys\nsys.modules['safetensors'] = None\n"
+            f"from {module} import main\n"
+            f"sys.exit(main([{flag!r}, {str(tmp_path)!r}, '--out', {str(out)!r}]))\n"
+        )
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert proc.returncode == 2, proc.stderr
+        (line,) = proc.stderr.splitlines()
+        assert "need safetensors and tokenizers" in line, line
+        assert line.endswith("pip install -c constraints.txt -e . (or pip install hanuman-jax)")
+        assert not out.exists()
 
 
 def test_the_wheel_ships_the_configs_and_the_sample(tmp_path):
@@ -125,5 +126,5 @@ def test_the_wheel_ships_the_configs_and_the_sample(tmp_path):
     configs = {f"hanuman_jax/configs/{p.name}" for p in (ROOT / "configs").glob("*.py")}
     assert configs and configs <= names, sorted(configs - names)
     sample = ROOT / "hanuman_jax" / "assets" / "sample"
-    shipped = {str(p.relative_to(ROOT)) for p in sample.iterdir() if p.is_file()}
+    shipped = {str(p.relative_to(ROOT)) for p in sample.rglob("*") if p.is_file()}
     assert shipped and shipped <= names, sorted(shipped - names)

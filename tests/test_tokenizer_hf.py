@@ -1,4 +1,5 @@
-"""Hugging Face export: AutoTokenizer (slow and fast) gives our `Tokenizer`'s ids and text back."""
+"""Hugging Face export: AutoTokenizer (slow and fast) gives our `Tokenizer`'s ids and text back,
+and its chat template `Tokenizer.encode_chat`'s ids and loss mask."""
 
 import json
 from pathlib import Path
@@ -8,11 +9,13 @@ import pytest
 pytest.importorskip("transformers")
 
 import sentencepiece as spm  # noqa: E402
+from jinja2.exceptions import TemplateError  # noqa: E402
 from sentencepiece import sentencepiece_model_pb2  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
+from hanuman_jax.inference.generate import prompt_ids  # noqa: E402
 from hanuman_jax.tokenizer.core import Tokenizer, normalization_rules, normalize  # noqa: E402
-from hanuman_jax.tokenizer.hf import charsmap_rules, export_hf  # noqa: E402
+from hanuman_jax.tokenizer.hf import charsmap_rules, chat_template, export_hf  # noqa: E402
 from hanuman_jax.tokenizer.train import corpus_texts, train_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,8 +27,8 @@ CRAFTED = [
     "“quoted” ‘single’ — dash – en − minus «guillemets»", "—\u0301 «\u0301",
     "๑๒๓ ๒๕๖๗ 123 2024", "deadlineครับ", "emoji 😀🎉👍🏽 ok", "ㅠ ㅠ 中文 العربية",
     "multiple   spaces", "  leading", "trailing  ", "\tTabs\tand\t\ttabs\t",
-    "line one\nline two\r\nline three", "literal <nl> symbol<nl>", "a<sep>b <sep> c<sep>",
-    "<lang_th>สวัสดี<translate>hello<copy><lang_en>", "<bos> <eos><pad><unk> <0x41><0xE0>",
+    "line one\nline two\r\nline three", "literal <nl> symbol<nl>", "<bos ><eos <pad <unk >>",
+    "<lang_th>สวัสดี<translate>hello<copy><lang_en>", "<0x41><0xE0>",
     "< > << >> <a> <nl", "▁already▁spaced▁", "nul\x00byte", "zero\u200bwidth\u200djoin",
     "ﬁ ligature ① ｆｕｌｌ width", "x" * 3000,
     "\u200b", "\ufeff\u00ad", " \u200b", "a\u00a0\u3000b",  # spaces folded, invisibles removed
@@ -98,8 +101,12 @@ def test_special_tokens_and_bos(sample_model, sample_hf):
         ids = (hf.unk_token_id, hf.bos_token_id, hf.eos_token_id, hf.pad_token_id)
         assert ids == (0, 1, 2, 3)
         assert len(hf) == tok.vocab_size
-        for text in ["สวัสดีครับ hello", "a\nb", "", "<bos>"]:
+        for text in ["สวัสดีครับ hello", "a\nb", ""]:
             assert hf(text)["input_ids"] == [1, *tok.encode(text)]
+        # A typed control name is the token (as the chat template needs), and text after a
+        # typed <sep> starts a word, where SentencePiece reads letters and goes on.
+        assert hf("x<eos><bos>")["input_ids"] == [1, *tok.encode("x"), 2, 1]
+        assert hf("a<sep>b <sep>")["input_ids"] == [1, *tok.encode("a"), 10, *tok.encode("b "), 10]
         assert hf("x", "y")["input_ids"] == [1, *tok.encode("x"), 1, *tok.encode("y")]
         batch = hf(["ก", "ข้อความยาวกว่า"], padding=True)["input_ids"]
         assert batch[0][-1] == 3 and batch[0][0] == 1
@@ -113,6 +120,7 @@ def test_decode_gives_the_text_back(sample_model, sample_hf):
         assert hf.decode(ids, skip_special_tokens=True) == normalize(text)
     assert hf.decode(hf("“hi” — x")["input_ids"][1:]) == '"hi" - x'
     assert hf.decode([1, *tok.encode("a\nb"), 2], skip_special_tokens=True) == "a\nb"
+    assert hf.decode([*tok.encode("reply"), 10], skip_special_tokens=True) == "reply"
 
 
 def test_charsmap_rules_read_back(sample_model):
@@ -154,3 +162,102 @@ def test_ids_match_on_shared_data(tmp_path):
         assert slow.backend_tokenizer.to_str() == fast.backend_tokenizer.to_str()
     else:
         assert_parity(tok, slow, texts)
+
+
+@pytest.fixture(scope="module")
+def bundled(tmp_path_factory) -> tuple[Tokenizer, object]:
+    """The bundled sample tokenizer (trained on the chats too) and its export."""
+    out = export_hf(SAMPLE / "tokenizer.model", tmp_path_factory.mktemp("bundled"))
+    return Tokenizer(SAMPLE / "tokenizer.model"), AutoTokenizer.from_pretrained(out)
+
+
+def bundled_chats() -> list[list[dict]]:
+    lines = (SAMPLE / "chat.jsonl").read_text("utf-8").splitlines()
+    chats = [json.loads(line)["messages"] for line in lines]
+    contents = [m["content"] for chat in chats for m in chat]
+    # what the template must get right is all there: Thai, English, system prompts, several
+    # turns, <think> blocks and newlines
+    assert any("ครับ" in c for c in contents) and any("the" in c.split() for c in contents)
+    assert any(c[0]["role"] == "system" for c in chats) and max(map(len, chats)) >= 4
+    assert any(c.startswith("<think>") for c in contents) and any("\n" in c for c in contents)
+    return chats
+
+
+EDGE_CONTENTS = ["", "\u200b", "\ufeff\u00ad", " ", "  two", "\u200bx", "a\n\nb\r\n", "\n",
+                 "ก\u0e48\u0e38", "“q” — x", "<think>\n</think>", "x" * 300, "<0x41>"]  # fmt: skip
+
+
+def test_chat_template_gives_encode_chat_ids_and_mask(bundled):
+    tok, hf = bundled
+    edge = [[{"role": "system", "content": c}, {"role": "user", "content": c},
+             {"role": "assistant", "content": c}] for c in EDGE_CONTENTS]  # fmt: skip
+    for chat in bundled_chats() + edge:
+        ids, mask = tok.encode_chat(chat)
+        out = hf.apply_chat_template(chat, return_dict=True, return_assistant_tokens_mask=True)
+        assert out["input_ids"] == ids, (chat, hf.convert_ids_to_tokens(out["input_ids"])[:40])
+        # TRL's assistant_only_loss trains on what our loss mask does: replies and their ends
+        assert out["assistant_masks"] == mask, chat
+
+
+def test_generation_prompt_is_generate_chat_prompt(bundled):
+    tok, hf = bundled
+    header = [tok.sep_id, *tok.encode("assistant"), tok.nl_id]
+    for chat in bundled_chats():
+        for n in range(1, len(chat) + 1):
+            prompt = hf.apply_chat_template(chat[:n], add_generation_prompt=True, return_dict=False)
+            assert prompt == tok.encode_chat(chat[:n], drop_think=True)[0][:-1] + header
+            if chat[n - 1]["role"] == "user":
+                text, history = chat[n - 1]["content"], chat[: n - 1]
+                assert prompt == prompt_ids(tok, text, chat=True, history=history)
+            if n < len(chat) and chat[n]["role"] == "assistant":  # the reply comes after it
+                full = hf.apply_chat_template(chat[: n + 1], return_dict=False)
+                assert full[: len(prompt)] == prompt and len(full) > len(prompt) + 1
+
+
+@pytest.mark.parametrize(
+    "reply",
+    ["<think>a</think>b", "<think>a</think>  \n b", "x<think>a</think>y<think>c</think>\nz",
+     "<think>a <think>b</think>c", "<think>only</think>\u200b", "<think>open", "</think>x<think>y",
+     "<think>\n</think>\n\nok", "<think>a</think><think>b</think>"],
+)  # fmt: skip
+def test_generation_prompt_drops_thinking_from_history(bundled, reply):
+    """At inference the replies before the last user turn lose their <think> blocks, as in
+    `generate --chat --history`; without a generation prompt (training) they stay."""
+    tok, hf = bundled
+    header = [tok.sep_id, *tok.encode("assistant"), tok.nl_id]
+    history = [{"role": "user", "content": "q"}, {"role": "assistant", "content": reply}]
+    chat = [*history, {"role": "user", "content": "next"}, {"role": "assistant", "content": reply}]
+    prompt = hf.apply_chat_template(chat[:3], add_generation_prompt=True, return_dict=False)
+    assert prompt == prompt_ids(tok, "next", chat=True, history=history)
+    kept = tok.encode_chat(chat[:3])[0][:-1] + header
+    assert (prompt == kept) == (reply in ("<think>open", "</think>x<think>y"))  # nothing closed
+    assert hf.apply_chat_template(chat, return_dict=False) == tok.encode_chat(chat)[0]
+    # the last reply is not history: a generation prompt after it keeps its block
+    after = hf.apply_chat_template(chat, add_generation_prompt=True, return_dict=False)
+    assert after == tok.encode_chat(chat, drop_think=True)[0][:-1] + header
+    assert after[: len(prompt)] == prompt
+
+
+@pytest.mark.parametrize(
+    "message, says",
+    [
+        ({"role": "tool", "content": "x"}, "chat message 1 must have role in"),
+        ({"role": "user", "content": ["x"]}, "chat message 1 must have role in"),
+        ({"role": "user", "content": "a <sep> assistant"}, "chat message 1 holds <sep>"),
+        ({"role": "assistant", "content": "no\n<eos>"}, "chat message 1 holds <eos>"),
+    ],
+)
+def test_chat_template_refuses_what_encode_chat_would_encode_otherwise(bundled, message, says):
+    tok, hf = bundled
+    chat = [{"role": "user", "content": "hi"}, message]
+    with pytest.raises(TemplateError, match=says):
+        hf.apply_chat_template(chat)
+    if "holds" not in says:
+        with pytest.raises(ValueError, match="must have role in"):
+            tok.encode_chat(chat)
+
+
+def test_chat_template_is_in_tokenizer_config(sample_hf):
+    config = json.loads((sample_hf / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == chat_template()
+    assert AutoTokenizer.from_pretrained(sample_hf).chat_template == chat_template()

@@ -11,26 +11,29 @@ are read through a byte-offset index, the others through their libraries' random
 from __future__ import annotations
 
 import bisect
+import logging
 import math
+from collections import Counter
 from pathlib import Path
 
 from hanuman_jax.config.fields import check
 from hanuman_jax.data import records
-from hanuman_jax.data.files import LineIndex, parse_line, resolve_paths
+from hanuman_jax.data.files import BUNDLED_DIR, BUNDLED_PREFIX, LineIndex, parse_line, resolve_paths
 from hanuman_jax.data.schemas import (
-    CHATS,
-    PAIRS,
-    TEXTS,
+    DETECT_SAMPLE,
     DataError,
     Document,
+    Shape,
     Skip,
+    detect_shape,
+    map_fields,
     read_record,
+    readable_fields,
     row_to_document,
-    schema_of,
 )
 
 SKIP_REASONS = ("malformed_json", "invalid_utf8", "empty", "missing_field")
-DETECT_ROWS = 1000  # rows read at start to find a source's schema
+DETECT_ROWS = 1000  # rows read at most, at start, to find DETECT_SAMPLE usable ones
 # path: file or glob (.txt, .jsonl, .parquet, or .array_record token shards), hf:OWNER/NAME[:SPLIT]
 # or tfds:NAME[/CONFIG]:SPLIT; weight: share of tokens; max_examples: seeded sample of at most this
 # many documents (0 = all); field_map: our field name -> the row's (see schemas.py); format: text
@@ -40,6 +43,7 @@ TEXT_FORMATS = ("lines", "paragraphs")
 
 
 Record = Document | Skip | dict
+log = logging.getLogger("hanuman_jax")
 
 
 class TextSource:
@@ -62,17 +66,17 @@ class TextSource:
 
 
 class RowSource:
-    """Rows (dicts) in any container; each becomes a Document by the schemas in schemas.py.
+    """Rows (dicts) in any container; each becomes a Document in the source's `Shape`.
 
-    The schema family is detected from the first rows when the source opens, so a file of an
-    unknown form fails at once with one line listing its keys; later rows of another family, or
-    missing the fields, are skipped and counted.
+    The shape is the one most of the first rows have (schemas.detect_shape), found when the
+    source opens, so a file of an unknown form fails at once with one line listing its keys;
+    later rows that do not fit it are skipped and counted, never read another way.
     """
 
     def __init__(self, name: str, field_map: dict | None):
         self.name = name
         self.field_map = dict(field_map) if field_map else None
-        self.schema = self._detect()
+        self.shape = self._detect()
 
     def where(self, i: int) -> str:
         """Row i's place, for messages: file:line, file[row i] or name[i]."""
@@ -82,22 +86,23 @@ class RowSource:
         """Row i as its container holds it (or a Skip); may raise: see `read_record`."""
         raise NotImplementedError
 
-    def _detect(self) -> str:
+    def _detect(self) -> Shape:
+        rows = []
         for i in range(min(len(self), DETECT_ROWS)):
             where = self.where(i)
             row = read_record(where, self.row, i)
-            if isinstance(row, Skip) or not isinstance(row, dict):
+            if not isinstance(row, dict):
                 continue
-            mapped = row
-            if self.field_map:
-                # raises with the row's keys when the map names fields that are not there
-                row_to_document(row, where, self.field_map)
-                mapped = {ours: row[theirs] for ours, theirs in self.field_map.items()}
-            family = schema_of(mapped)
-            if family is None:
-                row_to_document(mapped, where)  # raises: unrecognised, with the keys found
-            return family
-        raise DataError(f"{self.name}: no usable row among the first {DETECT_ROWS}")
+            try:
+                rows.append((where, map_fields(row, where, self.field_map)))
+            except DataError:
+                if not rows:  # the first row names its keys; a later one is skipped when read
+                    raise
+            if len(rows) == DETECT_SAMPLE:
+                break
+        if not rows:
+            raise DataError(f"{self.name}: no usable row among the first {DETECT_ROWS}")
+        return detect_shape(rows)
 
     def __getitem__(self, i: int) -> Record:
         where = self.where(i)
@@ -107,9 +112,14 @@ class RowSource:
         row = self.row(i)
         if isinstance(row, Skip):
             return row
-        doc = row_to_document(row, where, self.field_map, self.schema)
+        doc = row_to_document(row, where, self.field_map, self.shape)
         if doc is None or not any(t.strip() for t in doc.texts()):
-            return Skip("empty", where, "a row with no text (or only whitespace)")
+            return Skip("empty", where, "a row with nothing to train on (no text, or no prompt "
+                        "or no answer)")  # fmt: skip
+        if doc.messages is not None and not any(
+            m["role"] == "assistant" and m["content"].strip() for m in doc.messages
+        ):
+            return Skip("empty", where, "a chat with no assistant reply to train on")
         return doc
 
 
@@ -132,10 +142,8 @@ class JsonlSource(RowSource):
 
 
 class ParquetSource(RowSource):
-    """A Parquet file; only the columns the schemas read (or `field_map` names) are loaded, and
+    """A Parquet file; only the columns the shapes read (or `field_map` names) are loaded, and
     held as Arrow arrays (no Python objects): other columns, of any size or type, are not read."""
-
-    FIELDS = (*CHATS, *(key for pair in PAIRS for key in pair), "input", *TEXTS, "title")
 
     def __init__(self, path: Path, field_map: dict | None = None):
         pq = _optional("pyarrow.parquet", "parquet")
@@ -163,13 +171,13 @@ class ParquetSource(RowSource):
 
     @classmethod
     def _columns(cls, names: list[str], field_map: dict | None, where: str) -> list[str]:
-        """The file's columns that `field_map` names, or (without one) that the schemas read."""
-        wanted = set(field_map.values()) if field_map else set(cls.FIELDS)
-        columns = [name for name in names if name in wanted]
-        if not columns or (field_map and len(columns) < len(wanted)):
-            # raises, naming all the file's columns: those field_map names that are missing, or
-            # that none is a field of a schema
-            row_to_document(dict.fromkeys(names), where, field_map)
+        """The file's columns that `field_map` names, or (without one) that the shapes read."""
+        if field_map:
+            map_fields(dict.fromkeys(names), where, field_map)  # raises, naming the columns
+            return [name for name in names if name in field_map.values()]
+        columns = readable_fields(names)
+        if not columns:  # raises, naming all the file's columns
+            row_to_document(dict.fromkeys(names), where)
         return columns
 
 
@@ -197,13 +205,23 @@ class LibraryRows(RowSource):
 class HFSource(LibraryRows):
     """`hf:OWNER/NAME[:SPLIT]` through `datasets.load_dataset` (Arrow files, memory-mapped).
 
-    A local directory or a loading script's path works in place of OWNER/NAME, as in `datasets`.
+    A local directory (or `bundled:DIR`) works in place of OWNER/NAME, as in `datasets`, and so
+    does a local .jsonl, .json, .parquet or .csv file (read by that format's builder).
     """
+
+    BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
     def __init__(self, spec: str, field_map: dict | None = None):
         datasets = _optional("datasets", "hf")
-        name, _, split = spec.partition(":")
-        load = lambda: datasets.load_dataset(name, split=split or "train")  # noqa: E731
+        bundled = spec.startswith(BUNDLED_PREFIX)
+        name, _, split = spec.removeprefix(BUNDLED_PREFIX).partition(":")
+        name = str(BUNDLED_DIR / name) if bundled else name
+        builder = self.BUILDERS.get(Path(name).suffix)
+        if builder and Path(name).is_file():
+            args, kwargs = (builder,), {"data_files": name}
+        else:
+            args, kwargs = (name,), {}
+        load = lambda: datasets.load_dataset(*args, split=split or "train", **kwargs)  # noqa: E731
         super().__init__(f"hf:{spec}", load, field_map)
 
 
@@ -343,9 +361,9 @@ def open_source(spec: dict, where: str, tokenizer_sha256: str | None = None):
     """The source a `data.sources[i]` entry names (checked by `check_sources`)."""
     path, fmap = spec["path"], spec.get("field_map")
     if path.startswith("hf:"):
-        return HFSource(path[3:], fmap)
+        return _logged(where, [HFSource(path[3:], fmap)])
     if path.startswith("tfds:"):
-        return TfdsSource(path[5:], fmap, spec.get("data_dir"))
+        return _logged(where, [TfdsSource(path[5:], fmap, spec.get("data_dir"))])
     try:
         paths = resolve_paths(path)
     except DataError as e:
@@ -365,6 +383,16 @@ def open_source(spec: dict, where: str, tokenizer_sha256: str | None = None):
                 parts.append(ParquetSource(p, fmap))
             elif p.name != records.MANIFEST:
                 parts.append(TextSource(p, spec.get("format", "lines")))
+    return _logged(where, parts)
+
+
+def _logged(where: str, parts: list):
+    """The parts as one source, after a log line per shape their rows were found to have."""
+    shapes = Counter(part.shape.describe() for part in parts if isinstance(part, RowSource))
+    for shape, files in shapes.items():
+        first = next(p for p in parts if isinstance(p, RowSource) and p.shape.describe() == shape)
+        more = f" and {files - 1} more files" if files > 1 else ""
+        log.info("%s: %s%s holds %s", where, first.name, more, shape)
     return parts[0] if len(parts) == 1 else Concat(parts)
 
 

@@ -2,7 +2,7 @@
 temperature, top-k and top-p.
 
 python -m hanuman_jax.generate --workdir DIR --prompt TEXT [--max-new-tokens N] [--temperature T]
-    [--top-k K] [--top-p P] [--seed S] [--chat]
+    [--top-k K] [--top-p P] [--seed S] [--chat [--history TURNS.json]]
 
 The model's own forward decodes (`Transformer.decode`, with a KV cache); this module drives it.
 Prompts are left-padded to a common length: padding has segment id 0, so no real token attends to
@@ -12,6 +12,7 @@ it, and positions count from each prompt's first token.
 from __future__ import annotations
 
 import functools
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -138,13 +139,33 @@ def generate_ids(
     return [[int(t) for t in row if t >= 0] for row in out]
 
 
-def prompt_ids(tokenizer: Tokenizer, text: str, *, chat: bool = False) -> list[int]:
-    """`<bos>` text as training documents start, or with `chat` a user turn and the header of
-    the assistant's reply (the chat template of `Tokenizer.encode_chat`)."""
+def prompt_ids(
+    tokenizer: Tokenizer, text: str, *, chat: bool = False, history: Sequence[dict] = ()
+) -> list[int]:
+    """`<bos>` text as training documents start, or with `chat` a user turn (after the earlier
+    turns of `history`, their replies' `<think>` blocks dropped) and the header of the
+    assistant's reply (the chat template of `Tokenizer.encode_chat`)."""
     if not chat:
         return [tokenizer.bos_id, *tokenizer.encode(text)]
-    ids, _ = tokenizer.encode_chat([{"role": "user", "content": text}])
+    turns = [*history, {"role": "user", "content": text}]
+    ids, _ = tokenizer.encode_chat(turns, drop_think=True)
     return [*ids[:-1], tokenizer.sep_id, *tokenizer.encode("assistant"), tokenizer.nl_id]
+
+
+def read_history(path: str | Path) -> list[dict]:
+    """Earlier chat turns from a JSON file: a list of {"role", "content"} (`--history`)."""
+    try:
+        turns = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DataError(f"--history {path}: not a readable JSON file ({e})") from None
+    roles = ("system", "user", "assistant")
+    if not isinstance(turns, list) or not all(
+        isinstance(t, dict) and t.get("role") in roles and isinstance(t.get("content"), str)
+        for t in turns
+    ):
+        raise DataError(f"--history {path}: must hold a list of {{'role': one of {roles}, "
+                        "'content': str}} turns")  # fmt: skip
+    return turns
 
 
 def stop_ids(tokenizer: Tokenizer) -> tuple[int, int]:
@@ -165,13 +186,15 @@ def sample(
     top_p: float = 1.0,
     seed: int = 0,
     chat: bool = False,
+    history: Sequence[dict] = (),
 ) -> list[str]:
-    """Each prompt's continuation as text (greedy when temperature is 0)."""
+    """Each prompt's continuation as text (greedy when temperature is 0); with `chat`, each
+    prompt is a user turn after the turns of `history`."""
     if not isinstance(tokenizer, Tokenizer):
         tokenizer = Tokenizer(tokenizer)
     stops = stop_ids(tokenizer)
     outs = generate_ids(
-        params, model_cfg, [prompt_ids(tokenizer, p, chat=chat) for p in prompts],
+        params, model_cfg, [prompt_ids(tokenizer, p, chat=chat, history=history) for p in prompts],
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         seed=seed, stop_ids=stops, pad_id=tokenizer.pad_id,
     )  # fmt: skip
@@ -190,17 +213,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--chat", action="store_true", help="prompt as a user turn of a chat")
+    parser.add_argument("--history", help="with --chat: a JSON file of earlier turns, a list of "
+                        "{role, content}; their <think> blocks are dropped")  # fmt: skip
     args = parser.parse_args(argv)
     from hanuman_jax.checkpoint.restore import load_workdir
 
     try:
+        if args.history and not args.chat:
+            raise ConfigError("--history needs --chat (it holds earlier turns of a chat)")
+        history = read_history(args.history) if args.history else ()
         loaded = load_workdir(args.workdir, args.step)
         if loaded.tokenizer is None:
             raise ConfigError(f"checkpoint {loaded.directory} has no tokenizer")
         texts = sample(
             loaded.params, loaded.model_cfg, loaded.tokenizer, args.prompt,
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-            top_p=args.top_p, seed=args.seed, chat=args.chat,
+            top_p=args.top_p, seed=args.seed, chat=args.chat, history=history,
         )  # fmt: skip
     except (ConfigError, DataError) as e:
         return cli.fail(e)

@@ -23,9 +23,9 @@ from pathlib import Path
 import sentencepiece as spm
 
 UNK, BOS, EOS, PAD = "<unk>", "<bos>", "<eos>", "<pad>"
-NEWLINE = "<nl>"
+NEWLINE, SEP = "<nl>", "<sep>"  # SEP starts each chat turn (`Tokenizer.encode_chat`)
 LANG_TAGS = {"en": "<lang_en>", "th": "<lang_th>", "xx": "<lang_xx>"}
-USER_SYMBOLS = (NEWLINE, *LANG_TAGS.values(), "<translate>", "<copy>", "<sep>")
+USER_SYMBOLS = (NEWLINE, *LANG_TAGS.values(), "<translate>", "<copy>", SEP)
 THAI_DIGITS = "๐๑๒๓๔๕๖๗๘๙"
 ARABIC_DIGITS = "0123456789"
 # Fixed ids: <unk> 0, <bos> 1, <eos> 2, <pad> 3, then USER_SYMBOLS 4-10, then the 256 byte
@@ -51,9 +51,11 @@ DIGITS_TO_ARABIC = dict(zip(THAI_DIGITS, ARABIC_DIGITS, strict=True))
 _TRANSLATE = {"keep": str.maketrans(FOLD), "to-arabic": str.maketrans(FOLD | DIGITS_TO_ARABIC)}
 # SentencePiece's rules remove these, but a text of nothing else still encodes to a lone "▁"
 # there, and to nothing in Hugging Face's tokenizer: `Tokenizer.encode` returns nothing too.
-_INVISIBLE = str.maketrans({k: None for k, v in FOLD.items() if not v})
+INVISIBLE = "".join(k for k, v in FOLD.items() if not v)
+_INVISIBLE = str.maketrans(dict.fromkeys(INVISIBLE))
 _SYMBOL_TEXT = re.compile("|".join(re.escape(s) for s in USER_SYMBOLS))
 _THAI_MARKS = [chr(c) for c in (0x0E31, *range(0x0E34, 0x0E3B), *range(0x0E47, 0x0E4F))]
+_THINK_BLOCK = re.compile(r"<think>.*?</think>\s*", re.S)
 
 
 def normalization_rules(thai_digits: str = "keep") -> dict[str, str]:
@@ -94,6 +96,12 @@ def normalize(text: str, thai_digits: str = "keep") -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n").replace(NEWLINE, "\n")
 
 
+def drop_thinking(text: str) -> str:
+    """A reply without its `<think>...</think>` blocks (all of them, and the space after each):
+    what a later turn keeps of it at inference. An unclosed block stays."""
+    return _THINK_BLOCK.sub("", text)
+
+
 class Tokenizer:
     """Encode/decode text and chats; the special ids every other module uses."""
 
@@ -114,7 +122,7 @@ class Tokenizer:
             )
         self.unk_id, self.bos_id, self.eos_id, self.pad_id = 0, 1, 2, 3
         self.nl_id = SPECIAL_IDS[NEWLINE]
-        self.sep_id = SPECIAL_IDS["<sep>"]
+        self.sep_id = SPECIAL_IDS[SEP]
         self.thai_digits = "to-arabic" if self.sp.encode("๑") == self.sp.encode("1") else "keep"
 
     @property
@@ -152,14 +160,20 @@ class Tokenizer:
         """`<bos>` + text + `<eos>`: the unit that the data pipeline packs."""
         return [self.bos_id, *self.encode(text), self.eos_id]
 
-    def encode_chat(self, messages: Sequence[dict]) -> tuple[list[int], list[int]]:
+    def encode_chat(
+        self, messages: Sequence[dict], *, drop_think: bool = False
+    ) -> tuple[list[int], list[int]]:
         """Chat template: per turn `<sep>` role `<nl>` content, then `<eos>`.
 
         Returns ids and the loss mask: 1 on an assistant reply and on the token that ends it (the
-        next turn's `<sep>` or the final `<eos>`), so the model learns to stop.
+        next turn's `<sep>` or the final `<eos>`), so the model learns to stop. Training keeps
+        `<think>` blocks verbatim; `drop_think` removes them from the replies before the last
+        user turn (the history a new reply follows), as `generate --chat` does.
         """
         ids, mask = [self.bos_id], [0]
         previous = None
+        roles = [m.get("role") for m in messages]
+        history = len(roles) - roles[::-1].index("user") - 1 if "user" in roles else 0
         for i, message in enumerate(messages):
             role, content = message.get("role"), message.get("content")
             if role not in ROLES or not isinstance(content, str):
@@ -167,6 +181,8 @@ class Tokenizer:
                     f"chat message {i} must have role in {ROLES} and string content, got "
                     f"{ {k: type(v).__name__ for k, v in message.items()} }"
                 )
+            if drop_think and role == "assistant" and i < history:
+                content = drop_thinking(content)
             header = [self.sep_id, *self.encode(role), self.nl_id]
             body = self.encode_literal(content)
             ids += header + body

@@ -12,6 +12,12 @@ transformers 4.x and 5.x. The pipeline mirrors SentencePiece step by step:
   in its lattice, and the byte fallback;
 - decoder: SentencePiece's decode, then `<nl>` -> newline, as `Tokenizer.decode`.
 
+`<sep>` is also a special added token, and `tokenizer_config.json` carries `chat_template`, which
+gives `apply_chat_template` the ids of `Tokenizer.encode_chat` (see `chat_template`). So that the
+template's `<bos>` and `<eos>` are tokens, these names typed in a text are the tokens too (as in
+every Hugging Face tokenizer), where SentencePiece spells them in letters; a text holding a typed
+`<sep>` gets a `▁` after it, as the text after an added token starts a new word.
+
 SentencePiece keeps its Viterbi scores in float32 and the Rust Unigram in float64: where two
 segmentations score the same (a run of one repeated letter: `-----|---` vs `---|-----`), float32
 rounding makes SentencePiece pick one and the Rust code the other. Our training rounds piece
@@ -25,6 +31,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import string
 import struct
 import unicodedata
 from pathlib import Path
@@ -37,10 +44,12 @@ try:
     from tokenizers.models import Unigram
 except ImportError as e:
     raise ImportError(
-        f"the Hugging Face export needs `tokenizers` ({e}): pip install 'hanuman-jax[export]'"
+        f"the Hugging Face export needs `tokenizers` ({e}), a dependency of hanuman-jax: "
+        "pip install -c constraints.txt -e . (or pip install hanuman-jax)"
     ) from None
 
-from hanuman_jax.tokenizer.core import BOS, EOS, NEWLINE, PAD, UNK, Tokenizer
+from hanuman_jax.tokenizer import core
+from hanuman_jax.tokenizer.core import BOS, EOS, NEWLINE, PAD, SEP, UNK, Tokenizer
 
 _Piece = sentencepiece_model_pb2.ModelProto.SentencePiece
 _LATTICE = (_Piece.NORMAL, _Piece.USER_DEFINED)  # the piece types SentencePiece matches in text
@@ -157,10 +166,74 @@ def build_tokenizer(proto) -> RustTokenizer:
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS}:0 $A:0", pair=f"{BOS}:0 $A:0 {BOS}:1 $B:1", special_tokens=[(BOS, bos)]
     )
+    # <sep> as an added token cuts the text there, so each turn's role and content are normalized
+    # apart, as `Tokenizer.encode_chat` encodes them (see `chat_template`).
     tok.add_special_tokens(
-        [AddedToken(s, special=True, normalized=False) for s in (UNK, BOS, EOS, PAD)]
+        [AddedToken(s, special=True, normalized=False) for s in (UNK, BOS, EOS, PAD, SEP)]
     )
     return tok
+
+
+# Each turn is <sep> role <nl> content, the content encoded on its own (so with SentencePiece's
+# dummy-prefix space, unless it is empty or invisible), and the turn ends at the next <sep> or the
+# final <eos>. Text after <sep> gets the tokenizer's own dummy prefix; the template writes the
+# content's. {% generation %} marks what `encode_chat`'s loss mask marks: a reply and its end.
+# A generation prompt drops the <think> blocks of the replies before the last user turn, as
+# `generate --chat` does (`drop_thinking`: each block and the whitespace after it).
+_CHAT_TEMPLATE = string.Template("""\
+{%- set roles, reserved = $roles, $reserved -%}
+{%- set last = namespace(user=0) -%}
+{%- for message in messages -%}
+    {%- if message['role'] == 'user' -%}{%- set last.user = loop.index0 -%}{%- endif -%}
+{%- endfor -%}
+{{- '$bos$sep' -}}
+{%- for message in messages -%}
+    {%- set i, content = loop.index0, message['content'] -%}
+    {%- if message['role'] not in roles or content is not string -%}
+        {{- raise_exception('chat message ' ~ i ~ ' must have role in ' ~ roles ~ ' and string \
+content') -}}
+    {%- endif -%}
+    {%- if add_generation_prompt and message['role'] == 'assistant' and i < last.user -%}
+        {%- set kept = namespace(text='', rest=content) -%}
+        {%- for _ in range(content.count('<think>')) -%}
+            {%- set head, tag, tail = kept.rest.partition('<think>') -%}
+            {%- if tag and '</think>' in tail -%}
+                {%- set kept.text = kept.text + head -%}
+                {%- set kept.rest = tail.partition('</think>')[2].lstrip() -%}
+            {%- endif -%}
+        {%- endfor -%}
+        {%- set content = kept.text + kept.rest -%}
+    {%- endif -%}
+    {%- for name in reserved if name in content -%}
+        {{- raise_exception('chat message ' ~ i ~ ' holds ' ~ name ~ ', which this template cannot \
+encode as Tokenizer.encode_chat does') -}}
+    {%- endfor -%}
+    {%- if content$visible -%}{%- set content = ' ' + content -%}{%- endif -%}
+    {%- set end = '$sep' if not loop.last or add_generation_prompt else '$eos' -%}
+    {{- message['role'] + '$nl' -}}
+    {%- if message['role'] == 'assistant' -%}
+        {%- generation -%}{{- content + end -}}{%- endgeneration -%}
+    {%- else -%}
+        {{- content + end -}}
+    {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- 'assistant$nl' -}}{%- endif -%}
+""")
+
+
+def chat_template() -> str:
+    """The Jinja chat template (as transformers renders it) whose ids are `encode_chat`'s, and
+    with `add_generation_prompt` the prompt of `generate --chat` (`encode_chat(drop_think=True)`
+    and the reply's header).
+
+    A content holding a symbol's name is refused: `encode_chat` spells it in bytes, which no text
+    can tokenize to.
+    """
+    return _CHAT_TEMPLATE.substitute(
+        bos=BOS, eos=EOS, sep=SEP, nl=NEWLINE, roles=repr(list(core.ROLES)),
+        reserved=repr([UNK, BOS, EOS, PAD, *core.USER_SYMBOLS]),
+        visible="".join(f" | replace({c!r}, '')" for c in core.INVISIBLE),
+    )  # fmt: skip
 
 
 def export_hf(model_file: str | Path, out_dir: str | Path) -> Path:
@@ -180,8 +253,7 @@ def export_hf(model_file: str | Path, out_dir: str | Path) -> Path:
         "add_eos_token": False,
         # transformers 4 defaults to True, which deletes spaces before punctuation on decode.
         "clean_up_tokenization_spaces": False,
-        # SentencePiece reads a literal "<bos>" in text as letters, not as the control token.
-        "split_special_tokens": True,
+        "chat_template": chat_template(),
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
