@@ -119,7 +119,7 @@ def main() -> None:
         except ImportError as e:
             raise SystemExit(
                 f"error: --compare-torch needs torch and transformers ({e}); "
-                "pip install 'hanuman-jax[export]'"
+                "pip install 'hanuman-jax[torch]'"
             ) from None
 
         theirs = TorchTrainer(cfg, host_batch["tokens"])

@@ -6,7 +6,7 @@ Every shell command in the README's "Quick start", "What a run writes, and how t
 `hanuman_jax/assets/sample/...` mean what they mean at the repository root). Adjustments, and
 only these:
 - the venv, activate and `pip install` parts of a command are skipped: the test runs inside the
-  environment the test command installed (the `test` extra includes `export`); a skipped
+  environment the test command installed (the `test` extra includes `torch`); a skipped
   `pip install` must still name a constraints file and extras that exist;
 - `python` is this interpreter;
 - training commands get `--config.train.steps=6 --config.train.batch_size=4

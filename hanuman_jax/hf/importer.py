@@ -20,14 +20,15 @@ from hanuman_jax import cli
 from hanuman_jax.checkpoint import files
 from hanuman_jax.config import ConfigError, ModelConfig
 from hanuman_jax.hf import mapping as hf_mapping
-from hanuman_jax.hf.export import require_export_extra
+from hanuman_jax.hf.export import require_hf_packages
 from hanuman_jax.model.build import abstract_params
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers old Llama checkpoints saved; recomputed
 
 
 class _SafetensorsDir:
-    """The tensors of a directory's `model.safetensors` or of the shards its index names."""
+    """The tensors of a directory's `model.safetensors` or of the shards its index names, read
+    as numpy arrays (bfloat16 as ml_dtypes'): no torch."""
 
     def __init__(self, model_dir: Path):
         from safetensors import safe_open
@@ -44,18 +45,23 @@ class _SafetensorsDir:
                 f"{', '.join(found) or 'nothing'}. A PyTorch .bin checkpoint can be converted "
                 "with transformers' save_pretrained(..., safe_serialization=True)"
             )
-        self.handles = [safe_open(str(model_dir / f), framework="pt") for f in files]
+        self.handles = [safe_open(str(model_dir / f), framework="np") for f in files]
         self.where = {name: h for h in self.handles for name in h.keys()}  # noqa: SIM118
 
     def names(self) -> set[str]:
         return set(self.where)
 
     def get(self, name: str) -> np.ndarray:
-        import torch
-
         if name not in self.where:
             raise ConfigError(f"the checkpoint has no tensor {name}, which the model needs")
-        return self.where[name].get_tensor(name).to(torch.float32).numpy()
+        try:
+            tensor = self.where[name].get_tensor(name)
+        except (AttributeError, TypeError) as e:  # a dtype with no numpy type (float8, ...)
+            raise ConfigError(
+                f"tensor {name} has a dtype that numpy cannot read ({e}): convert the model to "
+                "float32, float16 or bfloat16"
+            ) from None
+        return tensor.astype(np.float32)
 
 
 def read_hf_config(model_dir: Path) -> dict:
@@ -112,7 +118,7 @@ def import_hf(model_dir: str | Path, out: str | Path, *, param_dtype: str = "flo
     model_dir = Path(model_dir).expanduser()
     if not model_dir.is_dir():
         raise ConfigError(f"--model {model_dir} is not a directory")
-    require_export_extra()
+    require_hf_packages()
     hf = read_hf_config(model_dir)
     cfg = dataclasses.replace(hf_mapping.model_config_from_hf(hf), param_dtype=param_dtype)
     tensors = _SafetensorsDir(model_dir)
