@@ -4,8 +4,12 @@ on-disk layout: files.py)."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
+import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,10 +22,51 @@ import orbax.checkpoint as ocp
 from hanuman_jax.checkpoint import files, restore
 from hanuman_jax.checkpoint.files import CheckpointError, Damaged
 from hanuman_jax.config import ConfigError
+from hanuman_jax.data import DataError
+from hanuman_jax.data.pipeline import position_changes
+from hanuman_jax.training.optim import lr_schedule
 
 log = logging.getLogger("hanuman_jax")
 
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax writes <step> here, then renames it into place
+_NO_SPACE = os.strerror(errno.ENOSPC)  # how tensorstore's errors name it: "No space left on device"
+
+
+def disk_full(e: BaseException | None) -> bool:
+    """Whether `e`, or an exception it was raised from, is a write that found the disk full."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or _NO_SPACE in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+class _DiskFullLogs(logging.Filter):
+    """Drops Orbax's records (each with its traceback) of a save that found the disk full."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (_NO_SPACE in record.getMessage() or disk_full(error))
+
+
+def _quiet_failed_saves() -> None:
+    """A failed save is one CheckpointError (`Checkpointer._disk_full`), not pages of echoes:
+    Orbax's log records of a full disk are dropped, and so is `RuntimeError: Event loop is
+    closed`, which each of the save's other tensorstore writes reports as unraisable when it
+    ends on Orbax's event loop, closed at the first failure. Installed once per process."""
+    previous = sys.unraisablehook
+    if getattr(previous, "quiets_failed_saves", False):
+        return
+    logging.getLogger("absl").addFilter(_DiskFullLogs())  # Orbax logs through absl
+
+    def hook(unraisable) -> None:
+        if str(unraisable.exc_value) != "Event loop is closed":
+            previous(unraisable)
+
+    hook.quiets_failed_saves = True
+    sys.unraisablehook = hook
 
 
 class Checkpointer:
@@ -47,23 +92,25 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(
             self.directory, item_names=("state", "data", "meta"), options=options
         )
+        _quiet_failed_saves()
 
     def save(self, step: int, state, data_state: dict, meta: dict) -> float:
         """Starts writing `step`; returns the seconds the caller was held (the device-to-host
         copy, and any wait for the previous save). `data_state`: the iterator's `get_state()`
         taken at this step (an async save must not read the iterator later)."""
         start = time.perf_counter()
-        self.manager.wait_until_finished()  # `_seal` must see the step it belongs to
+        self.wait()  # `_seal` must see the step it belongs to
         self._saving = step
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                data=grain.checkpoint.CheckpointSave(item=_Position(data_state)),
-                meta=ocp.args.JsonSave(meta),
-            ),
-            force=True,
-        )
+        with self._disk_full():
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    data=grain.checkpoint.CheckpointSave(item=_Position(data_state)),
+                    meta=ocp.args.JsonSave(meta),
+                ),
+                force=True,
+            )
         return time.perf_counter() - start
 
     def _seal(self) -> None:
@@ -97,6 +144,10 @@ class Checkpointer:
             restore.check_arrays(step_dir, abstract_state)
             try:
                 return self.restore(int(step_dir.name), abstract_state, data_iterator)
+            except DataError as e:  # a whole step whose data position is not this pipeline's
+                raise CheckpointError(
+                    f"checkpoint {step_dir}: its data position does not fit this run ({e})"
+                ) from None
             except (ValueError, OSError, KeyError) as e:
                 raise Damaged(step_dir, f"restore failed: {files.first_line(e)}") from None
 
@@ -129,11 +180,34 @@ class Checkpointer:
         self.manager.reload()
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Waits for the background save; a full disk is one CheckpointError (`_disk_full`)."""
+        with self._disk_full():
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()
+
+    @contextlib.contextmanager
+    def _disk_full(self):
+        """Turns a save's ENOSPC (an OSError, or tensorstore's ValueError naming it) into one line
+        naming the disk and the newest whole step, which survives: Orbax commits a step by a
+        rename, and only once it is written whole."""
+        try:
+            yield
+        except Exception as e:
+            if not disk_full(e):
+                raise
+            step, root = self._saving, self.directory
+            mount = next((p for p in (root, *root.parents) if os.path.ismount(p)), root.anchor)
+            whole = files.whole_before(root, step + 1) if step is not None else None
+            newest = (f"the newest whole checkpoint is step {whole} at {root / str(whole)}; free "
+                      "some space and run the same command to resume from it" if whole is not None
+                      else "no whole checkpoint was saved before it")  # fmt: skip
+            raise CheckpointError(
+                f"no space left on {root} (the disk mounted at {mount}, errno ENOSPC) while "
+                f"saving step {step}; {newest}"
+            ) from None
 
 
 class _Position:
@@ -203,12 +277,63 @@ def check_resumable(cfg: ml_collections.ConfigDict, meta: dict, where: Path, tok
             "use another --workdir or the same model config"
         )
     check_tokenizer(meta, where, tokenizer_sha, cfg)
-    if saved.get("train", {}).get("steps") not in (None, cfg.train.steps):
-        log.warning(
-            "train.steps changed from %s to %s: the learning-rate schedule is stretched from here",
-            saved["train"]["steps"],
-            cfg.train.steps,
+    if changes := position_changes(saved, cfg):
+        raise CheckpointError(
+            f"checkpoint {where} holds a data position this run cannot take up "
+            f"({'; '.join(changes)}): resume with the checkpoint's values, or start a new stage "
+            f"from it in another --workdir with train.init_from={where.parent} (its parameters, "
+            "with a fresh optimizer, schedule and data position)"
         )
+    check_schedule(cfg, saved, where)
+
+
+# The fields of the learning-rate schedule (optim.lr_schedule), and how far a resume may raise the
+# rate from one step to the next unless train.allow_lr_jump.
+SCHEDULE_FIELDS = ("train.steps", "optimizer.peak_lr", "optimizer.min_lr_ratio",
+                   "optimizer.warmup_fraction")  # fmt: skip
+MAX_LR_RISE = 1.5
+
+
+def check_schedule(cfg: ml_collections.ConfigDict, saved: dict, where: Path) -> None:
+    """A resume that changes the schedule (a longer or shorter run, another peak): one warning
+    with the learning rate of the checkpoint's last step under its schedule and of the next under
+    this config's, the steps numbered as in metrics.jsonl; CheckpointError if that is a rise over
+    MAX_LR_RISE x, unless train.allow_lr_jump.
+
+    The new schedule runs from the next step as if it had been the run's from the start (a longer
+    run's cosine is stretched: at the same step its rate is higher, several times near the end). A
+    large rise is refused, not smoothed over: a re-anchored schedule would depend on when the run
+    was resumed, not on its config alone (and every checkpoint would have to carry each resume's
+    anchor), so that the user decides, once, at the step where it matters. A small rise, or any
+    fall, goes on with the warning."""
+    then = _flatten({k: saved.get(k, {}) for k in ("train", "optimizer")})
+    now = _flatten({k: cfg[k].to_dict() for k in ("train", "optimizer")})
+    changed = [f"{k} {then[k]} -> {now[k]}" for k in SCHEDULE_FIELDS
+               if then.get(k) not in (None, now[k])]  # fmt: skip
+    if not changed:
+        return
+    step, end = int(where.name), cfg.train.steps
+    if step >= end:
+        log.warning("%s: the checkpoint's step %d is at or past train.steps, nothing is left to "
+                    "train", "; ".join(changed), step)  # fmt: skip
+        return
+    old = ml_collections.ConfigDict({
+        "optimizer": {**cfg.optimizer.to_dict(), **saved.get("optimizer", {})},
+        "train": {"steps": then.get("train.steps", end)},
+    })  # fmt: skip
+    before, after = float(lr_schedule(old)(step - 1)), float(lr_schedule(cfg)(step))
+    rise = after / before if before > 0 else float("inf")
+    what = (f"{'; '.join(changed)}: the learning rate goes from {before:.3g} at step {step} (the "
+            f"checkpoint's last, under its schedule) to {after:.3g} at step {step + 1} (the next, "
+            f"under this config's, which ends at step {end}), {rise:.2f}x in one step")  # fmt: skip
+    if rise > MAX_LR_RISE and not cfg.train.get("allow_lr_jump", False):
+        raise CheckpointError(
+            f"checkpoint {where}: {what}; a rise over {MAX_LR_RISE}x can undo the training so far: "
+            "keep the checkpoint's values, set train.allow_lr_jump=true to go on anyway, or start "
+            "a new stage from it with train.init_from (a fresh optimizer and schedule, warmup "
+            "included)"
+        )
+    log.warning("%s", what)
 
 
 def init_params(cfg: ml_collections.ConfigDict, abstract_params: dict, shardings, tokenizer_sha):

@@ -8,6 +8,7 @@ is the same whatever the number of processes: a run can resume on a different ho
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import grain
@@ -19,8 +20,10 @@ from hanuman_jax.data import records
 from hanuman_jax.data.packing import PackedRows
 from hanuman_jax.data.schedule import SeqLenSchedule
 from hanuman_jax.data.schemas import DataError, Document
-from hanuman_jax.data.sources import SKIP_REASONS, open_source
+from hanuman_jax.data.sources import SKIP_REASONS, Concat, open_source
 from hanuman_jax.data.tokens import tokenize_record
+
+log = logging.getLogger("hanuman_jax")
 
 # Lanes read synchronously; one prefetch thread runs the whole batch ahead of the trainer.
 _SEQUENTIAL = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
@@ -98,23 +101,26 @@ class Lanes(grain.IterDataset):
     `batch["stats"]` (host-side: the trainer logs it, it never reaches the device).
 
     Batch i takes `schedule.rows_per_lane(i)` consecutive rows of `schedule.length(i)` tokens
-    from each lane, lane after lane."""
+    from each lane, lane after lane. `sources`: each data.sources entry's `fingerprint`, kept in
+    the iterator's state, so that a resume can tell whether the files under the position changed."""
 
-    def __init__(self, lanes: list[PackedRows], schedule: SeqLenSchedule):
+    def __init__(
+        self, lanes: list[PackedRows], schedule: SeqLenSchedule, sources: list[dict] | None = None
+    ):
         super().__init__(lanes)
-        self._schedule = schedule
+        self._schedule, self._sources = schedule, sources
 
     def __iter__(self):
-        return _LanesIterator([p.__iter__() for p in self._parents], self._schedule)
+        return _LanesIterator([p.__iter__() for p in self._parents], self._schedule, self._sources)
 
     def __str__(self) -> str:
         return f"Lanes({len(self._parents)}, {self._schedule})"
 
 
 class _LanesIterator(grain.DatasetIterator):
-    def __init__(self, parents, schedule: SeqLenSchedule):
+    def __init__(self, parents, schedule: SeqLenSchedule, sources: list[dict] | None):
         super().__init__(parents)
-        self._schedule = schedule
+        self._schedule, self._sources = schedule, sources
         self._batches = 0  # batches produced: the step the next one is for
 
     def __next__(self):
@@ -129,14 +135,25 @@ class _LanesIterator(grain.DatasetIterator):
         return batch
 
     def get_state(self) -> dict:
-        return {"lanes": [p.get_state() for p in self._parents], "batches": self._batches}
+        state = {"lanes": [p.get_state() for p in self._parents], "batches": self._batches}
+        return state if self._sources is None else state | {"sources": self._sources}
 
     def set_state(self, state: dict) -> None:
+        """Restores the position; DataError when it cannot fit this pipeline, and a warning for
+        each source whose files changed under it (the position is kept: `warn_changed`)."""
         if len(state["lanes"]) != len(self._parents):
             raise DataError(
                 f"the checkpoint's data state has {len(state['lanes'])} lanes, this run "
                 f"{len(self._parents)}: train.batch_size (or the process count) changed"
             )
+        saved = state.get("sources")  # None in a position saved before sources were recorded
+        if saved is not None and self._sources is not None:
+            if len(saved) != len(self._sources):
+                raise DataError(
+                    f"the checkpoint's data state reads {len(saved)} data.sources, this run "
+                    f"{len(self._sources)}"
+                )
+            warn_changed(saved, self._sources)
         for parent, s in zip(self._parents, state["lanes"], strict=True):
             parent.set_state(s)
         self._batches = int(state.get("batches", 0))
@@ -145,6 +162,69 @@ class _LanesIterator(grain.DatasetIterator):
 def open_sources(specs, tokenizer_path: str | Path, field: str = "data.sources") -> list:
     sha = records.file_sha256(tokenizer_path)
     return [open_source(dict(spec), f"{field}[{i}]", sha) for i, spec in enumerate(specs)]
+
+
+def fingerprint(spec: dict, source) -> dict:
+    """What a data position records of one data.sources entry, to tell on resume whether its
+    files changed under it: each file as a shard manifest lists it (`records.shard_entry`: name,
+    records, size and a SHA-256 of its first and last 64 KiB, cheap at every start), a library's
+    dataset by its name and length. Not the mtime: a copy of the same bytes is the same data."""
+    files = []
+    for part in source.parts if isinstance(source, Concat) else [source]:
+        path = getattr(part, "path", None) or getattr(getattr(part, "index", None), "path", None)
+        files.append(records.shard_entry(path, len(part)) if path
+                     else {"name": part.name, "documents": len(part)})  # fmt: skip
+    return {"path": spec["path"], "files": files}
+
+
+def warn_changed(saved: list[dict], now: list[dict]) -> None:
+    """One warning per data.sources entry whose files are not those its position was saved over.
+    The position is kept, as a resume with other data is the user's to make (cleaned or grown
+    files, prepare run again): it is a record number per source, read in the files as they are."""
+    for i, (then, current) in enumerate(zip(saved, now, strict=True)):
+        if then["files"] != current["files"]:
+            log.warning(
+                "data.sources[%d] %r: %s since the checkpoint was saved; its data position is "
+                "kept as it is, so the run goes on at the same record numbers of the files as "
+                "they are now (some records may be read twice, others never)",
+                i, current["path"], _file_changes(then["files"], current["files"]),
+            )  # fmt: skip
+
+
+def _file_changes(then: list[dict], now: list[dict]) -> str:
+    """`a.txt changed (120 records then, 130 now); b.txt is new` for `warn_changed`."""
+    old, new = {e["name"]: e for e in then}, {e["name"]: e for e in now}
+    changes = [f"{name} is gone" for name in old if name not in new]
+    changes += [f"{name} is new" for name in new if name not in old]
+    for name in (n for n in new if n in old and new[n] != old[n]):
+        a, b = old[name], new[name]
+        if a["documents"] != b["documents"]:
+            what = f"{a['documents']} records then, {b['documents']} now"
+        elif a.get("bytes") != b.get("bytes"):
+            what = f"{a.get('bytes')} bytes then, {b.get('bytes')} now"
+        else:
+            what = "as many records and bytes, but other bytes at its start or end"
+        changes.append(f"{name} changed ({what})")
+    more = f" and {len(changes) - 3} more" if len(changes) > 3 else ""
+    return "; ".join(changes[:3]) + more if changes else "its files are in another order"
+
+
+def position_changes(saved: dict, cfg: ml_collections.ConfigDict) -> list[str]:
+    """What changed since a data position was saved under config `saved` (a dict) that it cannot
+    carry over to `cfg`: it holds a lane per row of train.batch_size, each a mixture of
+    data.sources by their number (a changed file is `warn_changed`'s)."""
+    changes = []
+    batch = saved.get("train", {}).get("batch_size")
+    if batch not in (None, cfg.train.batch_size):
+        changes.append(f"train.batch_size {batch} -> {cfg.train.batch_size}")
+    then = [s.get("path") for s in saved.get("data", {}).get("sources", [])]
+    now = [s["path"] for s in cfg.data.sources]
+    if then and len(then) != len(now):
+        which = [f"{p!r} added" for p in now if p not in then]
+        which += [f"{p!r} removed" for p in then if p not in now]
+        named = f" ({', '.join(which)})" if which else ""
+        changes.append(f"data.sources {len(then)} entries -> {len(now)}{named}")
+    return changes
 
 
 def _sample(source, limit: int, seed: int):
@@ -206,8 +286,11 @@ def make_dataset(
         mixed = TokenMix(parts, weights)
         lanes.append(PackedRows(mixed, cfg.data.seq_len, mode=cfg.data.packing,
                                 num_sources=len(specs)))  # fmt: skip
-    full_length = SeqLenSchedule.constant(cfg.data.seq_len)
-    ds = Lanes(lanes, full_length if eval_sources else SeqLenSchedule.from_config(cfg))
+    if eval_sources:  # read from the start every time: no position to resume
+        ds = Lanes(lanes, SeqLenSchedule.constant(cfg.data.seq_len))
+    else:
+        marks = [fingerprint(spec, source) for spec, source in zip(specs, sources, strict=True)]
+        ds = Lanes(lanes, SeqLenSchedule.from_config(cfg), marks)
     if prefetch:
         ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
     return ds
