@@ -5,7 +5,6 @@ decodes it with the fine-tuned model."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -86,10 +85,11 @@ def test_trl_sft_round_trip(tmp_path):
     assert len(changed) == len(before), sorted(set(before) - set(changed))  # every tensor trained
 
     # TRL saves the tokenizer with save_pretrained (tokenizer.json and chat_template.jinja), which
-    # leaves out the SentencePiece model that a checkpoint of ours carries: the user copies it
-    shutil.copyfile(hf_dir / "tokenizer.model", tuned / "tokenizer.model")
+    # leaves out the SentencePiece model that a checkpoint of ours carries: --tokenizer names it
+    assert not (tuned / "tokenizer.model").exists()
     back = tmp_path / "imported"
-    cmd = [sys.executable, "-m", "hanuman_jax.import_hf", "--model", str(tuned), "--out", str(back)]
+    cmd = [sys.executable, "-m", "hanuman_jax.import_hf", "--model", str(tuned), "--out", str(back),
+           "--tokenizer", str(hf_dir / "tokenizer.model")]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from hanuman_jax.config import ConfigError, ModelConfig
 from hanuman_jax.hf import mapping as hf_mapping
 from hanuman_jax.hf.export import require_hf_packages
 from hanuman_jax.model.build import abstract_params
+
+log = logging.getLogger("hanuman_jax")
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers old Llama checkpoints saved; recomputed
 
@@ -113,11 +116,20 @@ def _pieces(tokenizer: Path) -> int:
     return spm.SentencePieceProcessor(model_file=str(tokenizer)).get_piece_size()
 
 
-def import_hf(model_dir: str | Path, out: str | Path, *, param_dtype: str = "float32"):
-    """Writes the HF model at `model_dir` as a checkpoint of ours; returns (step dir, config)."""
+def import_hf(
+    model_dir: str | Path,
+    out: str | Path,
+    *,
+    param_dtype: str = "float32",
+    tokenizer: str | Path | None = None,
+):
+    """Writes the HF model at `model_dir` as a checkpoint of ours; returns (step dir, config).
+    The checkpoint keeps `tokenizer` (a SentencePiece model), else `model_dir`'s tokenizer.model
+    if it has one: transformers' save_pretrained, and so TRL, write none."""
     model_dir = Path(model_dir).expanduser()
     if not model_dir.is_dir():
         raise ConfigError(f"--model {model_dir} is not a directory")
+    tokenizer = _tokenizer(model_dir, tokenizer)
     require_hf_packages()
     hf = read_hf_config(model_dir)
     cfg = dataclasses.replace(hf_mapping.model_config_from_hf(hf), param_dtype=param_dtype)
@@ -132,10 +144,35 @@ def import_hf(model_dir: str | Path, out: str | Path, *, param_dtype: str = "flo
             f"model (e.g. {', '.join(unused[:3])})"
         )
     params = _cast(params, jnp.dtype(param_dtype))
+    if tokenizer is not None and _pieces(tokenizer) > cfg.vocab_size:
+        raise ConfigError(
+            f"--tokenizer {tokenizer} has {_pieces(tokenizer)} pieces, more than the model's "
+            f"{cfg.vocab_size} embedding rows: it is not this model's tokenizer"
+        )
     meta = {"imported_from": str(model_dir.absolute()), "hf_config": hf}
-    sp_model = model_dir / files.TOKENIZER_FILE
-    tokenizer = sp_model if sp_model.is_file() else None
     return write_checkpoint(params, cfg, out, tokenizer=tokenizer, meta=meta), cfg
+
+
+def _tokenizer(model_dir: Path, given: str | Path | None) -> Path | None:
+    """The SentencePiece model the checkpoint keeps: `given`, else the folder's, else None."""
+    if given is not None:
+        path = Path(given).expanduser()
+        try:
+            _pieces(path)
+        except (OSError, RuntimeError) as e:
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ConfigError(f"--tokenizer {path} is not a SentencePiece model: {reason}") from e
+        return path
+    found = model_dir / files.TOKENIZER_FILE
+    if found.is_file():
+        return found
+    log.warning(
+        "%s has no %s (transformers' save_pretrained and TRL do not write one): the checkpoint "
+        "keeps no tokenizer; pass --tokenizer PATH (the export's %s) so that generate and "
+        "train.init_from find it",
+        model_dir, files.TOKENIZER_FILE, files.TOKENIZER_FILE,
+    )  # fmt: skip
+    return None
 
 
 def _cast(tree, dtype):
@@ -164,9 +201,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--param-dtype", choices=("float32", "bfloat16"), default="float32",
                         help="dtype the parameters are stored in (float32 holds fp16/bf16 "
                         "weights exactly)")  # fmt: skip
+    parser.add_argument("--tokenizer", metavar="PATH", help="the SentencePiece model to keep "
+                        "(default: the folder's tokenizer.model)")  # fmt: skip
     args = parser.parse_args(argv)
+    cli.setup_logging()
     try:
-        step_dir, cfg = import_hf(args.model, args.out, param_dtype=args.param_dtype)
+        step_dir, cfg = import_hf(
+            args.model, args.out, param_dtype=args.param_dtype, tokenizer=args.tokenizer
+        )
     except ConfigError as e:
         return cli.fail(e)
     print(f"wrote {step_dir} from {args.model}")
