@@ -87,6 +87,7 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.train.max_nonfinite_steps = 25  # this many non-finite steps in a row: save and stop
     cfg.train.init_from = ""  # another run's workdir: start from its parameters (only); "" = none
     cfg.train.compilation_cache = "compilation_cache"  # compiled steps kept for restarts; "" = none
+    cfg.train.allow_lr_jump = False  # resume even if a new schedule lifts the lr over 1.5x at once
 
     cfg.mesh = ml_collections.ConfigDict()
     cfg.mesh.data = 1  # data-parallel replicas; -1 = all devices left over

@@ -126,6 +126,9 @@ BAD = [
     ("--config.model.dtype=fp8", "model.dtype='fp8' is invalid: one of float32"),
     ("--config.mesh.fsdp=-1", "at most one axis may be -1"),
     ("--config.train.batch_size=0", "train.batch_size=0 is invalid"),
+    # past int32 (the optimizer's step count, token ids): once a traceback in the first step
+    ("--config.train.steps=3000000000", "steps=3000000000 is invalid: must be an integer >= 1 and"),
+    ("--config.model.vocab_size=3000000000", "vocab_size=3000000000 is invalid: must be an"),
     ("--config.model.rope.scaling=yarn", "model.rope.scaling='yarn' is invalid"),
     ("--config.data.sources=[{'pth': 'x'}]", "data.sources[0]"),
     ("--config.model=3", "config model is a section"),
@@ -276,6 +279,8 @@ def test_each_table_entry_holds_its_bounds(section, name, rule):
     bad = []  # (value, what the message says is valid)
     if isinstance(rule, Int) and rule.lo is not None:
         bad = [(rule.lo - 1, f"must be an integer >= {rule.lo}"), (1.5, "must be an integer")]
+        if rule.hi is not None:
+            bad.append((rule.hi + 1, f"must be an integer >= {rule.lo} and <= {rule.hi}"))
     elif isinstance(rule, Number):
         bad = [(math.nan, "must be a finite number"), (math.inf, "must be a finite number")]
         if math.isfinite(rule.lo):
@@ -299,6 +304,9 @@ def test_rules_say_what_is_valid():
     assert Int(1).problem(True) == "must be an integer >= 1"
     assert Int(0, "0 = off").problem(-1) == "must be an integer >= 0 (0 = off)"
     assert Int(None).problem(-5) is None and Int(None).problem("5") == "must be an integer"
+    assert Int(None, hi=9).problem(10) == "must be an integer <= 9"
+    assert Int(1, "x", hi=9).problem(10) == "must be an integer >= 1 and <= 9 (x)"
+    assert Int(1, hi=9).problem(9) is None
     assert (above(0).problem(0), above(0).problem(1e-9)) == ("must be > 0", None)
     assert (at_least(0).problem(0), at_least(0).problem(-1)) == (None, "must be >= 0")
     assert within(0, 1, hi_open=True).problem(1) == "must be in [0, 1)"
@@ -371,6 +379,27 @@ def test_batch_split_is_one_rule_where_the_splitters_are_known():
     ):
         memory.plan(cfg, 3)
     check_batch_divides(12, 2, 3, "anything")  # 3 shards of 4 rows, 2 micro-batches each
+
+
+CONFIG_FILES = [  # (file name, its text, what the one line says after "--config FILE")
+    ("cfg.json", '{"model": {}}', ": not a Python file; a config is a .py file that defines"),
+    ("notes.txt", "hello", ": not a Python file"),
+    ("broken.py", "import ml_collections\ndef get_config(:\n", ":2: SyntaxError: invalid syntax"),
+    ("empty.py", "x = 1\n", ": the file defines no get_config()"),
+    ("typo.py", "def get_config():\n\n    return ConfigDct()\n", ":3: NameError: name 'ConfigDct'"),
+]
+
+
+@pytest.mark.parametrize(("name", "text", "says"), CONFIG_FILES, ids=[c[0] for c in CONFIG_FILES])
+def test_config_file_that_is_not_a_config_is_one_line(tmp_path, monkeypatch, capsys, name, text,
+                                                      says):  # fmt: skip
+    (tmp_path / name).write_text(text)
+    monkeypatch.chdir(tmp_path)  # a relative path, as typed
+    with pytest.raises(ConfigError) as err:
+        load_config(name)
+    assert str(err.value).startswith(f"--config {name}{says}"), err.value
+    assert main(["--config", name]) == 2
+    assert capsys.readouterr().err == f"error: {err.value}\n"
 
 
 def test_sections_refuse_unknown_and_missing_keys():

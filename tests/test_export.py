@@ -7,6 +7,9 @@ transformers on Thai and English: logits, greedy continuations, the fp16 export'
 and `evaluate`'s loss. Random transformers Llama and Mixtral models check the import.
 """
 
+import contextlib
+import importlib.util
+import io
 import json
 import os
 import subprocess
@@ -25,7 +28,7 @@ from hanuman_jax.hf.importer import import_hf
 from hanuman_jax.hf.importer import write_checkpoint as import_checkpoint
 from hanuman_jax.hf.mapping import model_config_from_hf
 from hanuman_jax.inference.evaluate import evaluate
-from hanuman_jax.inference.generate import generate_ids, prompt_ids
+from hanuman_jax.inference.generate import generate_ids, prompt_ids, stop_ids
 from hanuman_jax.model.build import inference_config, model_from_params
 from hanuman_jax.planning.targets import Target
 from hanuman_jax.tokenizer import Tokenizer
@@ -154,6 +157,8 @@ def _check_export(kind: str, workdir: Path, tmp_path: Path) -> None:
     ids = [prompt_ids(tokenizer, t) + [tokenizer.eos_id] for t in TEXTS]
     assert [hf_tokenizer(t).input_ids + [tokenizer.eos_id] for t in TEXTS] == ids
 
+    _check_chat(out, loaded, tokenizer, model)
+
     ours = _ours(loaded, *ids)
     theirs, losses = zip(*[_hf_forward(model, x) for x in ids], strict=True)
     diff = max(float(np.abs(a - b).max()) for a, b in zip(ours, theirs, strict=True))
@@ -179,6 +184,30 @@ def _check_export(kind: str, workdir: Path, tmp_path: Path) -> None:
     agree = np.mean(np.concatenate(top1))
     print(f"{kind}: fp16 export top-1 agreement {agree:.4f}")
     assert agree >= 0.99
+
+
+def _check_chat(out: Path, loaded, tokenizer: Tokenizer, model) -> None:
+    """The export's chat template gives `generate --chat`'s prompt, and transformers' greedy reply,
+    stopping where generation_config.json says, is ours; scripts/serve_t4.py --chat prints it."""
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    text = TEXTS[3][:40]
+    turn = [{"role": "user", "content": text}]
+    ids = hf_tokenizer.apply_chat_template(turn, add_generation_prompt=True, return_dict=False)
+    assert ids == prompt_ids(tokenizer, text, chat=True)
+    assert model.generation_config.eos_token_id == list(stop_ids(tokenizer))
+    with torch.no_grad():
+        reply = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)
+    reply = reply[0, len(ids) :].tolist()
+    assert reply == generate_ids(loaded.params, loaded.model_cfg, [ids], max_new_tokens=12,
+                                 stop_ids=stop_ids(tokenizer))[0]  # fmt: skip
+    spec = importlib.util.spec_from_file_location("serve_t4", ROOT / "scripts" / "serve_t4.py")
+    serve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(serve)
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        serve.main(["--model", str(out), "--prompt", text, "--chat", "--dtype", "float32",
+                    "--max-new-tokens", "12"])  # fmt: skip
+    said = hf_tokenizer.decode(reply, skip_special_tokens=True)
+    assert printed.getvalue() == f"--- {text} (cpu, float32)\n{said}\n"
 
 
 def test_dense_export_equals_transformers(runs, tmp_path):
@@ -262,6 +291,105 @@ def test_export_errors_and_shards(runs, tmp_path, capsys):
     np.testing.assert_array_equal(_hf_logits(_hf(out), [1, 5, 900, 7]), whole)
 
 
+def test_export_and_import_without_torch(runs, tmp_path):
+    """`python -m hanuman_jax.export --dtype bfloat16` and `python -m hanuman_jax.import_hf` run
+    where torch and transformers cannot be imported (as after `pip install -e .`); then the bf16
+    weights are torch's rounding of the float32 export, AutoTokenizer reads the tokenizer files,
+    and transformers on the export computes what the imported checkpoint computes in JAX."""
+    from safetensors.torch import load_file
+
+    hidden = tmp_path / "hidden"  # first on the path: `import torch` finds these and fails
+    for name in ("torch", "transformers"):
+        (hidden / name).mkdir(parents=True)
+        (hidden / name / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
+    path = os.pathsep.join(filter(None, [str(hidden), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=path)
+    workdir, out, imported = runs("dense"), tmp_path / "bf16", tmp_path / "imported"
+    export_args = ["--workdir", str(workdir), "--out", str(out), "--dtype", "bfloat16"]
+    import_args = ["--model", str(out), "--out", str(imported)]
+    for args in (["hanuman_jax.export", *export_args], ["hanuman_jax.import_hf", *import_args]):
+        proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=300)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    bf16 = load_file(out / "model.safetensors")
+    fp32 = load_file(export(workdir, tmp_path / "fp32") / "model.safetensors")
+    assert sorted(bf16) == sorted(fp32)
+    for name, x in fp32.items():
+        assert bf16[name].dtype == torch.bfloat16 and torch.equal(bf16[name], x.bfloat16()), name
+    loaded = load_params(imported)
+    tokenizer = Tokenizer(loaded.tokenizer)
+    ids = prompt_ids(tokenizer, TEXTS[2])
+    assert transformers.AutoTokenizer.from_pretrained(out)(TEXTS[2]).input_ids == ids
+    diff = float(np.abs(_ours(loaded, ids)[0] - _hf_logits(_hf(out, torch.float32), ids)).max())
+    assert diff < 1e-4
+
+
+def _imported_run(tmp_path: Path) -> Path:
+    """A run of one checkpoint of random weights (no training: fast), with our tokenizer."""
+    from conftest import random_params, small_model_cfg
+
+    cfg = small_model_cfg()
+    import_checkpoint(random_params(cfg), cfg, tmp_path / "run", step=1,
+                      tokenizer=SAMPLE / "tokenizer.model")  # fmt: skip
+    return tmp_path / "run"
+
+
+def test_a_killed_export_leaves_no_half_model(tmp_path, monkeypatch):
+    """OUT appears whole or not at all: the export is written beside it and renamed into place;
+    what a killed export left there is removed by the next."""
+    from hanuman_jax.hf import export as hf_export
+
+    run, out = _imported_run(tmp_path), tmp_path / "hf"
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # after the weights, before the tokenizer
+
+    monkeypatch.setattr(hf_export, "export_tokenizer", killed)
+    with pytest.raises(KeyboardInterrupt):
+        export(run, out)
+    assert not out.exists()
+    monkeypatch.undo()
+    stale = tmp_path / ".hf.exporting"  # as a SIGKILL leaves it
+    stale.mkdir()
+    (stale / "model.safetensors.tmp").write_bytes(b"\0" * 1000)
+    export(run, out)
+    assert (out / "tokenizer.json").is_file() and (out / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "run"]
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_export_keeps_the_users_files_and_refuses_what_it_cannot_write(tmp_path, monkeypatch,
+                                                                       capsys):  # fmt: skip
+    run, out = _imported_run(tmp_path), tmp_path / "hf"
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "model.safetensors").write_text("mine")
+    with pytest.raises(ConfigError, match=f"--out {notes}: holds files but no config.json"):
+        export(run, notes)
+    assert [p.name for p in notes.iterdir()] == ["model.safetensors"]
+
+    export(run, out)
+    (out / "README.md").write_text("my model card")
+    export(run, out, max_shard_bytes=20_000)  # a second export replaces the first's files only
+    assert (out / "README.md").read_text() == "my model card"
+    assert (out / "model.safetensors.index.json").is_file()
+    assert not (out / "model.safetensors").exists()
+
+    capsys.readouterr()
+    out.chmod(0o555)
+    if os.geteuid() == 0:  # root writes anywhere: answer as the mode bits would for a user
+        monkeypatch.setattr(os, "access", lambda p, mode: not (Path(p) == out and mode & os.W_OK))
+    try:
+        assert export_main(["--workdir", str(run), "--out", str(out)]) == 2
+    finally:
+        out.chmod(0o755)
+    err = capsys.readouterr().err
+    assert f"error: --out {out}: cannot write in {out} (read-only)\n" == err, err
+    assert (out / "model.safetensors.index.json").is_file()
+    assert not (tmp_path / ".hf.exporting").exists()
+
+
 @pytest.mark.parametrize(
     "edit, says",
     [
@@ -295,6 +423,74 @@ def test_edited_metadata_is_one_line_in_export_generate_and_evaluate(tmp_path, c
         assert len(errors) == 1 and says in errors[0] and "Traceback" not in err, err
         assert str(step_dir.parent) in errors[0]
     assert not (tmp_path / "hf" / "config.json").exists()
+
+
+def _vllm_weights(c: dict) -> dict[str, tuple[int, ...]]:
+    """The tensors vLLM's MixtralForCausalLM / LlamaForCausalLM `load_weights` read (per-expert
+    `experts.E.w1/w2/w3`, stacked there into its fused MoE), with their [out, in] shapes."""
+    D, H, V, F = c["hidden_size"], c["head_dim"], c["vocab_size"], c["intermediate_size"]
+    NH, KH = c["num_attention_heads"] * H, c["num_key_value_heads"] * H
+    names = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
+    if not c["tie_word_embeddings"]:
+        names["lm_head.weight"] = (V, D)
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        names |= {
+            p + "input_layernorm.weight": (D,),
+            p + "post_attention_layernorm.weight": (D,),
+            p + "self_attn.q_proj.weight": (NH, D),
+            p + "self_attn.k_proj.weight": (KH, D),
+            p + "self_attn.v_proj.weight": (KH, D),
+            p + "self_attn.o_proj.weight": (D, NH),
+        }
+        if c["model_type"] == "llama":
+            names |= {
+                p + "mlp.gate_proj.weight": (F, D),
+                p + "mlp.up_proj.weight": (F, D),
+                p + "mlp.down_proj.weight": (D, F),
+            }
+            continue
+        names[p + "block_sparse_moe.gate.weight"] = (c["num_local_experts"], D)
+        for e in range(c["num_local_experts"]):
+            x = f"{p}block_sparse_moe.experts.{e}."
+            names |= {x + "w1.weight": (F, D), x + "w3.weight": (F, D), x + "w2.weight": (D, F)}
+    return names
+
+
+@pytest.mark.parametrize("experts", [5, 0])
+def test_export_is_what_vllm_loads(experts, tmp_path):
+    """vLLM cannot run here, so this checks what it reads: a stock config class (no custom code),
+    the weights its Mixtral and Llama loaders take, the tokenizer with its chat template, and
+    the tokens that end a reply."""
+    from conftest import random_params, small_model_cfg
+    from safetensors import safe_open
+
+    from hanuman_jax.config import MoeConfig
+    from hanuman_jax.tokenizer.hf import chat_template
+
+    tokenizer = Tokenizer(SAMPLE / "tokenizer.model")
+    cfg = small_model_cfg(vocab_size=tokenizer.vocab_size, tie_embeddings=not experts,
+                          moe=MoeConfig(num_experts=experts, top_k=2))  # fmt: skip
+    import_checkpoint(random_params(cfg), cfg, tmp_path / "run", step=1,
+                      tokenizer=SAMPLE / "tokenizer.model")  # fmt: skip
+    out = export(tmp_path / "run", tmp_path / "hf", dtype="float16")  # a T4 serves float16
+
+    config = json.loads((out / "config.json").read_text())
+    stock = transformers.MixtralConfig if experts else transformers.LlamaConfig
+    assert type(transformers.AutoConfig.from_pretrained(out)) is stock
+    assert config["architectures"] == [stock.__name__.replace("Config", "ForCausalLM")]
+    # every key is the stock class's, or transformers 4's spelling of one (for older vLLMs)
+    assert set(config) - set(stock().to_dict()) <= {"rope_theta", "rope_scaling", "torch_dtype"}
+    with safe_open(out / "model.safetensors", framework="numpy") as f:
+        shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+    assert shapes == _vllm_weights(config)
+
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    assert hf_tokenizer.chat_template == chat_template()
+    assert len(hf_tokenizer) <= config["vocab_size"]
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation == {"bos_token_id": 1, "eos_token_id": [2, 10], "pad_token_id": 3}
+    assert hf_tokenizer.convert_ids_to_tokens([2, 10, 3]) == ["<eos>", "<sep>", "<pad>"]
 
 
 # The MoE trains in the background meanwhile; the tests that need it come last.

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -7,7 +8,7 @@ import textwrap
 import pytest
 
 from hanuman_jax import sharding
-from hanuman_jax.config import load_config
+from hanuman_jax.config import ConfigError, load_config
 from hanuman_jax.planning import memory
 from hanuman_jax.training.step import build_setup
 
@@ -154,3 +155,58 @@ def test_colab_tpu_mesh_takes_the_devices_found(root):
     assert out["preset/1"] == {"mesh": {**rest, "fsdp": 1}, "micro_batch": 8}  # v5e-1, v6e-1
     assert out["v5e-1/1"] == {"mesh": {**rest, "fsdp": 1}, "micro_batch": 1}
     assert "train.grad_accum_steps=64 is invalid" in out["v5e-1/8"]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [[], ["--config.model.tie_embeddings=false", "--config.model.head_dim=24", *DENSE]],
+    ids=["moe_tied", "dense_untied_head_dim"],
+)
+def test_param_count_in_closed_form_is_the_models(root, overrides):
+    from hanuman_jax.config import ModelConfig
+    from hanuman_jax.model.build import count_params
+
+    cfg = ModelConfig.from_config(_small(root, "--config.model.num_heads=2", *overrides).model)
+    assert memory.param_count(cfg) == count_params(cfg)["total"]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [[],
+     ["--config.model.remat=full", "--config.model.param_dtype=bfloat16",
+      "--config.model.dtype=bfloat16"],
+     [*DENSE, "--config.mesh.data=1", "--config.mesh.fsdp=-1",
+      "--config.train.grad_accum_steps=2"]],
+    ids=["plain", "remat_bf16", "fsdp_accum"],
+)  # fmt: skip
+def test_floor_is_under_the_plan(root, monkeypatch, overrides):
+    """check_fits passes a device that holds what the planner plans, and refuses one of a tenth
+    of that: its floor is below the plan, and not orders of magnitude below."""
+    cfg = _small(root, *overrides)
+    total = memory.plan(cfg, 8).total
+    for hbm, fits in ((total, True), (total // 10, False)):
+        monkeypatch.setattr(memory, "DEVICES", {"x": memory.Device(1, hbm, memory.Target("gpu"))})
+        if fits:
+            memory.check_fits(cfg, 8)
+        else:
+            with pytest.raises(ConfigError, match=r"at least .* more than the largest, x's"):
+                memory.check_fits(cfg, 8)
+
+
+@pytest.mark.parametrize(
+    ("override", "says"),
+    [("model.num_layers=100000", "num_layers=100000, d_model=128"),
+     ("model.d_model=10000000", "num_layers=4, d_model=10000000"),
+     ("train.batch_size=1000000000", "train.batch_size=1000000000, data.seq_len=128")],
+)  # fmt: skip
+def test_absurd_sizes_are_refused_before_anything_is_built(root, tmp_path, override, says):
+    """A typo's size is one line in seconds (each ran until killed, or died in XLA, before)."""
+    cmd = [sys.executable, "-m", "hanuman_jax.train", "--config", "configs/tiny.py",
+           "--workdir", str(tmp_path), "--no-progress", f"--config.{override}"]  # fmt: skip
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=60)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
+    assert says in errors[0] and "cannot train on any device the planner knows" in errors[0]
+    assert re.search(r"needs at least [\d.]+ GiB .* h200's 140.40 GiB; make", errors[0]), errors
+    assert "Traceback" not in proc.stderr and not (tmp_path / "checkpoints").exists()

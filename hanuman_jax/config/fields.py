@@ -33,20 +33,25 @@ def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else repr(x)
 
 
+# step counters, token ids and positions are int32 on the device
+INT32_MAX = 2**31 - 1
+
+
 @dataclasses.dataclass(frozen=True)
 class Int:
-    """An integer >= `lo` (any integer when `lo` is None)."""
+    """An integer >= `lo` (any integer when `lo` is None), and <= `hi` where one is given."""
 
     lo: int | None = 1
     note: str = ""
+    hi: int | None = None
 
     def problem(self, value: Any) -> str | None:
         is_int = isinstance(value, int) and not isinstance(value, bool)
-        if is_int and (self.lo is None or value >= self.lo):
+        lo, hi = self.lo, self.hi
+        if is_int and (lo is None or value >= lo) and (hi is None or value <= hi):
             return None
-        return _note(
-            "must be an integer" + ("" if self.lo is None else f" >= {self.lo}"), self.note
-        )
+        ends = [f">= {lo}"] * (lo is not None) + [f"<= {hi}"] * (hi is not None)
+        return _note(f"must be an integer {' and '.join(ends)}".rstrip(), self.note)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,18 +29,39 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ml_collectio
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--config {path}: no such file")
-    spec = importlib.util.spec_from_file_location(f"_hanuman_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"--config {path}: the file defines no get_config()")
-    cfg = module.get_config()
+    cfg = _run_get_config(path)
     if not isinstance(cfg, ml_collections.ConfigDict):
         raise ConfigError(f"--config {path}: get_config() must return an ml_collections.ConfigDict")
     for item in overrides:
         apply_override(cfg, item)
     validate(cfg)
     return cfg
+
+
+def _run_get_config(path: Path):
+    """What the file's `get_config()` returns; a file that is not Python, does not parse, or
+    fails while it runs is one line naming the file and the line."""
+    spec = importlib.util.spec_from_file_location(f"_hanuman_config_{path.stem}", path)
+    if spec is None:
+        raise ConfigError(f"--config {path}: not a Python file; a config is a .py file that "
+                          "defines get_config()")  # fmt: skip
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise ConfigError(f"--config {path}: the file defines no get_config()")
+        return module.get_config()
+    except ConfigError:
+        raise
+    except Exception as e:
+        frames = traceback.extract_tb(e.__traceback__)
+        lines = [f.lineno for f in frames if f.filename == spec.origin]  # an absolute path
+        if isinstance(e, SyntaxError) and e.filename == spec.origin:  # it never ran: no frame
+            lines.append(e.lineno)
+        where = f"{path}:{lines[-1]}" if lines else str(path)
+        reason = e.msg if isinstance(e, SyntaxError) else str(e).split("\n")[0]
+        what = f"{type(e).__name__}: {reason}" if reason else type(e).__name__
+        raise ConfigError(f"--config {where}: {what}") from None
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:

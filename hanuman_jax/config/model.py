@@ -11,6 +11,7 @@ import ml_collections
 from hanuman_jax.config.fields import (
     FINITE,
     FLAG,
+    INT32_MAX,
     Int,
     OneOf,
     Section,
@@ -110,7 +111,7 @@ class ModelConfig(Section):
 
     PREFIX = "model"
     RULES = {
-        "vocab_size": Int(0, "0 = the tokenizer's piece count"),
+        "vocab_size": Int(0, "0 = the tokenizer's piece count; token ids are int32", hi=INT32_MAX),
         **{k: Int(1) for k in ("num_layers", "d_model", "num_heads", "num_kv_heads")},
         **{k: Int(1) for k in ("ffn_hidden", "max_seq_len")},
         "head_dim": Int(0, "0 means d_model / num_heads"),

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from hanuman_jax.config.fields import (
     FLAG,
+    INT32_MAX,
     Int,
     OneOf,
     Section,
@@ -104,7 +105,8 @@ class TrainConfig(Section):
 
     PREFIX = "train"
     RULES = {
-        **{k: Int(1) for k in ("steps", "batch_size", "grad_accum_steps", "log_every")},
+        "steps": Int(1, "the optimizer counts steps in int32", hi=INT32_MAX),
+        **{k: Int(1) for k in ("batch_size", "grad_accum_steps", "log_every")},
         **{k: Int(1) for k in ("checkpoint_every", "keep_checkpoints", "eval_batches")},
         **{k: Int(1) for k in ("sample_tokens", "max_nonfinite_steps")},
         "seed": Int(None),
@@ -119,6 +121,7 @@ class TrainConfig(Section):
         "compilation_cache": Text(
             "must be a folder (relative: inside the workdir), or '' for none", empty_ok=True
         ),
+        "allow_lr_jump": FLAG,
     }
 
     steps: int
@@ -138,6 +141,7 @@ class TrainConfig(Section):
     max_nonfinite_steps: int
     init_from: str
     compilation_cache: str = "compilation_cache"  # older configs lack it
+    allow_lr_jump: bool = False  # older configs lack it
 
     def check_fields(self) -> None:
         prompts = self.sample_prompts

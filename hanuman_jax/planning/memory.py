@@ -251,6 +251,50 @@ def plan(cfg: ml_collections.ConfigDict, num_devices: int, target: Target | None
                 activations, batch)  # fmt: skip
 
 
+def param_count(cfg: ModelConfig) -> int:
+    """The parameters `cfg` builds, in closed form: instant where counting the abstract model
+    (model/build.py count_params; tests hold the two equal) takes minutes, at 100,000 layers."""
+    d, f, experts = cfg.d_model, cfg.ffn_hidden, cfg.moe.num_experts
+    attention = d * cfg.hd * 2 * (cfg.num_heads + cfg.num_kv_heads)  # wq, wo; wk, wv
+    ffn = experts * d * (1 + 3 * f) if experts else 3 * d * f  # router and experts; or SwiGLU
+    embeddings = cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
+    return embeddings + cfg.num_layers * (2 * d + attention + ffn) + d  # norms: 2 a block, 1 last
+
+
+def check_fits(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Refuses, before anything is built, a run that no device in DEVICES could hold: a floor
+    under each device's bytes, in closed form, above the largest device's memory. The floor is
+    the weights, AdamW's two moments and the gradients split over every axis that splits
+    parameters, and the step's batch (4 int32 per token) with each block's input kept for the
+    backward pass (what remat=full keeps) split over the batch axes; `plan` is the full figure."""
+    model = ModelConfig.from_config(cfg.model)
+    mesh = sharding.mesh_shape(cfg.mesh, num_devices)
+    params = param_count(model)
+    ways = mesh["fsdp"] * mesh["tensor"] * mesh["expert"]
+    state = 4 * params * jnp.dtype(model.param_dtype).itemsize // ways
+    rows = cfg.train.batch_size // int(np.prod([mesh[a] for a in sharding.LOGICAL_RULES["batch"]]))
+    t = cfg.data.seq_len
+    kept = rows // cfg.train.grad_accum_steps * t * model.num_layers * model.d_model
+    data = 4 * 4 * rows * t + kept * jnp.dtype(model.dtype).itemsize
+    name, largest = max(DEVICES.items(), key=lambda item: item[1].hbm)
+    if state + data <= largest.hbm:
+        return
+    sizes = [
+        f"model.vocab_size={model.vocab_size}, num_layers={model.num_layers}, d_model="
+        f"{model.d_model}, ffn_hidden={model.ffn_hidden}, moe.num_experts={model.moe.num_experts}",
+        f"train.batch_size={cfg.train.batch_size}, data.seq_len={t}",
+    ]
+    fmt = lambda n: _fmt(n).strip()
+    raise ConfigError(
+        f"config {'; '.join(sizes[:: 1 if state >= data else -1])} cannot train on any device the "
+        f"planner knows: each of the {num_devices} device(s) needs at least {fmt(state + data)} "
+        f"({fmt(state)} for the weights, AdamW state and gradients of {params:,} parameters split "
+        f"{ways} ways by mesh fsdp x tensor x expert; {fmt(data)} for {rows:,} rows of {t} tokens "
+        f"and each block's input), more than the largest, {name}'s {fmt(largest.hbm)}; make the "
+        "model or the batch smaller, or split them over more devices"
+    )
+
+
 def usable_bytes(device: str) -> int:
     """Memory XLA may use on one device: on GPUs JAX preallocates a fraction, 75 % unless
     XLA_CLIENT_MEM_FRACTION (or the older XLA_PYTHON_CLIENT_MEM_FRACTION; jaxlib refuses both at

@@ -24,6 +24,7 @@ from hanuman_jax.data import DataError, make_dataset, resolve_file
 from hanuman_jax.data.pipeline import stats_metrics
 from hanuman_jax.data.schedule import SeqLenSchedule
 from hanuman_jax.model import build
+from hanuman_jax.planning import memory
 from hanuman_jax.tokenizer import Tokenizer
 from hanuman_jax.training import compile_cache
 from hanuman_jax.training.hooks import (
@@ -83,6 +84,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: Path, *, progress: bool = Tru
 
 def _train(cfg: ml_collections.ConfigDict, workdir: Path, *, progress: bool) -> dict:
     tokenizer = load_tokenizer(cfg)
+    memory.check_fits(cfg, jax.device_count())  # before a typo's size builds anything
     setup = build_setup(cfg, sharding.make_mesh(cfg.mesh))
     meta = _run_meta(cfg, setup, tokenizer)
     batches = iter(make_dataset(cfg, tokenizer.path, process_index=jax.process_index(),
