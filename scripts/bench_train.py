@@ -79,68 +79,60 @@ class JaxTrainer:
         return int(footprint), "compiled memory_analysis: arguments + outputs - aliased + temp"
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", required=True)
-    p.add_argument("--steps", type=int, default=10, help="timed steps per round")
-    p.add_argument("--rounds", type=int, default=3, help="alternating timing rounds")
-    p.add_argument("--compare-torch", action="store_true", help="also time the PyTorch twin")
-    args, overrides = p.parse_known_args()
-    if args.compare_torch:  # on a GPU, JAX would take 75 % of its memory before torch starts
-        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+def load(config: str, overrides: list[str]):
+    """The config, with `model.vocab_size` 0 read from its tokenizer; one line on a bad one."""
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(config, overrides)
         if cfg.model.vocab_size == 0:
             from hanuman_jax.training.loop import load_tokenizer
 
             load_tokenizer(cfg)
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
-    model_cfg = ModelConfig.from_config(cfg.model)
-    tokens = cfg.train.batch_size * cfg.data.seq_len
-    flops_per_token = train_flops_per_token(model_cfg, cfg.data.seq_len)
-    host_batch = synthetic_batch(cfg, cfg.train.seed)
-    dev = jax.devices()[0]
-    counts = count_params(model_cfg)
-    print(f"{args.config}: {counts['total']:,} parameters ({counts['active']:,} active), "
-          f"{tokens:,} tokens per step, {flops_per_token / 1e6:.1f} MFLOP per token; "
-          f"{jax.device_count()} x {dev.device_kind}", flush=True)  # fmt: skip
+    return cfg
 
-    ours = JaxTrainer(cfg, host_batch)
-    memory, memory_source = ours.peak_memory()
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before torch allocates
-    print(f"compiled in {ours.compile_s:.1f} s; peak memory {memory / 2**20:,.0f} MiB "
-          f"({memory_source}); process RSS peak {rss / 2**20:,.0f} MiB", flush=True)  # fmt: skip
-    theirs = None
-    if args.compare_torch:
-        sys.path.insert(0, str(Path(__file__).parent))
-        try:
-            from torch_baseline import TorchTrainer
-        except ImportError as e:
-            raise SystemExit(
-                f"error: --compare-torch needs torch and transformers ({e}); "
-                "pip install 'hanuman-jax[torch]'"
-            ) from None
 
-        theirs = TorchTrainer(cfg, host_batch["tokens"])
-        theirs.step()  # first-call allocations out of the timing
+def torch_twin(cfg, tokens):
+    """The PyTorch twin (scripts/torch_baseline.py), its first-call allocations done."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    try:
+        from torch_baseline import TorchTrainer
+    except ImportError as e:
+        raise SystemExit(
+            f"error: --compare-torch needs torch and transformers ({e}); "
+            "pip install 'hanuman-jax[torch]'"
+        ) from None
+    theirs = TorchTrainer(cfg, tokens)
+    theirs.step()
+    return theirs
+
+
+def time_rounds(cfg, ours, theirs, rounds: int, steps: int) -> tuple[list, list, list]:
+    """(matmul peaks, our step seconds, torch's) of `rounds` alternating rounds."""
     per_device = jax.device_count()
     peaks, ours_s, theirs_s = [], [], []
-    for r in range(args.rounds):
+    for r in range(rounds):
         peaks.append(matmul_peak(cfg.model.dtype) * per_device)
-        ours_s.append(ours.time_steps(args.steps))
+        ours_s.append(ours.time_steps(steps))
         line = f"round {r + 1}: matmul peak {peaks[-1] / 1e9:,.0f} GFLOP/s; "
         line += f"ours {ours_s[-1] * 1e3:,.1f} ms"
         if theirs is not None:
-            theirs_s.append(theirs.time_steps(args.steps))
+            theirs_s.append(theirs.time_steps(steps))
             line += f"; torch {theirs_s[-1] * 1e3:,.1f} ms"
         print(line, flush=True)
+    return peaks, ours_s, theirs_s
 
+
+def ours_result(config: str, cfg, ours, ours_s, peaks, memory: int, rss: int) -> dict:
+    """Our step's figures: time, FLOP/s, MFU against the measured and the datasheet peak."""
+    dev, per_device = jax.devices()[0], jax.device_count()
+    tokens = cfg.train.batch_size * cfg.data.seq_len
+    flops_per_token = train_flops_per_token(ModelConfig.from_config(cfg.model), cfg.data.seq_len)
     step_s, peak = min(ours_s), max(peaks)
     achieved = flops_per_token * tokens / step_s
     nominal = nominal_peak(dev.device_kind, cfg.model.dtype)
-    result = {
-        "config": args.config,
+    return {
+        "config": config,
         "backend": jax.default_backend(),
         "device_kind": dev.device_kind,
         "devices": per_device,
@@ -163,24 +155,59 @@ def main() -> None:
         "tokens_per_s": round(tokens / step_s, 1),
         "mfu_measured_peak": round(achieved / peak, 4),
     }
-    if theirs is not None:
-        torch_s = min(theirs_s)
-        torch_mfu = flops_per_token * tokens / torch_s / peak
-        result |= {
-            "torch_model": type(theirs.model).__name__,
-            "torch_experts_implementation": theirs.experts_impl,
-            "torch_threads": theirs.threads,
-            "torch_step_ms": round(torch_s * 1e3, 2),
-            "torch_step_ms_median": round(float(np.median(theirs_s)) * 1e3, 2),
-            "torch_tokens_per_s": round(tokens / torch_s, 1),
-            "ratio": round(torch_s / step_s, 3),  # ours / torch tokens per second
-            "torch_mfu_measured_peak": round(torch_mfu, 4),
-            # the ratio if our step ran every model FLOP at the measured matmul peak (MFU 1.0)
-            "ratio_ceiling": round(1 / torch_mfu, 3),
-        }
-    print(f"ours {result['tokens_per_s']:,.0f} tokens/s, {achieved / 1e9:,.1f} GFLOP/s, "
+
+
+def torch_result(result: dict, theirs, theirs_s, peaks) -> dict:
+    """Torch's figures beside ours in `result`, and the ratio."""
+    torch_s, step_s = min(theirs_s), result["step_ms"] / 1e3
+    tokens = result["tokens_per_step"]
+    torch_mfu = result["flops_per_token"] * tokens / torch_s / max(peaks)
+    return {
+        "torch_model": type(theirs.model).__name__,
+        "torch_experts_implementation": theirs.experts_impl,
+        "torch_threads": theirs.threads,
+        "torch_step_ms": round(torch_s * 1e3, 2),
+        "torch_step_ms_median": round(float(np.median(theirs_s)) * 1e3, 2),
+        "torch_tokens_per_s": round(tokens / torch_s, 1),
+        "ratio": round(torch_s / step_s, 3),  # ours / torch tokens per second
+        "torch_mfu_measured_peak": round(torch_mfu, 4),
+        # the ratio if our step ran every model FLOP at the measured matmul peak (MFU 1.0)
+        "ratio_ceiling": round(1 / torch_mfu, 3),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per round")
+    p.add_argument("--rounds", type=int, default=3, help="alternating timing rounds")
+    p.add_argument("--compare-torch", action="store_true", help="also time the PyTorch twin")
+    args, overrides = p.parse_known_args()
+    if args.compare_torch:  # on a GPU, JAX would take 75 % of its memory before torch starts
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    cfg = load(args.config, overrides)
+    model_cfg = ModelConfig.from_config(cfg.model)
+    tokens = cfg.train.batch_size * cfg.data.seq_len
+    flops_per_token = train_flops_per_token(model_cfg, cfg.data.seq_len)
+    host_batch = synthetic_batch(cfg, cfg.train.seed)
+    counts = count_params(model_cfg)
+    print(f"{args.config}: {counts['total']:,} parameters ({counts['active']:,} active), "
+          f"{tokens:,} tokens per step, {flops_per_token / 1e6:.1f} MFLOP per token; "
+          f"{jax.device_count()} x {jax.devices()[0].device_kind}", flush=True)  # fmt: skip
+
+    ours = JaxTrainer(cfg, host_batch)
+    memory, memory_source = ours.peak_memory()
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before torch allocates
+    print(f"compiled in {ours.compile_s:.1f} s; peak memory {memory / 2**20:,.0f} MiB "
+          f"({memory_source}); process RSS peak {rss / 2**20:,.0f} MiB", flush=True)  # fmt: skip
+    theirs = torch_twin(cfg, host_batch["tokens"]) if args.compare_torch else None
+    peaks, ours_s, theirs_s = time_rounds(cfg, ours, theirs, args.rounds, args.steps)
+    result = ours_result(args.config, cfg, ours, ours_s, peaks, memory, rss)
+    print(f"ours {result['tokens_per_s']:,.0f} tokens/s, "
+          f"{result['achieved_flop_s'] / 1e9:,.1f} GFLOP/s, "
           f"MFU {result['mfu_measured_peak']:.3f} of the measured peak", flush=True)  # fmt: skip
     if theirs is not None:
+        result |= torch_result(result, theirs, theirs_s, peaks)
         print(f"torch {result['torch_tokens_per_s']:,.0f} tokens/s, MFU "
               f"{result['torch_mfu_measured_peak']:.3f}; ratio ours/torch {result['ratio']:.2f} "
               f"(at most {result['ratio_ceiling']:.2f}, where our step would run at the "
