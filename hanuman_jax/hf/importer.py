@@ -129,8 +129,8 @@ def import_hf(
     model_dir = Path(model_dir).expanduser()
     if not model_dir.is_dir():
         raise ConfigError(f"--model {model_dir} is not a directory")
-    tokenizer = _tokenizer(model_dir, tokenizer)
     require_hf_packages()
+    tokenizer = _tokenizer(model_dir, tokenizer)
     hf = read_hf_config(model_dir)
     cfg = dataclasses.replace(hf_mapping.model_config_from_hf(hf), param_dtype=param_dtype)
     tensors = _SafetensorsDir(model_dir)
