@@ -54,7 +54,8 @@ def get_config() -> ml_collections.ConfigDict:
     # progressive length, [(fraction of train.steps, seq_len), ...] growing to data.seq_len, e.g.
     # [(0.0, 32), (0.5, 128)]; every batch keeps train.batch_size x data.seq_len tokens
     cfg.data.seq_len_schedule = []  # [] = data.seq_len throughout
-    cfg.data.eval_sources = []  # held-out sources for periodic evaluation (same form as sources)
+    # held-out sources for periodic evaluation (same form as sources)
+    cfg.data.eval_sources = [{"path": "bundled:heldout/text.txt"}]  # the sample's held-out split
     cfg.data.packing = "concat"  # concat: rows always full; whole: documents not split (chat)
     cfg.data.strict = False  # stop at the first unusable record instead of skipping and counting
 
@@ -78,8 +79,8 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.train.log_every = 10  # steps between metrics.jsonl rows
     cfg.train.checkpoint_every = 150  # steps between checkpoints (and one at the end)
     cfg.train.keep_checkpoints = 2  # newest checkpoints kept on disk
-    cfg.train.eval_every = 0  # steps between evaluations on data.eval_sources; 0 = none
-    cfg.train.eval_batches = 8  # batches per evaluation (the same ones every time)
+    cfg.train.eval_every = 50  # steps between evaluations (and one at the end); 0 = none
+    cfg.train.eval_batches = 1  # batches per evaluation (the same every time): 1 = most of it
     cfg.train.sample_every = 0  # steps between logged sample generations (greedy); 0 = none
     cfg.train.sample_prompts = ["Bangkok is", "กรุงเทพมหานครเป็น"]  # prompts for them
     cfg.train.sample_tokens = 32  # new tokens per sample

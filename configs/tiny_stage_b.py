@@ -20,4 +20,5 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.train.steps = 100  # optimizer steps
     cfg.optimizer.peak_lr = 1e-3  # a third of tiny's: adapt, do not start over
     cfg.train.checkpoint_every = 50  # steps between checkpoints (and one at the end)
+    cfg.train.eval_every = 25  # tiny's held-out text (data.eval_sources), and at the end
     return cfg

@@ -23,5 +23,9 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.train.steps = 60  # optimizer steps
     cfg.optimizer.peak_lr = 3e-4  # fine-tuning: a tenth of tiny's
     cfg.train.checkpoint_every = 30  # steps between checkpoints (and one at the end)
+    cfg.data.eval_sources = [{"path": "bundled:heldout/chat.jsonl"}]  # held-out chats
+    cfg.train.eval_every = 20  # steps between evaluations (and one at the end)
+    cfg.train.sample_every = 30  # chat samples in samples.jsonl (and at the end)
+    cfg.train.sample_prompts = ["แนะนำอาหารเช้าหน่อย", "How can I sleep better?"]  # user turns
     cfg.train.sample_chat = True  # samples answer the prompts as chats
     return cfg

@@ -52,7 +52,7 @@ def plot(workdir: Path) -> Path:
     fig, (ax_loss, ax_lr, ax_speed) = plt.subplots(1, 3, figsize=(15, 4), layout="constrained")
     ax_loss.plot(*_series(train, "loss"), label="train")
     if evals:
-        ax_loss.plot(*_series(evals, "eval_loss"), "o-", label="eval")
+        ax_loss.plot(*_series(evals, "eval_loss"), "o-", label="held-out (eval_loss)")
     ax_loss.set(title="loss (nats per token)", xlabel="step")
     ax_loss.legend()
     ax_lr.plot(*_series(train, "lr"))

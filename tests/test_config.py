@@ -241,6 +241,28 @@ def test_stages_b_and_c_keep_their_parents_model_and_start_from_its_run():
         load_config(ROOT / "configs" / "tiny.py", ["--config.train.max_nonfinite_steps=0"])
 
 
+def test_tiny_presets_evaluate_on_a_held_out_split_that_nothing_trains_on():
+    sample = ROOT / "hanuman_jax" / "assets" / "sample"
+    held_out = {p.relative_to(sample) for p in (sample / "heldout").iterdir()}
+    for path in CONFIGS:
+        sources = [s["path"] for s in load_config(path).data.sources]
+        assert not [s for s in sources if "heldout" in s], path.name
+    for name, steps in (("tiny", 300), ("tiny_stage_b", 100), ("tiny_stage_c", 60)):
+        cfg = load_config(ROOT / "configs" / f"{name}.py")
+        evaluated = {Path(s["path"].removeprefix("bundled:")) for s in cfg.data.eval_sources}
+        assert evaluated and evaluated <= held_out, name
+        assert cfg.train.steps == steps and steps // cfg.train.eval_every >= 3, name
+    stage_c = load_config(ROOT / "configs" / "tiny_stage_c.py").train
+    assert stage_c.sample_every > 0 and stage_c.sample_chat and stage_c.sample_prompts
+    # written apart from the training text: no held-out line is one of its lines
+    trained = set()
+    for p in sample.rglob("*"):
+        if p.suffix in (".txt", ".jsonl") and "heldout" not in p.parts:
+            trained |= set(p.read_text("utf-8").splitlines())
+    for p in held_out:
+        assert not set((sample / p).read_text("utf-8").splitlines()) & trained, p
+
+
 def _sections():
     """The typed sections of tiny.py, model.rope and model.moe included."""
     cfg = load_config(ROOT / "configs" / "tiny.py")
@@ -347,7 +369,10 @@ BAD_ACROSS = [
     ),
     (["--config.mesh.tensor=4"], "config mesh.tensor=4 is invalid: must divide model.num_kv_heads"),
     (["--config.mesh.data=0"], "config mesh.data=0 is invalid: must be >= 1, or -1 for 'all"),
-    (["--config.train.eval_every=5"], "train.eval_every=5 is invalid: needs data.eval_sources"),
+    (
+        ["--config.train.eval_every=5", "--config.data.eval_sources=[]"],
+        "train.eval_every=5 is invalid: needs data.eval_sources",
+    ),
     (["--config.train.sample_every=5", "--config.train.sample_prompts=[]"], "needs train.sample_"),
     (["--config.data.sources=[{'path': 'a', 'weight': float('inf')}]"], "expected a Python"),
     (

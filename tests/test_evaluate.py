@@ -90,3 +90,63 @@ def test_cli_prints_a_table_and_json_last(params, tmp_path, capsys):
     assert "matches no file" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="--seq-len=65 is invalid"):
         evaluate(params, CFG, TOKENIZER, TEXTS, seq_len=65)
+
+
+HELD_OUT = [  # each longer than half a 64-token row, so whole packing gives it a row alone
+    "Mangoes are cheapest in April, when the trees are heavy with fruit. Keep unripe ones out "
+    "of the fridge.",
+    "ร้านกาแฟเล็ก ๆ หน้าปากซอยเปิดมาได้สามปีแล้ว ลูกค้าส่วนใหญ่เป็นพนักงานออฟฟิศที่แวะซื้อก่อนขึ้น"
+    "รถไฟฟ้า ช่วงหน้าฝนขายโกโก้ร้อนได้ดี",
+    "พรุ่งนี้มี meeting กับ client ตอนสิบโมง ใครทำ slide เสร็จแล้วส่งเข้า shared folder ก่อนห้าโมง"
+    "เย็นนี้นะครับ ขอบคุณมากครับทุกคน 😅",
+    "The night train to Nong Khai left on time. The beds were clean, and the staff were kind to "
+    "us all.",
+]
+HELD_OUT_CHATS = [
+    [{"role": "user", "content": "ดื่มน้ำเย็นได้ไหม"},
+     {"role": "assistant", "content": "ได้ค่ะ แต่ถ้าเพิ่งออกกำลังกายหนัก ๆ ควรค่อย ๆ จิบ\nไม่ควรดื่ม"
+                                      "รวดเดียวมาก ๆ ค่ะ"}],
+    [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "3 + 4?"},
+     {"role": "assistant", "content": "<think>3 + 4 = 7</think>7"},
+     {"role": "user", "content": "x 2?"}, {"role": "assistant", "content": "14"}],
+    [{"role": "user", "content": "Why is the sky blue?"},
+     {"role": "assistant", "content": "Air scatters blue light much more than red light, so blue "
+                                      "reaches your eyes from every part of the sky."}],
+    [{"role": "user", "content": "แปลเป็นอังกฤษ: ร้านนี้ปิดวันจันทร์"},
+     {"role": "assistant", "content": " This shop is closed on Mondays."}],
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["text", "chat"])
+def test_evaluation_in_training_agrees_with_evaluate(tmp_path, kind):
+    """The training loop's Evaluator (packed rows, bytes from `Tokenizer.text_bytes`) and
+    `evaluate` (each document from its start, bytes of its text) score four held-out documents
+    alike: the same targets, bytes, loss and bits per byte. Whole packing with four lanes puts
+    each document in a row of its own, once."""
+    from hanuman_jax import sharding
+    from hanuman_jax.config import load_config
+    from hanuman_jax.training.loop import Evaluator, eval_batches
+    from hanuman_jax.training.step import build_setup
+
+    if kind == "text":
+        docs = [Document(text=t) for t in HELD_OUT]
+        lines, ids = HELD_OUT, [TOKENIZER.encode_document(t) for t in HELD_OUT]
+    else:
+        docs = [Document(messages=tuple(c)) for c in HELD_OUT_CHATS]
+        lines = [json.dumps({"messages": c}, ensure_ascii=False) for c in HELD_OUT_CHATS]
+        ids = [TOKENIZER.encode_chat(c)[0] for c in HELD_OUT_CHATS]
+    assert all(32 < len(i) <= 64 for i in ids), [len(i) for i in ids]
+    path = tmp_path / ("held.txt" if kind == "text" else "held.jsonl")
+    path.write_text("\n".join(lines) + "\n")
+    small = ("num_layers=1", "d_model=48", "init_std=0.1", "vocab_size=4096")
+    cfg = load_config("configs/tiny.py", [
+        *(f"--config.model.{o}" for o in small), "--config.data.seq_len=64",
+        "--config.data.packing=whole", "--config.train.batch_size=4",
+        f"--config.data.eval_sources=[{{'path': '{path}'}}]"])  # fmt: skip
+    setup = build_setup(cfg, sharding.make_mesh(cfg.mesh))
+    params = random_params(setup.model_cfg)
+    ours = Evaluator(setup, *eval_batches(cfg, TOKENIZER.path))(params)
+    theirs = evaluate(params, setup.model_cfg, TOKENIZER, docs, seq_len=64)
+    assert (ours["tokens"], ours["bytes"]) == (theirs["tokens"], theirs["bytes"])
+    for key in ("loss", "bits_per_byte"):
+        assert ours[key] == pytest.approx(theirs[key], rel=1e-4), key

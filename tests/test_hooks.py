@@ -116,7 +116,7 @@ def test_eval_hook_writes_an_eval_row_after_the_steps_train_row(tmp_path, logged
 
     def evaluate(params):
         seen.append(params)
-        return {"loss": 2.0, "perplexity": math.exp(2.0), "tokens": 77}
+        return {"loss": 2.0, "perplexity": math.exp(2.0), "bits_per_byte": 0.5, "tokens": 77}
 
     run = Run(state={"params": "p", "opt": "o"}, step=3, saved=2)
     metrics.push(run, _metrics(3), _stats(1))
@@ -125,7 +125,7 @@ def test_eval_hook_writes_an_eval_row_after_the_steps_train_row(tmp_path, logged
     rows = _rows(tmp_path)
     assert [r["step"] for r in rows] == [3, 3] and "loss" in rows[0]
     assert rows[1] == {"step": 3, "eval_loss": 2.0, "eval_perplexity": math.exp(2.0),
-                       "eval_tokens": 77}  # fmt: skip
+                       "eval_bits_per_byte": 0.5, "eval_tokens": 77}  # fmt: skip
     assert run.last["eval_loss"] == 2.0 and run.last["loss"] == pytest.approx(10 / 3)
 
 

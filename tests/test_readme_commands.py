@@ -147,6 +147,9 @@ def check_outputs(cwd: Path, outputs: dict[str, str]) -> None:
     assert json.loads(outputs["hanuman_jax.evaluate"].strip().splitlines()[-1])["loss"] > 0
     for workdir in ("runs/tiny", "runs/tiny_stage_b", "runs/tiny_stage_c"):
         assert (cwd / workdir / "checkpoints" / "6").is_dir(), workdir
+        rows = (cwd / workdir / "metrics.jsonl").read_text().splitlines()
+        assert any("eval_bits_per_byte" in json.loads(r) for r in rows), f"{workdir}: no eval row"
+    assert (cwd / "runs/tiny_stage_c/samples.jsonl").read_text().strip(), "no chat samples"
 
 
 @pytest.mark.slow

@@ -21,7 +21,8 @@ from hanuman_jax.training.optim import lr_schedule
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ("--config.model.num_layers=2", "--config.model.d_model=64", "--config.data.seq_len=64",
-         "--config.train.batch_size=4", "--config.train.log_every=1")  # fmt: skip
+         "--config.train.batch_size=4", "--config.train.log_every=1",
+         "--config.train.eval_every=0")  # fmt: skip
 TOKENIZER = ROOT / "hanuman_jax" / "assets" / "sample" / "tokenizer.model"
 TOKENIZER_META = {"file": "tokenizer.model", "vocab_size": 4096, "sha256": "aa"}
 

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import jax
@@ -14,6 +15,7 @@ from hanuman_jax.checkpoint.manager import CheckpointError
 from hanuman_jax.checkpoint.restore import load_params
 from hanuman_jax.config import load_config
 from hanuman_jax.data import make_dataset
+from hanuman_jax.plot import read_metrics
 from hanuman_jax.training.loop import train
 from hanuman_jax.training.step import build_setup, loss_fn
 
@@ -31,8 +33,18 @@ def _cfg(config, *extra):
 
 
 def _rows(workdir):
-    lines = (workdir / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r for r in map(json.loads, lines)}
+    """A step's training and evaluation rows, merged."""
+    rows = {}
+    for row in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines()):
+        rows.setdefault(row["step"], {}).update(row)
+    return rows
+
+
+def _held_out(row) -> float:
+    """The row's held-out bits per byte, checked against its loss, tokens and bytes."""
+    nats = row["eval_loss"] * row["eval_tokens"]
+    assert row["eval_bits_per_byte"] == pytest.approx(nats / math.log(2) / row["eval_bytes"])
+    return row["eval_bits_per_byte"]
 
 
 def _state(workdir, step):
@@ -44,6 +56,10 @@ def test_stages_a_b_c_each_start_from_the_last_ones_parameters(tmp_path, caplog)
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     train(_cfg("tiny.py", "--config.train.steps=6", "--config.train.keep_checkpoints=3"), a,
           progress=False)  # fmt: skip
+    # tiny evaluates on the held-out split at the end; the plot draws it with the training loss
+    assert [s for s, r in _rows(a).items() if "eval_loss" in r] == [6]
+    assert 0.5 < _held_out(_rows(a)[6]) < 6 and (a / "metrics.png").is_file()
+    assert [r["step"] for r in read_metrics(a / "metrics.jsonl")[1]] == [6]
 
     cfg_b = _cfg("tiny_stage_b.py", "--config.train.steps=4", f"--config.train.init_from={a}",
                  "--config.train.profile_steps=5")  # fmt: skip
@@ -63,6 +79,7 @@ def test_stages_a_b_c_each_start_from_the_last_ones_parameters(tmp_path, caplog)
     assert sorted(rows) == [1, 2, 3, 4] and rows[1]["loss"] == pytest.approx(loss, rel=1e-5)
     assert rows[4]["data/source_0_token_share"] > 0.5  # Thai-heavy (A's: 0.3)
     assert rows[1]["lr"] == pytest.approx(cfg_b.optimizer.peak_lr)  # a fresh schedule
+    assert [s for s, r in rows.items() if "eval_loss" in r] == [4] and _held_out(rows[4]) > 0
     state = _state(b, 4)
     leaves = jax.tree_util.tree_flatten_with_path(state["opt_state"])[0]
     counts = [int(v) for k, v in leaves if "count" in jax.tree_util.keystr(k)]
@@ -78,6 +95,7 @@ def test_stages_a_b_c_each_start_from_the_last_ones_parameters(tmp_path, caplog)
     assert all(isinstance(r["text"], str) for r in samples)
     assert f"initialised the parameters from {b / 'checkpoints' / '4'} (step 4)" in caplog.text
     rows = _rows(c)
+    assert [s for s, r in rows.items() if "eval_loss" in r] == [2] and _held_out(rows[2]) > 0
     assert rows[2]["data/padding_share"] > 0  # whole chats: rows are padded, never split
     assert rows[2]["tokens"] < 0.8 * 4 * 63  # prompts are masked out of the loss
     assert (c / "checkpoints" / "2" / "tokenizer" / "tokenizer.model").is_file()

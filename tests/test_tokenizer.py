@@ -2,6 +2,7 @@ import json
 import unicodedata
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from hanuman_jax.data import DataError, resolve_file
@@ -9,6 +10,7 @@ from hanuman_jax.tokenizer import SPECIAL_IDS, Tokenizer, normalize
 from hanuman_jax.tokenizer.__main__ import main
 from hanuman_jax.tokenizer.evaluate import measure, script_of, tokens_per_word
 from hanuman_jax.tokenizer.train import (
+    corpus_sources,
     iter_documents,
     row_texts,
     sample_sentences,
@@ -81,6 +83,43 @@ def test_to_arabic_digits_and_chat_template(tmp_path):
     trained = [i for i, m in zip(ids, mask, strict=True) if m]
     assert trained.count(tok.sep_id) == 1 and trained[-1] == tok.eos_id  # each reply's end
     assert tok.decode([i for i in trained if i not in (tok.sep_id, tok.eos_id)]) == "ตอบ ครับ"
+
+
+def test_text_bytes_count_the_text_each_token_spells(bundled):
+    """Bits per byte's denominator, by hand: a document's tokens spell its normalized text
+    (SentencePiece's leading space not counted, `<nl>` one byte, `<bos>`/`<eos>` none), a
+    chat's trained tokens its replies (`<sep>` none), and a byte-fallback piece one byte."""
+    cases = [
+        ("Hi\nthere", 8),
+        (" two  spaces", 12),  # the text's own leading space counts
+        ("สวัสดี", 18),  # 6 Thai characters of 3 bytes
+        ("“ok”", 4),  # curly quotes fold to ASCII: the model sees 4 bytes, not 8
+        ("ok 𓀀", 7),  # an Egyptian hieroglyph: 4 byte-fallback pieces
+    ]
+    for text, expected in cases:
+        ids_1T = np.asarray([bundled.encode_document(text)])
+        assert bundled.text_bytes(ids_1T, np.ones_like(ids_1T))[:, 1:].sum() == expected, text
+    ids, mask = bundled.encode_chat([{"role": "user", "content": "hello"},
+                                     {"role": "assistant", "content": "ok\nดี"},
+                                     {"role": "user", "content": "x"},
+                                     {"role": "assistant", "content": " no"}])  # fmt: skip
+    bytes_1T = bundled.text_bytes(np.asarray([ids]), np.asarray([mask]))
+    assert (bytes_1T[0] * np.asarray(mask))[1:].sum() == len("ok\nดี".encode()) + 3
+
+
+def test_training_twice_gives_the_same_bytes(tmp_path, bundled):
+    """No temporary path or thread count in the file: a retrained tokenizer passes a resume's
+    sha256 check, and it still loads and encodes as the bundled one trained on the same text."""
+    sources = [str(SAMPLE / "*.txt"), str(SAMPLE / "*.jsonl")]
+    first, second = (
+        train_tokenizer(corpus_sources(sources, None, "keep"), tmp_path / name / "tok", 4096)
+        for name in ("a", "b")
+    )
+    assert first.read_bytes() == second.read_bytes()
+    assert b"rules.tsv" not in first.read_bytes()  # the temporary path SentencePiece kept
+    retrained = Tokenizer(first)
+    for line in LINES:
+        assert retrained.encode(line) == bundled.encode(line), line
 
 
 def test_corpus_reading_schemas_and_splitting(tmp_path):

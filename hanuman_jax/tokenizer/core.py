@@ -15,12 +15,15 @@ normalize identically. The table:
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
 
 UNK, BOS, EOS, PAD = "<unk>", "<bos>", "<eos>", "<pad>"
 NEWLINE, SEP = "<nl>", "<sep>"  # SEP starts each chat turn (`Tokenizer.encode_chat`)
@@ -155,6 +158,34 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.sp.decode([int(i) for i in ids]).replace(NEWLINE, "\n")
+
+    @functools.cached_property
+    def _text_bytes_V(self) -> tuple[np.ndarray, np.ndarray]:
+        """Each piece's UTF-8 bytes ("▁" a space, a byte piece one, `<nl>` a newline, the other
+        symbols none), and whether it starts with "▁"."""
+        bytes_V, spaced_V = np.zeros(self.vocab_size, np.int64), np.zeros(self.vocab_size, bool)
+        for i in range(self.vocab_size):
+            piece = self.sp.id_to_piece(i)
+            if self.sp.is_byte(i) or i == self.nl_id:
+                bytes_V[i] = 1
+            elif i not in SPECIAL_IDS.values():
+                bytes_V[i], spaced_V[i] = len(piece.replace("▁", " ").encode()), piece[0] == "▁"
+        proto = sentencepiece_model_pb2.ModelProto.FromString(self.sp.serialized_model_proto())
+        return bytes_V, spaced_V & proto.normalizer_spec.add_dummy_prefix
+
+    def text_bytes(self, tokens_BT: np.ndarray, loss_mask_BT: np.ndarray) -> np.ndarray:
+        """UTF-8 bytes of the text each token spells, for bits per byte; symbols spell none.
+
+        SentencePiece puts a space before every text it encodes; it is not counted: on a piece
+        right after `<bos>` (a document's first) or the first trained token after untrained ones
+        (a chat reply's first). A document's tokens then sum to its normalized text's bytes, a
+        chat's trained ones to its replies'. Exact per token, so a row may cut a document anywhere.
+        """
+        bytes_V, spaced_V = self._text_bytes_V
+        before_BT = np.pad(tokens_BT[:, :-1], ((0, 0), (1, 0)), constant_values=self.pad_id)
+        trained_before_BT = np.pad(loss_mask_BT[:, :-1], ((0, 0), (1, 0)), constant_values=1)
+        starts_BT = (before_BT == self.bos_id) | ((trained_before_BT == 0) & (loss_mask_BT != 0))
+        return bytes_V[tokens_BT] - (starts_BT & spaced_V[tokens_BT])
 
     def encode_document(self, text: str) -> list[int]:
         """`<bos>` + text + `<eos>`: the unit that the data pipeline packs."""

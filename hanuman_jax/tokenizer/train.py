@@ -202,9 +202,20 @@ def train_tokenizer(
             )  # fmt: skip
         except RuntimeError as e:
             raise DataError(_explain(str(e), vocab_size)) from None
-    path.write_bytes(quantize_scores(model.getvalue()))
+    path.write_bytes(without_machine_details(quantize_scores(model.getvalue())))
     _write_vocab(path)
     return path
+
+
+def without_machine_details(model: bytes) -> bytes:
+    """Drops what SentencePiece records of the machine that trained the model: the temporary
+    path of the normalization rules and the thread count. Neither is read when encoding, and
+    without them the same files give the same bytes, so a retrained tokenizer passes a resume's
+    check (a checkpoint records the tokenizer file's sha256)."""
+    proto = sentencepiece_model_pb2.ModelProto.FromString(model)
+    proto.normalizer_spec.ClearField("normalization_rule_tsv")
+    proto.trainer_spec.ClearField("num_threads")
+    return proto.SerializeToString()
 
 
 def quantize_scores(model: bytes) -> bytes:

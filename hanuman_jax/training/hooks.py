@@ -47,8 +47,8 @@ class Hook:
         return self.every > 0 and (step % self.every == 0 or step == end)
 
 
-def _process_sum(stats: dict) -> dict:
-    """Sums the data counters over processes (each process counts only its own lanes)."""
+def process_sum(stats: dict) -> dict:
+    """Sums host-side counters over processes (each process counts only its own lanes)."""
     if jax.process_count() == 1:
         return stats
     from jax.experimental import multihost_utils
@@ -109,7 +109,7 @@ class MetricsLog:
         values["seq_len"] = self.schedule.length(step - 1)
         if self.utilization:
             values |= self.utilization.row(values["tokens_per_s"], values["seq_len"])
-        values |= stats_metrics(_process_sum(stats))
+        values |= stats_metrics(process_sum(stats))
         self.t_mark, self.step_mark = now, step
         self.writer.write(step, values)
         self.bar.update(step, values)
@@ -144,8 +144,9 @@ class EvalHook:
         self.metrics.flush(run)  # the step's train row comes before its eval row
         result = self.evaluate(run.state["params"])
         self.writer.write(run.step, {f"eval_{k}": v for k, v in result.items()}, section="eval")
-        log.info("step %d: eval loss %.4f, perplexity %.2f over %d tokens", run.step,
-                 result["loss"], result["perplexity"], result["tokens"])  # fmt: skip
+        log.info("step %d: eval loss %.4f, perplexity %.2f, %.4f bits per byte over %d tokens",
+                 run.step, result["loss"], result["perplexity"], result["bits_per_byte"],
+                 result["tokens"])  # fmt: skip
         run.last.update({f"eval_{k}": float(v) for k, v in result.items()})
 
 

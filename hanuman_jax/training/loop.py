@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from pathlib import Path
 
 import jax
 import ml_collections
+import numpy as np
 
 from hanuman_jax import __version__, sharding
 from hanuman_jax.checkpoint import files
@@ -23,6 +23,7 @@ from hanuman_jax.config import ConfigError
 from hanuman_jax.data import DataError, make_dataset, resolve_file
 from hanuman_jax.data.pipeline import stats_metrics
 from hanuman_jax.data.schedule import SeqLenSchedule
+from hanuman_jax.inference.evaluate import summary
 from hanuman_jax.model import build
 from hanuman_jax.planning import memory
 from hanuman_jax.tokenizer import Tokenizer
@@ -35,6 +36,7 @@ from hanuman_jax.training.hooks import (
     Run,
     SampleHook,
     Saver,
+    process_sum,
 )
 from hanuman_jax.training.metrics import MetricsWriter, ProgressBar
 from hanuman_jax.training.preemption import StopRequest
@@ -44,6 +46,7 @@ from hanuman_jax.training.step import (
     init_state,
     jit_eval_step,
     jit_train_step,
+    target_mask,
 )
 from hanuman_jax.training.utilization import Utilization
 from hanuman_jax.training.workdir import hold
@@ -145,25 +148,30 @@ def _resume_or_init(cfg, setup, ckpt: Checkpointer, batches, tokenizer_sha: str)
     return 0, init_state(setup, params)
 
 
-def eval_batches(cfg: ml_collections.ConfigDict, tokenizer_path: Path) -> list[dict]:
-    """The first `train.eval_batches` batches of `data.eval_sources`: the same set every time."""
+def eval_batches(cfg: ml_collections.ConfigDict, tokenizer_path: Path) -> tuple[list[dict], int]:
+    """The first `train.eval_batches` batches of `data.eval_sources` (the same set every time),
+    and the UTF-8 bytes of text that their targets spell, summed over processes."""
     if not cfg.data.eval_sources:
-        return []
+        return [], 0
     ds = make_dataset(cfg, tokenizer_path, process_index=jax.process_index(),
                       process_count=jax.process_count(), eval_sources=True, prefetch=0)  # fmt: skip
     it = iter(ds)
     batches = [next(it) for _ in range(cfg.train.eval_batches)]
+    tokenizer, nbytes = Tokenizer(tokenizer_path), 0
     for b in batches:
         b.pop("stats")
-    return batches
+        bytes_BT = tokenizer.text_bytes(b["tokens"], b["loss_mask"])
+        nbytes += int(np.sum(bytes_BT[:, 1:], where=target_mask(b)))
+    return batches, int(process_sum({"bytes": np.int64(nbytes)})["bytes"])
 
 
 class Evaluator:
-    """Mean loss per predicted token over the fixed evaluation batches, computed by the model as
-    it runs outside training (dropless MoE, no router noise): the model that is exported."""
+    """Loss per predicted token and bits per byte of text over the fixed evaluation batches,
+    computed by the model as it runs outside training (dropless MoE, no router noise): the
+    model that is exported."""
 
-    def __init__(self, setup, batches: list[dict]):
-        self.setup, self.batches = setup, batches
+    def __init__(self, setup, batches: list[dict], text_bytes: int):
+        self.setup, self.batches, self.text_bytes = setup, batches, text_bytes
         self.step_fn = jit_eval_step(inference_setup(setup)) if batches else None
 
     def __call__(self, params) -> dict:
@@ -173,8 +181,7 @@ class Evaluator:
                 self.step_fn(params, sharding.global_batch(batch, self.setup.mesh))
             )
             nll, tokens = nll + float(out["nll_sum"]), tokens + int(out["tokens"])
-        loss = nll / max(tokens, 1)
-        return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": tokens}
+        return summary(nll, tokens, self.text_bytes)
 
 
 class Sampler:
@@ -208,7 +215,7 @@ class Trainer:
         self.start, self.end, self.max_nonfinite = start, t.steps, t.max_nonfinite_steps
         self.schedule = SeqLenSchedule.from_config(cfg)
         self.step_fn = jit_train_step(setup)
-        evaluator = Evaluator(setup, eval_batches(cfg, tokenizer))
+        evaluator = Evaluator(setup, *eval_batches(cfg, tokenizer))
         sampler = Sampler(cfg, setup, tokenizer)
         # opened last, as fit() closes them: nothing after this may raise
         self.writer = MetricsWriter(workdir, resume_step=start, enabled=lead)
