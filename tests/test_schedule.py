@@ -48,7 +48,9 @@ def test_each_length_compiles_once_and_a_resume_goes_on_in_its_phase(tmp_path, m
     assert [first[s]["seq_len"] for s in range(1, 7)] == [16, 16, 16, 32, 64, 64]
     # no row is charged with a new length's compilation (row 1 holds the first one)
     speeds = [first[s]["tokens_per_s"] for s in range(2, 7)]
-    assert max(speeds) < 20 * min(speeds), speeds  # a compile is hundreds of steps here
+    # a compile is hundreds of steps here; against the median, one fast row on a loaded host
+    # (or a checkpoint hashed in the background) cannot make a row look charged with one
+    assert min(speeds) > np.median(speeds) / 30, speeds
 
     shutil.rmtree(run / "checkpoints" / "6")
     trainer.train(cfg, run, progress=False)  # resumes at step 3: one step of 32, two of 64
