@@ -284,6 +284,9 @@ def test_export_errors_and_shards(runs, tmp_path, capsys):
 
     out = tmp_path / "sharded"
     assert export_main(["--workdir", str(workdir), "--out", str(out)]) == 0
+    # readable as the other files are (safetensors alone writes 0600: a server user could not)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in out.iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"], modes
     whole = _hf_logits(_hf(out), [1, 5, 900, 7])
     export(workdir, out, max_shard_bytes=300_000)
     index = json.loads((out / "model.safetensors.index.json").read_text())

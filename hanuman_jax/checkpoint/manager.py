@@ -53,13 +53,14 @@ class _DiskFullLogs(logging.Filter):
 
 def _quiet_failed_saves() -> None:
     """A failed save is one CheckpointError (`Checkpointer._disk_full`), not pages of echoes:
-    Orbax's log records of a full disk are dropped, and so is `RuntimeError: Event loop is
-    closed`, which each of the save's other tensorstore writes reports as unraisable when it
-    ends on Orbax's event loop, closed at the first failure. Installed once per process."""
+    Orbax's and asyncio's log records of a full disk are dropped, and so is `RuntimeError: Event
+    loop is closed`, which each of the save's other tensorstore writes reports as unraisable when
+    it ends on Orbax's event loop, closed at the first failure. Installed once per process."""
     previous = sys.unraisablehook
     if getattr(previous, "quiets_failed_saves", False):
         return
-    logging.getLogger("absl").addFilter(_DiskFullLogs())  # Orbax logs through absl
+    for name in ("absl", "asyncio"):  # Orbax logs through absl; asyncio, at exit, the futures
+        logging.getLogger(name).addFilter(_DiskFullLogs())  # of writes no one waited for
 
     def hook(unraisable) -> None:
         if str(unraisable.exc_value) != "Event loop is closed":

@@ -88,6 +88,14 @@ def _prod(shape) -> int:
     return n
 
 
+def _readable(path: Path) -> None:
+    """The mode a new file gets (0666 less the umask): safetensors writes 0600, which a server
+    running as another user could not read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
+
+
 def write_safetensors(tensors: list, out: Path, dtype: str, max_shard_bytes: int) -> list[Path]:
     """Writes (name, loader, shape) tensors as safetensors in `dtype`, one shard in memory at a
     time; shards and an index when they exceed `max_shard_bytes`. Through safetensors' numpy API,
@@ -113,6 +121,7 @@ def write_safetensors(tensors: list, out: Path, dtype: str, max_shard_bytes: int
             total += data[name].nbytes
         # transformers 4 refuses a file whose metadata names no format it knows
         save_file(data, str(out / filename), metadata={"format": "pt"})
+        _readable(out / filename)
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
