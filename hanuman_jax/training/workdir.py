@@ -81,7 +81,7 @@ def hold(workdir: Path, process_index: int = 0) -> Iterator[Path]:
 
 def _check_writable(workdir: Path) -> None:
     try:
-        probe = workdir / ".write_test"
+        probe = workdir / f".write_test.{os.getpid()}"  # one per process: they share the folder
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
