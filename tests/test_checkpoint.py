@@ -349,3 +349,19 @@ def test_a_resume_may_change_how_the_model_runs_but_not_what_it_is(tmp_path, cap
     )
     with pytest.raises(CheckpointError, match="model.norm_eps=1e-05 there, 0.001 now"):
         train(_cfg("--config.train.steps=4", "--config.model.norm_eps=1e-3"), run, progress=False)
+
+
+def test_a_file_that_cannot_be_read_is_damage_not_a_traceback(tmp_path, monkeypatch):
+    """A step an ongoing run deletes while `generate` hashes it, or an unreadable file: named."""
+    from hanuman_jax.checkpoint import files
+
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "data").write_bytes(b"x" * 100)
+    files.seal(tmp_path, None)
+    assert damage(tmp_path) is None
+
+    def gone(path):
+        raise FileNotFoundError(2, "No such file or directory", str(path))
+
+    monkeypatch.setattr(files, "file_sha256", gone)
+    assert damage(tmp_path) == "state/data cannot be read (No such file or directory)"

@@ -184,6 +184,7 @@ def test_floor_is_under_the_plan(root, monkeypatch, overrides):
     of that: its floor is below the plan, and not orders of magnitude below."""
     cfg = _small(root, *overrides)
     total = memory.plan(cfg, 8).total
+    monkeypatch.setattr(memory, "_this_device_bytes", lambda: 0)  # not this host's RAM
     for hbm, fits in ((total, True), (total // 10, False)):
         monkeypatch.setattr(memory, "DEVICES", {"x": memory.Device(1, hbm, memory.Target("gpu"))})
         if fits:
@@ -191,6 +192,9 @@ def test_floor_is_under_the_plan(root, monkeypatch, overrides):
         else:
             with pytest.raises(ConfigError, match=r"at least .* more than the largest, x's"):
                 memory.check_fits(cfg, 8)
+    # a device bigger than any the planner knows runs what fits it
+    monkeypatch.setattr(memory, "_this_device_bytes", lambda: total)
+    memory.check_fits(cfg, 8)
 
 
 @pytest.mark.parametrize(
@@ -208,5 +212,7 @@ def test_absurd_sizes_are_refused_before_anything_is_built(root, tmp_path, overr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
     assert says in errors[0] and "cannot train on any device the planner knows" in errors[0]
-    assert re.search(r"needs at least [\d.]+ GiB .* h200's 140.40 GiB; make", errors[0]), errors
+    assert re.search(
+        r"needs at least [\d.]+ GiB .* h200's 140.40 GiB, and this device's", errors[0]
+    )
     assert "Traceback" not in proc.stderr and not (tmp_path / "checkpoints").exists()

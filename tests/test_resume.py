@@ -122,6 +122,30 @@ def test_a_changed_batch_or_source_list_is_refused_by_name_not_called_damaged(
     assert sorted(p.name for p in ckpts.iterdir()) == ["2", "4"]
 
 
+def test_turning_gradient_clipping_on_or_off_is_refused_by_name():
+    """optax.chain(clip, adamw) holds other state than adamw: named, not called damaged."""
+    for then, now in [("0.0", "1.0"), ("1.0", "0.0")]:
+        with pytest.raises(CheckpointError, match=rf"grad_clip={then}, this run has {now}: "):
+            _resume((f"--config.optimizer.grad_clip={then}",),
+                    (f"--config.optimizer.grad_clip={now}",), 4)  # fmt: skip
+    _resume(("--config.optimizer.grad_clip=1.0",), ("--config.optimizer.grad_clip=0.5",), 4)
+
+
+def test_a_source_given_another_path_is_refused_naming_each_change():
+    """Same number of sources, other files: the position's record numbers are a's, not b's."""
+    then = ("--config.data.sources=[{'path': 'a.jsonl'}, {'path': 'hf:x/y'}]",)
+    now = ("--config.data.sources=[{'path': 'b.jsonl'}, {'path': 'hf:x/z'}]",)
+    with pytest.raises(CheckpointError) as error:
+        _resume(then, now, 4)
+    assert str(error.value).startswith(
+        "checkpoint /runs/x/checkpoints/4 holds a data position this run cannot take up "
+        "(data.sources[0] 'a.jsonl' -> 'b.jsonl'; data.sources[1] 'hf:x/y' -> 'hf:x/z'): resume "
+        "with the checkpoint's values, or start a new stage from it in another --workdir with "
+        "train.init_from=/runs/x/checkpoints"
+    )
+    _resume(then, then, 4)  # the same list resumes
+
+
 def test_a_source_file_swapped_under_the_data_position_is_named(tmp_path, caplog):
     """A file replaced by another of as many records and bytes: only its ends' hash tells."""
     data = tmp_path / "a.txt"

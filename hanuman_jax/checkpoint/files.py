@@ -137,6 +137,8 @@ def damage(step_dir: Path) -> str | None:
             reason = _mismatch(name, path, record)
         except (KeyError, TypeError):
             return f"{MANIFEST} is unreadable (its record of {name})"
+        except OSError as e:  # removed while read (an older step a save deleted), unreadable
+            return f"{name} cannot be read ({e.strerror or e})"
         if reason:
             return reason
     return None

@@ -278,6 +278,14 @@ def check_resumable(cfg: ml_collections.ConfigDict, meta: dict, where: Path, tok
             "use another --workdir or the same model config"
         )
     check_tokenizer(meta, where, tokenizer_sha, cfg)
+    clipped = saved.get("optimizer", {}).get("grad_clip")
+    if clipped is not None and (clipped > 0) != (cfg.optimizer.grad_clip > 0):
+        raise CheckpointError(  # clipping is a link of the optimizer's chain, with its own state
+            f"checkpoint {where} was trained with optimizer.grad_clip={clipped}, this run has "
+            f"{cfg.optimizer.grad_clip}: turning clipping on or off changes the optimizer state; "
+            "keep it as it was (any value > 0 may replace another), or start a new stage from it "
+            f"in another --workdir with train.init_from={where.parent}"
+        )
     if changes := position_changes(saved, cfg):
         raise CheckpointError(
             f"checkpoint {where} holds a data position this run cannot take up "

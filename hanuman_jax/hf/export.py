@@ -214,10 +214,11 @@ def _install(staging: Path, out: Path) -> None:
     stale = [p for p in stale if p.exists() and p.name not in new]
     replaced = [name for name in new if (out / name).exists()]
     log.info("%s held a model: replacing %s", out, ", ".join(replaced + [p.name for p in stale]))
+    for name in new[:-1]:  # the new files first, then the stale ones out, config.json last
+        os.replace(staging / name, out / name)
     for old in stale:
         old.unlink()
-    for name in new:
-        os.replace(staging / name, out / name)
+    os.replace(staging / new[-1], out / new[-1])  # config.json
 
 
 def _write_model(out: Path, loaded: Loaded, ids: dict, dtype: str, max_shard_bytes: int, *,

@@ -261,9 +261,18 @@ def param_count(cfg: ModelConfig) -> int:
     return embeddings + cfg.num_layers * (2 * d + attention + ffn) + d  # norms: 2 a block, 1 last
 
 
+def _this_device_bytes() -> int:
+    """The memory of this process's first device: what its backend reports (GPU, TPU), or the
+    host's RAM on a CPU."""
+    device = jax.local_devices()[0]
+    if device.platform == "cpu":
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int((device.memory_stats() or {}).get("bytes_limit", 0))
+
+
 def check_fits(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
-    """Refuses, before anything is built, a run that no device in DEVICES could hold: a floor
-    under each device's bytes, in closed form, above the largest device's memory. The floor is
+    """Refuses, before anything is built, a run that no device could hold: a floor under each
+    device's bytes, in closed form, above the largest device in DEVICES and this one. The floor is
     the weights, AdamW's two moments and the gradients split over every axis that splits
     parameters, and the step's batch (4 int32 per token) with each block's input kept for the
     backward pass (what remat=full keeps) split over the batch axes; `plan` is the full figure."""
@@ -277,7 +286,8 @@ def check_fits(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
     kept = rows // cfg.train.grad_accum_steps * t * model.num_layers * model.d_model
     data = 4 * 4 * rows * t + kept * jnp.dtype(model.dtype).itemsize
     name, largest = max(DEVICES.items(), key=lambda item: item[1].hbm)
-    if state + data <= largest.hbm:
+    here = _this_device_bytes()
+    if state + data <= max(largest.hbm, here):  # a device bigger than any in DEVICES runs it
         return
     sizes = [
         f"model.vocab_size={model.vocab_size}, num_layers={model.num_layers}, d_model="
@@ -290,8 +300,9 @@ def check_fits(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
         f"planner knows: each of the {num_devices} device(s) needs at least {fmt(state + data)} "
         f"({fmt(state)} for the weights, AdamW state and gradients of {params:,} parameters split "
         f"{ways} ways by mesh fsdp x tensor x expert; {fmt(data)} for {rows:,} rows of {t} tokens "
-        f"and each block's input), more than the largest, {name}'s {fmt(largest.hbm)}; make the "
-        "model or the batch smaller, or split them over more devices"
+        f"and each block's input), more than the largest, {name}'s {fmt(largest.hbm)}, and this "
+        f"device's {fmt(here)}; make the model or the batch smaller, or split them over more "
+        "devices"
     )
 
 
