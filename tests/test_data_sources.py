@@ -70,6 +70,22 @@ def test_bad_records_are_skipped_counted_or_strict(tmp_path):
             next(strict)
 
 
+def test_prose_quoting_speaker_tags_stays_text_and_every_row_trains(tmp_path):
+    """Tags within lines, or a user tag alone at a line's start, are prose under `text`."""
+    rows = ["In the interview. Q: what did you do? A: I went home.",
+            "Log in as user: admin, then the bot: replies. ถาม: ไหม ตอบ: ได้",
+            "Notes\nQ: why? A: because the answer sits on the question's line.",
+            "Plain prose without any tag at all."]  # fmt: skip
+    f = tmp_path / "pretrain.jsonl"
+    f.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in rows))
+    assert [getattr(r, "text", r) for r in _records(f)] == rows
+    it = iter(make_dataset(_cfg([{"path": str(f)}], batch=1, strict=True),
+                           resolve_file(TOKENIZER)))  # fmt: skip
+    batches = [next(it) for _ in range(6)]  # every row, read several times over
+    assert list(batches[-1]["stats"]["skipped"]) == [0] * len(SKIP_REASONS)
+    assert all(np.array_equal(b["loss_mask"], b["segment_ids"] > 0) for b in batches)  # all text
+
+
 DEEP = '{"text": "x", "meta": ' + "[" * 10_000 + "]" * 10_000 + "}"  # past the parser's recursion
 
 

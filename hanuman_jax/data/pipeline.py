@@ -212,7 +212,8 @@ def _file_changes(then: list[dict], now: list[dict]) -> str:
 def position_changes(saved: dict, cfg: ml_collections.ConfigDict) -> list[str]:
     """What changed since a data position was saved under config `saved` (a dict) that it cannot
     carry over to `cfg`: it holds a lane per row of train.batch_size, each a mixture of
-    data.sources by their number (a changed file is `warn_changed`'s)."""
+    data.sources by their number, a record number in each source's own files (a source given
+    another path is refused; a file changed under the same path is `warn_changed`'s)."""
     changes = []
     batch = saved.get("train", {}).get("batch_size")
     if batch not in (None, cfg.train.batch_size):
@@ -224,6 +225,9 @@ def position_changes(saved: dict, cfg: ml_collections.ConfigDict) -> list[str]:
         which += [f"{p!r} removed" for p in then if p not in now]
         named = f" ({', '.join(which)})" if which else ""
         changes.append(f"data.sources {len(then)} entries -> {len(now)}{named}")
+    elif then:
+        changes += [f"data.sources[{i}] {a!r} -> {b!r}"
+                    for i, (a, b) in enumerate(zip(then, now, strict=True)) if a != b]  # fmt: skip
     return changes
 
 

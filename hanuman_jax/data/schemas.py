@@ -11,6 +11,8 @@ by `detect_shape`; field names match in any letter case):
   response or completion; question/answer; query/response; input/output; user/assistant;
   human/gpt; คำถาม/คำตอบ...), with an optional `system` prompt and reasoning field;
 - a transcript: one string (`text`, `conversation`...) with speaker tags (transcripts.py);
+  under `text` or `content`, which usually hold prose, a user and an assistant tag must each
+  start a line (or be chat markup: ChatML, Llama's [INST]);
 - plain text: `text` or `content`, optionally with `title` (joined by a newline).
 All but plain text become chats, whose `<think>...</think>` blocks are kept verbatim.
 Every reader of records (the sources and the tokenizer trainer) reads each one through
@@ -225,7 +227,7 @@ def shape_of(row: dict) -> Shape | None:
         return Shape("pair", (prompt, answer))
     for key in TRANSCRIPTS:
         value = row.get(names.get(key))
-        style = detect_style(value) if isinstance(value, str) else None
+        style = detect_style(value, key not in TEXTS) if isinstance(value, str) else None
         if style:
             return Shape("transcript", (names[key],), style)
     return Shape("text") if any(k in names for k in TEXTS) else None

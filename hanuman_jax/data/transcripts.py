@@ -5,7 +5,8 @@ Styles, tried in this order on a source's first rows (schemas.py keeps the one m
 - llama: `<s>[INST] <<SYS>> ... <</SYS>> ... [/INST] ... </s>`;
 - headings: `### Instruction:` / `### Input:` / `### Response:` lines (Alpaca's text form);
 - speaker: `User:` / `Assistant:` (Human/AI/Bot/Q/A, Thai ผู้ใช้/ผู้ช่วย, ถาม/ตอบ...) at a line's start;
-- inline: the same names after any space, for transcripts written on one line.
+- inline: the same names after any space, for transcripts written on one line; tried only under
+  keys that name a transcript (`conversation`...), as prose under `text` quotes a "Q:" or "user:".
 Text before the first tag is a system turn, consecutive turns of one role are joined, and a
 string that does not hold a user turn answered by a non-empty assistant turn is no transcript.
 """
@@ -72,9 +73,11 @@ def split_transcript(text: str, style: str) -> tuple[dict, ...] | None:
     return tuple(messages)
 
 
-def detect_style(text: str) -> str | None:
-    """The first style in which `text` is a transcript, or None."""
-    return next((s for s in STYLES if split_transcript(text, s) is not None), None)
+def detect_style(text: str, inline: bool = True) -> str | None:
+    """The first style in which `text` is a transcript, or None; `inline=False` leaves out the
+    inline style, whose tags a field of prose holds by chance ("the interview. Q: ...")."""
+    styles = [s for s in STYLES if inline or s != "inline"]
+    return next((s for s in styles if split_transcript(text, s) is not None), None)
 
 
 def describe(style: str) -> str:
