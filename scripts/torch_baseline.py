@@ -1,15 +1,21 @@
-"""The PyTorch twin of a config for bench_train.py: the same architecture in Hugging Face
-transformers (MixtralForCausalLM, or LlamaForCausalLM when dense), trained with AdamW."""
+"""The PyTorch twin of a config for bench_train.py and bench_quality.py: the same architecture in
+Hugging Face transformers (MixtralForCausalLM, or LlamaForCausalLM when dense), trained with AdamW
+on a fixed batch or on our pipeline's packed batches, and scored on our evaluation batches."""
 
 from __future__ import annotations
 
+import math
 import os
 import time
+from collections.abc import Callable
 
 import ml_collections
 import numpy as np
 import torch
 import transformers
+
+from hanuman_jax.inference.evaluate import summary
+from hanuman_jax.training.step import target_mask
 
 
 def hf_config(m: ml_collections.ConfigDict) -> transformers.PretrainedConfig:
@@ -58,9 +64,16 @@ def hf_config(m: ml_collections.ConfigDict) -> transformers.PretrainedConfig:
 
 
 class TorchTrainer:
-    """One model and AdamW (same betas, eps, weight decay on matrices only, peak lr, clipping)."""
+    """One model and AdamW (same betas, eps, weight decay on matrices only, peak lr, clipping);
+    with `lr_factor`, the learning rate is the peak times `lr_factor(step)` (LambdaLR)."""
 
-    def __init__(self, cfg: ml_collections.ConfigDict, tokens_BT: np.ndarray):
+    def __init__(
+        self,
+        cfg: ml_collections.ConfigDict,
+        tokens_BT: np.ndarray | None = None,
+        *,
+        lr_factor: Callable[[int], float] | None = None,
+    ):
         torch.manual_seed(cfg.train.seed)
         self.threads = os.cpu_count() or 1
         torch.set_num_threads(self.threads)
@@ -80,21 +93,31 @@ class TorchTrainer:
         # fused: PyTorch's fastest AdamW on CPU and GPU alike
         self.opt = torch.optim.AdamW(groups, lr=o.peak_lr, betas=(o.b1, o.b2), eps=o.eps,
                                      fused=True)  # fmt: skip
+        self.lr = (
+            None if lr_factor is None else torch.optim.lr_scheduler.LambdaLR(self.opt, lr_factor)
+        )
         self.clip = o.grad_clip
         self.params = params
-        self.tokens_BT = torch.from_numpy(tokens_BT.astype(np.int64)).to(self.device)
+        self.inputs = None
+        if tokens_BT is not None:
+            tokens_BT = torch.from_numpy(tokens_BT.astype(np.int64)).to(self.device)
+            self.inputs = {"input_ids": tokens_BT, "labels": tokens_BT}
         self.experts_impl = getattr(self.model.config, "_experts_implementation", None)
 
-    def step(self) -> torch.Tensor:
+    def step(self, inputs: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """One optimizer step on `inputs` (the model's arguments, e.g. `packed_inputs`; default:
+        the fixed batch); the loss, on the device."""
         # fp32 weights and AdamW, compute in the config's dtype: our param_dtype/dtype split
         enabled = self.dtype != torch.float32
         with torch.autocast(self.device, dtype=self.dtype, enabled=enabled):
-            loss = self.model(input_ids=self.tokens_BT, labels=self.tokens_BT).loss
+            loss = self.model(**(self.inputs if inputs is None else inputs)).loss
         loss.backward()
         if self.clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        if self.lr is not None:
+            self.lr.step()
         return loss.detach()
 
     def sync(self) -> None:
@@ -110,3 +133,62 @@ class TorchTrainer:
         float(loss)
         self.sync()
         return (time.perf_counter() - start) / steps
+
+
+def warmup_cosine(cfg: ml_collections.ConfigDict) -> Callable[[int], float]:
+    """Our schedule (training/optim.py) written out for LambdaLR, as a multiple of the peak: linear
+    from 1 / warmup at step 0 to 1 at step warmup - 1, then cosine from 1 at step warmup to
+    `min_lr_ratio` at step `train.steps`. Written anew rather than calling optax, so that
+    bench_quality can check the two."""
+    o, steps = cfg.optimizer, cfg.train.steps
+    warmup = math.ceil(o.warmup_fraction * steps)
+    decay = max(steps - warmup, 1)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        cosine = 0.5 * (1 + math.cos(math.pi * min(step - warmup, decay) / decay))
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * cosine
+
+    return factor
+
+
+def packed_inputs(batch: dict[str, np.ndarray], device: str) -> dict[str, torch.Tensor]:
+    """Our packed batch (data.make_dataset) as the model's arguments. The positions restart at 0 in
+    each document piece, so transformers masks attention across documents exactly where our
+    segment ids do (masking_utils.find_packed_sequence_indices: without an attention mask or a
+    cache); labels are -100 wherever our loss has no target (step.target_mask)."""
+    seg_BT, pos_BT = batch["segment_ids"], batch["positions"]
+    starts_BT = seg_BT[:, 1:] != seg_BT[:, :-1]
+    # padding (segment 0, all at position 0) ends a row and is no one's context: not compared
+    if np.any((seg_BT[:, 1:] != 0) & (starts_BT != (np.diff(pos_BT, axis=1) != 1))):
+        raise ValueError(
+            "a document piece starts at a position other than 0: torch would not see it"
+        )
+    labels_BT = np.full(seg_BT.shape, -100, np.int64)
+    labels_BT[:, 1:] = np.where(target_mask(batch), batch["tokens"][:, 1:], -100)
+    arrays = {"input_ids": batch["tokens"], "position_ids": pos_BT, "labels": labels_BT}
+    return {k: torch.from_numpy(v.astype(np.int64)).to(device) for k, v in arrays.items()}
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: list[dict], text_bytes: int) -> dict:
+    """`summary` (loss, perplexity, bits per byte) of a transformers model on our evaluation
+    batches (loop.eval_batches): every target our evaluation counts, over the same UTF-8 bytes."""
+    was_training, device = model.training, next(model.parameters()).device.type
+    model.eval()
+    # Mixtral: the router's logits only feed the training loss
+    no_router_logits = (
+        {"output_router_logits": False} if model.config.model_type == "mixtral" else {}
+    )
+    nll, targets = 0.0, 0
+    for batch in batches:
+        inputs = packed_inputs(batch, device)
+        labels_BT = inputs.pop("labels")[:, 1:]
+        logits_BTV = model(**inputs, use_cache=False, **no_router_logits).logits
+        nll += torch.nn.functional.cross_entropy(
+            logits_BTV[:, :-1].flatten(0, 1).float(), labels_BT.flatten(), reduction="sum"
+        ).item()  # ignore_index -100: the labels without a target
+        targets += int((labels_BT != -100).sum())
+    model.train(was_training)
+    return summary(nll, targets, text_bytes)

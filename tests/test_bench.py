@@ -38,6 +38,74 @@ def test_bench_train_against_torch_reports_mfu_and_the_ratio_ceiling(root):
     assert "ratio ours/torch" in out and "at most" in out
 
 
+def test_bench_quality_trains_both_on_the_same_batches_and_scores_them_with_one_evaluator(
+    root, tmp_path
+):
+    """Both runs end to end on the bundled sample: the same targets per step (else `failed`),
+    evaluations at the same steps, and our trainer's held-out figure equal to its export's."""
+    pytest.importorskip("transformers")
+    plot = tmp_path / "quality.png"
+    out, r = run_script(root, "scripts/bench_quality.py", "--config", "configs/tiny.py",
+                        "--data", "bundled", "--steps", "6", "--eval-points", "2",
+                        "--eval-batches", "1", "--plot", str(plot), *SMALL)  # fmt: skip
+    assert r["failed"] == [] and r["evaluator_diff_bits_per_byte"] < 1e-3
+    assert r["ours_trainer_bits_per_byte"] == r["ours_curve"][-1][2]
+    assert [c[0] for c in r["ours_curve"]] == [c[0] for c in r["torch_curve"]] == [3, 6]
+    assert r["ours_tokens"] == r["torch_tokens"] == 6 * 2 * 64
+    assert r["torch_model"] == "MixtralForCausalLM" and r["vocab_size"] == 4096
+    assert r["quality_ratio"] == pytest.approx(
+        r["torch_bits_per_byte"] / r["ours_bits_per_byte"], abs=1e-4
+    )
+    assert r["torch_curve"][-1][2] == pytest.approx(r["torch_bits_per_byte"], abs=1e-5)
+    assert r["torch_time_to_quality_s"] <= r["torch_wall_s"]
+    if r["time_to_quality_ratio"] is None:
+        assert "never reached" in r["time_to_quality_note"]
+    else:
+        assert r["time_to_quality_ratio"] == pytest.approx(
+            r["torch_time_to_quality_s"] / r["ours_time_to_quality_s"], rel=0.05
+        )
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    assert out.count(" ours step") == out.count("torch step") == 2
+
+
+def test_bench_quality_torch_twin_learning_rate_packing_and_reach(root, monkeypatch):
+    """The torch run's LambdaLR equals our optax schedule at every step; packed batches become
+    transformers' arguments with our targets only; `reach` interpolates between evaluations."""
+    pytest.importorskip("transformers")
+    monkeypatch.syspath_prepend(str(root / "scripts"))
+    import ml_collections
+    import numpy as np
+    from bench_quality import reach
+    from torch_baseline import packed_inputs, warmup_cosine
+
+    from hanuman_jax.training.optim import lr_schedule
+
+    for steps, fraction in ((300, 0.05), (10, 0.05), (7, 0.0), (9, 0.5)):
+        cfg = ml_collections.ConfigDict({
+            "optimizer": {"peak_lr": 3e-3, "min_lr_ratio": 0.1, "warmup_fraction": fraction},
+            "train": {"steps": steps},
+        })  # fmt: skip
+        ours, factor = lr_schedule(cfg), warmup_cosine(cfg)
+        for step in range(steps + 2):
+            assert factor(step) * 3e-3 == pytest.approx(float(ours(step)), rel=1e-6), (steps, step)
+    # two documents (the second from position 0), a padding tail, a prompt token without loss
+    batch = {
+        "tokens": np.array([[5, 6, 7, 8, 9, 0]]),
+        "segment_ids": np.array([[1, 1, 1, 2, 2, 0]]),
+        "positions": np.array([[0, 1, 2, 0, 1, 0]]),
+        "loss_mask": np.array([[1, 1, 0, 1, 1, 0]]),
+    }
+    inputs = packed_inputs(batch, "cpu")
+    assert inputs["labels"].tolist() == [[-100, 6, -100, -100, 9, -100]]
+    assert inputs["position_ids"].tolist() == batch["positions"].tolist()
+    batch["positions"] = np.array([[0, 1, 2, 3, 4, 0]])  # a document that torch would not see
+    with pytest.raises(ValueError, match="position other than 0"):
+        packed_inputs(batch, "cpu")
+    curve = [(10.0, 3.0), (20.0, 2.0), (30.0, 1.5)]
+    assert reach(curve, 2.5) == pytest.approx(15.0)
+    assert reach(curve, 1.5) == 30.0 and reach(curve, 3.5) == 10.0 and reach(curve, 1.0) is None
+
+
 def test_bench_attention_checks_and_times_every_variant(root):
     _, r = run_script(root, "scripts/bench_attention.py", "--seq", "64", "--blocks", "16,64",
                       "--rounds", "1")  # fmt: skip
