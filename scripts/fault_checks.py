@@ -170,10 +170,16 @@ def resumable(sweep, where: Path) -> Path:
     return run
 
 
-def flip(step_dir: Path) -> None:
-    """Flips 4 KB in the middle of the largest OCDBT data file: its size stays the same."""
-    data = max((p for p in (step_dir / "state").rglob("*") if p.parent.name == "d"),
+def largest_data_file(step_dir: Path) -> Path:
+    """The largest OCDBT data file of the step's train state."""
+    return max((p for p in (step_dir / "state").rglob("*") if p.parent.name == "d"),
                key=lambda p: p.stat().st_size)  # fmt: skip
+
+
+def flip(step_dir: Path) -> None:
+    """Flips 4 KB (or half the file) in the middle of the largest OCDBT data file: its size
+    stays the same. tests/test_checkpoint.py uses it too."""
+    data = largest_data_file(step_dir)
     size = data.stat().st_size
     count = min(4096, size // 2)
     with open(data, "r+b") as f:

@@ -1,8 +1,10 @@
 """Checkpoints in process: damaged steps, mismatched checkpoints, non-finite runs, bad workdirs."""
 
 import dataclasses
+import importlib.util
 import json
 import logging
+import sys
 from pathlib import Path
 
 import jax
@@ -92,27 +94,29 @@ def _imported_run(tmp_path, steps=(1, 2)):
     return tmp_path / "run" / "checkpoints"
 
 
-def _shard(step_dir: Path) -> Path:
-    """The largest OCDBT data file of the step's train state."""
-    return max((p for p in (step_dir / "state").rglob("*") if p.parent.name == "d"),
-               key=lambda p: p.stat().st_size)  # fmt: skip
+def _fault_checks():
+    """scripts/fault_checks.py, whose fault setups these tests share with the fault sweep."""
+    spec = importlib.util.spec_from_file_location(
+        "fault_checks", ROOT / "scripts" / "fault_checks.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+FAULTS = _fault_checks()
 
 
 def _truncate_state(step_dir: Path) -> None:
-    with open(_shard(step_dir), "r+b") as f:
+    with open(FAULTS.largest_data_file(step_dir), "r+b") as f:
         f.truncate(5)
 
 
 def _flip_state(step_dir: Path) -> None:
-    """Flips 4 KB (or half the file) in the middle of a data file: its size stays the same."""
-    shard = _shard(step_dir)
+    shard = FAULTS.largest_data_file(step_dir)
     size = shard.stat().st_size
-    count = min(4096, size // 2)
-    with open(shard, "r+b") as f:
-        f.seek((size - count) // 2)
-        flipped = bytes(b ^ 0xFF for b in f.read(count))
-        f.seek((size - count) // 2)
-        f.write(flipped)
+    FAULTS.flip(step_dir)
     assert shard.stat().st_size == size
 
 
@@ -144,7 +148,7 @@ def test_resume_and_load_params_skip_a_damaged_step_alike(tmp_path, caplog, dama
     warning, word for word the same, for the damaged step, then the one before is opened."""
     caplog.set_level(logging.WARNING, logger="hanuman_jax")
     ckpts = _imported_run(tmp_path)
-    shard = _shard(ckpts / "2").relative_to(ckpts / "2")
+    shard = FAULTS.largest_data_file(ckpts / "2").relative_to(ckpts / "2")
     damage_state(ckpts / "2")
     assert load_params(ckpts.parent).step == 1
     by_load = _damaged_warnings(caplog)
