@@ -209,6 +209,29 @@ def test_nonfinite_step_changes_nothing_and_is_counted(root, monkeypatch):
     assert float(metrics["lr"]) == pytest.approx(float(setup.schedule(1)), rel=1e-6)
 
 
+def test_nonfinite_gradient_under_a_finite_loss_is_skipped(root, monkeypatch):
+    import hanuman_jax.training.step as step_module
+
+    real = step_module.loss_fn
+
+    def loss_fn(setup, params, batch, rng, **kw):  # + 0 x sqrt(0): the loss stays, d/dp is NaN
+        total, metrics = real(setup, params, batch, rng, **kw)
+        return total + 0.0 * jnp.sqrt(params["final_norm"]["scale"][3] - 1.0), metrics
+
+    monkeypatch.setattr(step_module, "loss_fn", loss_fn)
+    cfg = _cfg(root)
+    mesh = sharding.make_mesh(cfg.mesh)
+    setup = build_setup(cfg, mesh)
+    state, step = init_state(setup), jit_train_step(setup)
+    before = jax.device_get(state["params"])
+    state, metrics = step(state, sharding.global_batch(_batch(), mesh))
+    assert np.isfinite(float(metrics["total_loss"]))
+    assert not np.isfinite(float(metrics["grad_norm"]))
+    assert int(metrics["nonfinite_steps"]) == 1
+    for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(state["params"]), strict=True):
+        np.testing.assert_array_equal(x, np.asarray(y))
+
+
 def test_float16_loss_scale_halves_on_overflow_and_regrows(root, monkeypatch):
     _poisonable(monkeypatch)
     cfg = _cfg(root, "--config.model.dtype=float16", "--config.optimizer.loss_scale=1024",

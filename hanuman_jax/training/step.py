@@ -279,9 +279,10 @@ def train_step(setup: Setup, state: TrainState, batch: dict) -> tuple[TrainState
     (total, metrics), grads = gradients(setup, state["params"], batch, step_rng, scale)
     total = total / scale
     grads = jax.tree.map(lambda g: g / scale.astype(g.dtype), grads)
-    finite = jnp.isfinite(total) & jnp.all(
-        jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
-    )
+    # a NaN or inf in any gradient makes the norm one too: one pass over the gradients, not two
+    # (the clipping reads the same norm); a norm past float32's range is skipped with them
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
     updates, opt_state = setup.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
 
@@ -291,7 +292,7 @@ def train_step(setup: Setup, state: TrainState, batch: dict) -> tuple[TrainState
     guard = _next_guard(setup, guard, finite)
     metrics |= {
         "total_loss": total,
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": grad_norm,
         # the rate this step's update used: optax counts committed updates only, so each
         # skipped (non-finite) step holds the schedule back one step
         "lr": setup.schedule(state["step"] - state["guard"]["nonfinite_steps"]),
