@@ -114,6 +114,20 @@ def test_bench_attention_checks_and_times_every_variant(root):
     assert r["temp_bytes"]["block_16"] < r["temp_bytes"]["all"]
 
 
+def test_bench_step_parts_times_every_part_of_ours_and_torchs_step(root):
+    pytest.importorskip("transformers")
+    out, r = run_script(root, "scripts/bench_step_parts.py", "--config", "configs/tiny.py",
+                        "--rounds", "1", *SMALL)  # fmt: skip
+    parts = {"step", "forward", "forward_backward", "ffn_layer", "attention_layer", "lm_head_ce",
+             "optimizer"}  # fmt: skip
+    for side in ("ms", "torch_ms"):
+        assert set(r[side]) == parts and all(v > 0 for v in r[side].values()), r[side]
+    assert len(r["loadavg_1m"]) == 1 and r["torch_threads"] >= 1
+    assert r["tokens_per_step"] == 2 * 64 and r["matmul_gflop_per_step"] > 0
+    assert set(r["by_difference_ms"]) == {"rest_of_forward_backward", "step_minus_forward_backward"}
+    assert "optimizer update (clip + AdamW + guard)" in out
+
+
 @pytest.mark.slow
 def test_device_checks_smoke_runs_every_check_and_records_its_figures(root, tmp_path):
     """The GPU and TPU runs, prepared: every check of both, at tiny shapes on the CPU; splash and

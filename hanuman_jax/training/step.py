@@ -279,16 +279,7 @@ def train_step(setup: Setup, state: TrainState, batch: dict) -> tuple[TrainState
     (total, metrics), grads = gradients(setup, state["params"], batch, step_rng, scale)
     total = total / scale
     grads = jax.tree.map(lambda g: g / scale.astype(g.dtype), grads)
-    # a NaN or inf in any gradient makes the norm one too: one pass over the gradients, not two
-    # (the clipping reads the same norm); a norm past float32's range is skipped with them
-    grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
-    updates, opt_state = setup.tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-
-    def keep(new, old):
-        return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-
+    params, opt_state, grad_norm, finite = guarded_update(setup, state, total, grads)
     guard = _next_guard(setup, guard, finite)
     metrics |= {
         "total_loss": total,
@@ -304,11 +295,29 @@ def train_step(setup: Setup, state: TrainState, batch: dict) -> tuple[TrainState
     new_state = {
         **state,
         "step": state["step"] + 1,
-        "params": keep(params, state["params"]),
-        "opt_state": keep(opt_state, state["opt_state"]),
+        "params": params,
+        "opt_state": opt_state,
         "guard": guard,
     }
     return new_state, metrics
+
+
+def guarded_update(
+    setup: Setup, state: TrainState, total: jax.Array, grads: dict
+) -> tuple[dict, dict, jax.Array, jax.Array]:
+    """(params, optimizer state, gradient norm, finite) after the update from `grads`; a step
+    whose loss or gradient norm is not finite keeps the old parameters and moments. A NaN or
+    inf in any gradient makes the norm one too: one pass over the gradients, not two (the
+    clipping reads the same norm); a norm past float32's range is skipped with them."""
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+    updates, opt_state = setup.tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+
+    def keep(new, old):
+        return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+    return keep(params, state["params"]), keep(opt_state, state["opt_state"]), grad_norm, finite
 
 
 def _next_guard(setup: Setup, guard: dict, finite: jax.Array) -> dict:
