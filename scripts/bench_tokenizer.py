@@ -1,58 +1,209 @@
-"""Our tokenizer pipeline vs plain SentencePiece (default options) on ../shared/data.
+"""Our tokenizer pipeline vs plain SentencePiece (default options), in and out of domain.
 
-    python scripts/bench_tokenizer.py [--data ../shared/data] [--vocab-size 32000]
+    python scripts/bench_tokenizer.py [--data ../shared/data] [--ood DIR]
+        [--vocab-sizes 32000 96000] [--ablation] [--take N]
 
-Every 10th document is held out; both tokenizers train on the other nine tenths (the same lines,
-one file per source: news, social, English; ours balances the sources as `--balance` says, plain
-reads them as they are) with the same vocabulary size, then are measured on the held-out Thai
-and English lines and on the human word segmentation of wisesight-1000 (not trained on). Also
-times our `Tokenizer.encode` against the raw `SentencePieceProcessor.encode` of the same model.
-Last line: one JSON object.
+Each split trains both tokenizers on the same lines, one file per source (news, social, English):
+ours samples them as `--balance` says, plain reads them as they are. Every 10th document of each
+source is held out and never trained on.
+- `all`: trained on the three sources. Scored on the held-out Thai and English lines, on the
+  human word segmentation of wisesight-1000 (tokens per word; kept out of training), and on the
+  out-of-domain texts of scripts/ood_text.py, which none of the sources holds: legal Thai and
+  English (the UDHR) and Thai Wikipedia titles.
+- `without_news`, `without_social`, `without_english`: trained on the other two sources, scored
+  on the held-out lines of the one left out (and wisesight's words without social).
+A corpus too small for the vocabulary size (SentencePiece: "at most N pieces") trains both at N.
+Plain SentencePiece answers `<unk>` (one token for a run of characters it lacks, which loses them);
+ours spells them in bytes. Plain with byte fallback, which never answers `<unk>` either, is also
+trained and scored as the lossless reference (`behind_lossless`).
+`--ablation` also trains ours with each of its choices put back to plain SentencePiece's, at the
+first vocabulary size, to show what each choice does. `--take N` keeps each source's first N
+documents (a quick run). The `all` split also checks the Hugging Face export's ids and times our
+`Tokenizer.encode` against the raw `SentencePieceProcessor.encode`.
+Last line: one JSON object; `behind` lists each measure where ours is behind plain.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import tempfile
 import time
 import unicodedata
 from pathlib import Path
 
 import sentencepiece as spm
+from ood_text import DEFAULT_DIR
+from ood_text import load as load_ood
 
-from hanuman_jax.data import iter_records
+from hanuman_jax.data import DataError, iter_records
 from hanuman_jax.tokenizer import Tokenizer
-from hanuman_jax.tokenizer.evaluate import script_of, tokens_per_word
-from hanuman_jax.tokenizer.train import BALANCE, corpus_sources, row_texts, train_tokenizer
+from hanuman_jax.tokenizer.evaluate import measure, script_of, tokens_per_word
+from hanuman_jax.tokenizer.train import (
+    BALANCE,
+    DIGITS,
+    corpus_sources,
+    row_texts,
+    train_tokenizer,
+)
+
+SOURCES = ("news", "social", "english")
+SOCIAL_FILES = ("thai_social/pos.txt", "thai_social/neg.txt", "thai_social/q.txt")
+# Each of our choices changed back, one at a time: to plain SentencePiece's option, or to our
+# default before the out-of-domain splits (train_tokenizer's keyword arguments)
+ABLATIONS = {
+    "balance 1.0 (the sources as they are, as plain reads them)": {"balance": 1.0},
+    "balance 0.5 (before)": {"balance": 0.5},
+    "pieces up to 24 characters (before)": {"options": {"max_sentencepiece_length": 24}},
+    "character_coverage 0.9995 (plain's)": {"character_coverage": 0.9995},
+    "no emoji required (before)": {"options": {"required_chars": DIGITS}},
+    "extra spaces removed, no whitespace-only pieces (plain's)": {
+        "options": {"remove_extra_whitespaces": True, "allow_whitespace_only_pieces": False}
+    },
+    "no byte fallback: <unk> instead (plain's)": {"options": {"byte_fallback": False}},
+    "all three defaults before (balance 0.5, pieces up to 24, no emoji)": {
+        "balance": 0.5,
+        "options": {"max_sentencepiece_length": 24, "required_chars": DIGITS},
+    },
+}
 
 
-def split_corpus(data: Path) -> tuple[dict[str, list[str]], list[str]]:
-    """Every 10th document held out: a news row (title and text together) or a social/English
-    line. wisesight-1000's lines are kept out of training: they measure tokens per word.
-    Returns the training lines of each source (news, social, english) and the held-out lines."""
+def split_corpus(data: Path, take: int | None = None) -> tuple[dict, dict]:
+    """Each source's training lines and held-out lines: every 10th document is held out (a news
+    row, title and text together, or a social or English line). wisesight-1000's lines are kept
+    out of both: they measure tokens per word."""
     segmented = (data / "thai_social" / "wisesight-1000-samples-tokenised.txt").read_text()
     excluded = {line.strip() for line in segmented.splitlines()}
-    docs = [
-        ("news", "\n".join(row_texts(row, where)))
-        for where, row in iter_records(data / "thai_news" / "thaigov_train.jsonl")
-    ]
-    for source, name in (("social", "thai_social/pos.txt"), ("social", "thai_social/neg.txt"),
-                         ("social", "thai_social/q.txt"),
-                         ("english", "english/tinyshakespeare.txt")):  # fmt: skip
-        docs += [(source, text) for _, text in iter_records(data / name)
-                 if text.strip() not in excluded]  # fmt: skip
-    train: dict[str, list[str]] = {"news": [], "social": [], "english": []}
-    held: list[str] = []
-    for i, (source, doc) in enumerate(docs):
-        lines = [line for line in doc.splitlines() if line.strip()]
-        (held if i % 10 == 9 else train[source]).extend(lines)
+    news = iter_records(data / "thai_news" / "thaigov_train.jsonl")
+    docs = {"news": ["\n".join(row_texts(row, where)) for where, row in news]}
+    docs["social"] = [text for name in SOCIAL_FILES for _, text in iter_records(data / name)
+                      if text.strip() not in excluded]  # fmt: skip
+    docs["english"] = [text for _, text in iter_records(data / "english" / "tinyshakespeare.txt")]
+    train: dict[str, list[str]] = {source: [] for source in SOURCES}
+    held: dict[str, list[str]] = {source: [] for source in SOURCES}
+    i = 0  # counted across sources, as the first version of this benchmark did
+    for source in SOURCES:
+        for doc in docs[source][:take]:
+            lines = [line for line in doc.splitlines() if line.strip()]
+            (held if i % 10 == 9 else train)[source].extend(lines)
+            i += 1
     return train, held
+
+
+def eval_sets(split: str, held: dict, ood: dict | None, words: list[str]) -> dict:
+    """What a split is scored on: name -> ("chars", lines) or ("words", segmented lines)."""
+    if split != "all":
+        left_out = split.removeprefix("without_")
+        sets = {left_out: ("chars", held[left_out])}
+        return sets | ({"wisesight_words": ("words", words)} if left_out == "social" else {})
+    lines = [x for source in SOURCES for x in held[source]]
+    sets = {
+        "thai": ("chars", [x for x in lines if script_of(x) in ("thai", "mixed")]),
+        "english": ("chars", [x for x in lines if script_of(x) == "latin"]),
+        "wisesight_words": ("words", words),
+    }
+    return sets | {name: ("chars", text) for name, text in (ood or {}).items()}
 
 
 def chars_per_token(encode, lines: list[str]) -> float:
     chars = sum(len(unicodedata.normalize("NFC", line)) for line in lines)
-    return chars / sum(len(encode(line)) for line in lines)
+    return chars / max(sum(len(encode(line)) for line in lines), 1)
+
+
+class Plain:
+    """A plain SentencePiece model with the .encode that tokens_per_word wants."""
+
+    def __init__(self, path: Path):
+        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        self.encode = self.sp.encode
+
+
+def score(tokenizer, sets: dict) -> dict:
+    """chars/token or tokens/word for each set, with its <unk> count; ours: its round trip too."""
+    out = {}
+    for name, (kind, lines) in sets.items():
+        if kind == "words":
+            out[name] = {"tokens_per_word": round(tokens_per_word(tokenizer, lines), 4)}
+            continue
+        row = {"chars_per_token": round(chars_per_token(tokenizer.encode, lines), 4),
+               "unk": sum(tokenizer.encode(x).count(0) for x in lines)}  # fmt: skip
+        if isinstance(tokenizer, Tokenizer):
+            summary = measure(tokenizer, lines)["all"].summary()
+            row["roundtrip"] = round(summary["roundtrip_rate"], 4)
+        out[name] = row
+    return out
+
+
+def supported_size(message: str) -> int | None:
+    """N from SentencePiece's (or train_tokenizer's) "vocabulary too large" message."""
+    found = re.search(r"(?:value <=|at most) (\d+)", message)
+    return int(found.group(1)) if found else None
+
+
+def train_plain(files: list[str], prefix: Path, vocab_size: int, **options) -> Plain:
+    spm.SentencePieceTrainer.train(input=",".join(files), model_prefix=str(prefix),
+                                   vocab_size=vocab_size, minloglevel=2, **options)  # fmt: skip
+    return Plain(Path(f"{prefix}.model"))
+
+
+def train_ours(files: list[str], prefix: Path, vocab_size: int, **kwargs) -> Tokenizer:
+    sources = corpus_sources(files, None, "keep")
+    return Tokenizer(train_tokenizer(sources, prefix, vocab_size, **kwargs))
+
+
+def trained(train_fn, vocab_size: int):
+    """train_fn(vocab_size) -> (tokenizer, seconds, size), retried once at the largest size the
+    corpus supports when it is too small for `vocab_size`."""
+    start = time.perf_counter()
+    try:
+        return train_fn(vocab_size), time.perf_counter() - start, vocab_size
+    except (RuntimeError, DataError) as e:
+        size = supported_size(str(e))
+        if size is None:
+            raise
+    start = time.perf_counter()
+    return train_fn(size), time.perf_counter() - start, size
+
+
+def run_split(split: str, train: dict, tmp: Path, vocab_size: int, variants: dict) -> dict:
+    """Trains plain and ours (and each variant of ours) on the split's sources; returns them."""
+    files = []
+    for source in SOURCES:
+        if split == "all" or split != f"without_{source}":
+            files.append(str(tmp / f"{split}_{source}.txt"))
+            Path(files[-1]).write_text("\n".join(train[source]) + "\n", encoding="utf-8")
+    plain, plain_s, size = trained(lambda n: train_plain(files, tmp / f"plain_{split}", n),
+                                   vocab_size)  # fmt: skip
+    out = {"vocab_size": size, "plain": (plain, plain_s)}
+    for name, kwargs in {"ours": {}, **variants}.items():
+        prefix = tmp / f"ours_{split}_{len(out)}"
+        tok, secs, ours_size = trained(lambda n, p=prefix, k=kwargs: train_ours(files, p, n, **k),
+                                       size)  # fmt: skip
+        if ours_size != size:  # plain supports `size`, ours fewer: train plain again to match
+            plain, plain_s, _ = trained(lambda n: train_plain(files, tmp / f"plain_{split}", n),
+                                        ours_size)  # fmt: skip
+            out |= {"vocab_size": ours_size, "plain": (plain, plain_s)}
+        out[name] = (tok, secs)
+    # the lossless reference: plain with byte fallback, so that it never answers <unk> either
+    start = time.perf_counter()
+    lossless = train_plain(files, tmp / f"plain_bytes_{split}", out["vocab_size"],
+                           byte_fallback=True)  # fmt: skip
+    out["plain_byte_fallback"] = (lossless, time.perf_counter() - start)
+    return out
+
+
+def behind(ours: dict, plain: dict) -> list[str]:
+    """The measures where ours is behind plain (fewer chars/token, more tokens/word)."""
+    lost = []
+    for name, row in ours.items():
+        if not isinstance(row, dict):  # train_s
+            continue
+        if "chars_per_token" in row and row["chars_per_token"] < plain[name]["chars_per_token"]:
+            lost.append(f"{name} chars/token")
+        if "tokens_per_word" in row and row["tokens_per_word"] > plain[name]["tokens_per_word"]:
+            lost.append(f"{name} tokens/word")
+    return lost
 
 
 def hf_parity(ours: Tokenizer, lines: list[str], out: Path) -> dict:
@@ -72,74 +223,66 @@ def hf_parity(ours: Tokenizer, lines: list[str], out: Path) -> dict:
     return result
 
 
+def encode_speed(ours: Tokenizer, lines: list[str]) -> dict:
+    """Our Tokenizer.encode against the raw SentencePieceProcessor.encode of the same model."""
+    best = {"tokenizer_encode": float("inf"), "raw_sp_encode": float("inf")}
+    for _ in range(7):  # interleaved rounds, so a noisy spell hits both alike; best of each
+        for name, fn in (("tokenizer_encode", ours.encode), ("raw_sp_encode", ours.sp.encode)):
+            start = time.perf_counter()
+            for line in lines:
+                fn(line)
+            best[name] = min(best[name], time.perf_counter() - start)
+    chars = sum(len(x) for x in lines)
+    return {"encode_chars_per_s": {k: round(chars / v) for k, v in best.items()},
+            "encode_ratio": round(best["raw_sp_encode"] / best["tokenizer_encode"], 3)}  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
         "--data", default=str(Path(__file__).resolve().parents[1].parent / "shared/data")
     )
-    p.add_argument("--vocab-size", type=int, default=32_000)
-    p.add_argument("--character-coverage", type=float, default=0.99995)
+    p.add_argument("--ood", type=Path, default=DEFAULT_DIR, help="scripts/ood_text.py's folder")
+    p.add_argument("--vocab-sizes", type=int, nargs="+", default=[32_000, 96_000])
+    p.add_argument("--splits", nargs="+", default=["all", *(f"without_{s}" for s in SOURCES)])
     p.add_argument("--balance", type=float, default=BALANCE)
+    p.add_argument("--ablation", action="store_true")
+    p.add_argument("--take", type=int, default=None)
+    p.add_argument("--no-parity", action="store_true", help="skip the HF ids and encode timing")
     a = p.parse_args()
     data = Path(a.data)
-    train, held = split_corpus(data)
-    held_th = [x for x in held if script_of(x) in ("thai", "mixed")]
-    held_en = [x for x in held if script_of(x) == "latin"]
+    train, held = split_corpus(data, a.take)
+    ood = load_ood(a.ood)
+    if ood is None:
+        print(f"no out-of-domain text in {a.ood}: run scripts/ood_text.py to fetch it", flush=True)
     words = (data / "thai_social" / "wisesight-1000-samples-tokenised.label").read_text()
     words = words.splitlines()
-    result = {"train_lines": sum(map(len, train.values())), "heldout_thai_lines": len(held_th),
-              "heldout_english_lines": len(held_en), "vocab_size": a.vocab_size}  # fmt: skip
+    result: dict = {"train_lines": {s: len(train[s]) for s in SOURCES},
+                    "heldout_lines": {s: len(held[s]) for s in SOURCES},
+                    "runs": [], "behind": [], "behind_lossless": []}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        files = []  # one file per source: ours balances them (--balance), plain reads them all
-        for source, lines in train.items():
-            files.append(str(Path(tmp) / f"train_{source}.txt"))
-            Path(files[-1]).write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-        start = time.perf_counter()
-        sources = corpus_sources(files, None, "keep")
-        ours = Tokenizer(train_tokenizer(sources, Path(tmp) / "ours", a.vocab_size,
-                                         character_coverage=a.character_coverage,
-                                         balance=a.balance))  # fmt: skip
-        ours_s = time.perf_counter() - start
-
-        start = time.perf_counter()
-        spm.SentencePieceTrainer.train(input=",".join(files), model_prefix=str(Path(tmp) / "plain"),
-                                       vocab_size=a.vocab_size, minloglevel=2)  # fmt: skip
-        plain_s = time.perf_counter() - start
-        plain = spm.SentencePieceProcessor(model_file=str(Path(tmp) / "plain.model"))
-
-        class Plain:  # tokens_per_word wants an object with .encode
-            encode = staticmethod(plain.encode)
-
-        for name, enc, secs, tpw in (
-            ("ours", ours.encode, ours_s, tokens_per_word(ours, words)),
-            ("plain_sentencepiece", plain.encode, plain_s, tokens_per_word(Plain, words)),
-        ):
-            result[name] = {
-                "train_s": round(secs, 1),
-                "thai_chars_per_token": round(chars_per_token(enc, held_th), 4),
-                "english_chars_per_token": round(chars_per_token(enc, held_en), 4),
-                "thai_tokens_per_word": round(tpw, 4),
-                "unk_thai": sum(enc(x).count(0) for x in held_th),
-            }
-            print(name, json.dumps(result[name]), flush=True)
-
-        every_line = [x for lines in train.values() for x in lines] + held
-        result["hf_parity"] = hf_parity(ours, every_line, Path(tmp) / "hf")
-        print("hf_parity", json.dumps(result["hf_parity"]), flush=True)
-
-        lines = held_th + held_en
-        best = {"tokenizer_encode": float("inf"), "raw_sp_encode": float("inf")}
-        for _ in range(7):  # interleaved rounds, so a noisy spell hits both alike; best of each
-            for name, fn in (("tokenizer_encode", ours.encode), ("raw_sp_encode", ours.sp.encode)):
-                start = time.perf_counter()
-                for line in lines:
-                    fn(line)
-                best[name] = min(best[name], time.perf_counter() - start)
-        chars = sum(len(x) for x in lines)
-        result["encode_chars_per_s"] = {k: round(chars / v) for k, v in best.items()}
-        result["encode_ratio"] = round(best["raw_sp_encode"] / best["tokenizer_encode"], 3)
-    print(json.dumps(result))
+        for vocab_size in a.vocab_sizes:
+            variants = ABLATIONS if a.ablation and vocab_size == a.vocab_sizes[0] else {}
+            for split in a.splits:
+                models = run_split(split, train, Path(tmp), vocab_size, variants)
+                sets = eval_sets(split, held, ood, words)
+                row = {"vocab_size": vocab_size, "trained_size": models["vocab_size"],
+                       "split": split}  # fmt: skip
+                for name in ("plain", "plain_byte_fallback", "ours", *variants):
+                    tok, secs = models[name]
+                    row[name] = score(tok, sets) | {"train_s": round(secs, 1)}
+                row["behind"] = behind(row["ours"], row["plain"])
+                row["behind_lossless"] = behind(row["ours"], row["plain_byte_fallback"])
+                for key in ("behind", "behind_lossless"):
+                    result[key] += [f"{vocab_size} {split} {x}" for x in row[key]]
+                result["runs"].append(row)
+                print(json.dumps(row, ensure_ascii=False), flush=True)
+                if split == "all" and vocab_size == a.vocab_sizes[0] and not a.no_parity:
+                    ours = models["ours"][0]
+                    every = [x for s in SOURCES for x in train[s] + held[s]]
+                    result["hf_parity"] = hf_parity(ours, every, Path(tmp) / "hf")
+                    result |= encode_speed(ours, [x for s in SOURCES for x in held[s]])
+    print(json.dumps(result, ensure_ascii=False))
 
 
 if __name__ == "__main__":

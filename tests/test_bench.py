@@ -209,3 +209,58 @@ def test_device_checks_skip_what_the_budget_cannot_hold(root, tmp_path):
     assert r["failed"] == ["env", "plan"] and r["checks"] == 2
     records = [json.loads(x) for x in (tmp_path / "device_checks.jsonl").read_text().splitlines()]
     assert [x["rc"] for x in records] == ["skipped", "skipped"]
+
+
+def test_bench_tokenizer_splits_retrains_at_the_supported_size_and_names_each_loss(root, tmp_path):
+    """In-domain and leave-one-source-out splits on the first documents of ../shared/data; a
+    vocabulary the small corpus cannot hold is retrained at the size SentencePiece names; the
+    out-of-domain texts are read from --ood when present."""
+    shared = root.parent / "shared" / "data"
+    if not shared.is_dir():
+        pytest.skip(f"{shared} is absent: the benchmark reads its corpora")
+    ood = tmp_path / "ood"
+    ood.mkdir()
+    for name in ("udhr_th", "udhr_en", "wikipedia_titles_th"):
+        (ood / f"{name}.txt").write_text("ทุกคนมีสิทธิ\nEveryone has the right\n", encoding="utf-8")
+    out, r = run_script(root, "scripts/bench_tokenizer.py", "--take", "400", "--vocab-sizes",
+                        "1000", "60000", "--ood", str(ood), "--no-parity")  # fmt: skip
+    runs = {(x["vocab_size"], x["split"]): x for x in r["runs"]}
+    splits = {"all", "without_news", "without_social", "without_english"}
+    assert set(runs) == {(v, s) for v in (1000, 60000) for s in splits}
+    assert all(x["trained_size"] == 1000 for v, x in runs.items() if v[0] == 1000)
+    assert all(x["trained_size"] < 60000 for v, x in runs.items() if v[0] == 60000)
+    every = runs[(1000, "all")]
+    assert set(every["ours"]) - {"train_s"} == {"thai", "english", "wisesight_words", "udhr_th",
+                                                 "udhr_en", "wikipedia_titles_th"}  # fmt: skip
+    assert set(runs[(1000, "without_social")]["ours"]) == {"social", "wisesight_words", "train_s"}
+    for x in r["runs"]:
+        for name, row in x["ours"].items():
+            if name != "train_s" and "chars_per_token" in row:
+                assert row["unk"] == 0 and row["roundtrip"] == 1.0, (x["split"], name, row)
+        lost = [f"{x['vocab_size']} {x['split']} {loss}" for loss in x["behind"]]
+        assert set(lost) <= set(r["behind"])
+        for name, row in x["ours"].items():  # "behind" says exactly where plain is ahead
+            plain = x["plain"].get(name, {})
+            if name != "train_s" and "chars_per_token" in row:
+                assert (row["chars_per_token"] < plain["chars_per_token"]) == (
+                    f"{name} chars/token" in x["behind"]
+                )
+
+
+def test_ood_text_reads_the_udhr_pages_and_needs_every_split(root, tmp_path):
+    sys.path.insert(0, str(root / "scripts"))
+    try:
+        import ood_text
+    finally:
+        sys.path.remove(str(root / "scripts"))
+    page = (
+        "<html><h4>Article 1</h4>\n<p>All human beings are born&nbsp;free\n and equal.</p></html>"
+    )
+    assert ood_text.html_paragraphs(page) == [
+        "Article 1",
+        "All human beings are born free and equal.",
+    ]
+    assert ood_text.load(tmp_path) is None
+    for name in ood_text.SPLITS:
+        (tmp_path / f"{name}.txt").write_text("a\nb\n", encoding="utf-8")
+    assert ood_text.load(tmp_path) == {name: ["a", "b"] for name in ood_text.SPLITS}

@@ -7,7 +7,7 @@ import os
 import random
 import re
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import sentencepiece as spm
@@ -32,8 +32,25 @@ from hanuman_jax.tokenizer.core import (
 SENTENCEPIECE_MAX_BYTES = 4192  # SentencePiece skips training sentences longer than this
 MAX_PIECE_BYTES = 4000  # so documents are split into pieces of at most this many bytes
 SCORE_QUANTUM = 1 / 64  # piece scores are rounded to this grid: see quantize_scores
-MAX_PIECE_CHARS = 24  # longest piece; SentencePiece defaults to 16, short for Thai words
-BALANCE = 0.5  # a source's share of the sample ~ its characters ** BALANCE (see sample_sentences)
+# Longest piece, SentencePiece's default: 24 gave 0.6 % more characters per token on held-out
+# news of the sources it was trained on, but fewer on every text of another source or register
+# (pieces of 17-24 characters are phrases of the training text; BENCHMARKS.md, "Tokenizer").
+MAX_PIECE_CHARS = 16
+BALANCE = 0.7  # a source's share of the sample ~ its characters ** BALANCE (see sample_sentences)
+DIGITS = ARABIC_DIGITS + THAI_DIGITS
+# Always pieces, whether or not the corpus holds them, so that each costs one token rather than
+# its 3-4 UTF-8 bytes: the single-code-point emoji of Unicode's "Smileys & Emotion" group and the
+# hand gestures of "People & Body" (Emoji 17.0), the five skin tones, ZWJ and VS16. A chat or
+# social-media model meets them whatever text its tokenizer saw (BENCHMARKS.md, "Tokenizer").
+REQUIRED_EMOJI = (
+    "😀😃😄😁😆😅🤣😂🙂🙃🫠😉😊😇🥰😍🤩😘😗☺😚😙🥲😋😛😜🤪😝🤑🤗🤭🫢🫣🤫🤔🫡🤐🤨😐😑"
+    "😶🫥😏😒🙄😬🤥🫨😌😔😪🤤😴🫩😷🤒🤕🤢🤮🤧🥵🥶🥴😵🤯🤠🥳🥸😎🤓🧐😕🫤😟🙁☹😮😯😲😳"
+    "🫪🥺🥹😦😧😨😰😥😢😭😱😖😣😞😓😩😫🥱😤😡😠🤬😈👿💀☠💩🤡👹👺👻👽👾🤖😺😸😹😻😼😽"
+    "🙀😿😾🙈🙉🙊💌💘💝💖💗💓💞💕💟❣💔❤🩷🧡💛💚💙🩵💜🤎🖤🩶🤍💋💯💢🫯💥💫💦💨🕳💬🗨"
+    "🗯💭💤👋🤚🖐✋🖖🫱🫲🫳🫴🫷🫸👌🤌🤏✌🤞🫰🤟🤘🤙👈👉👆🖕👇☝🫵👍👎✊👊🤛🤜👏🙌🫶👐"
+    "🤲🤝🙏"
+    "\U0001f3fb\U0001f3fc\U0001f3fd\U0001f3fe\U0001f3ff\u200d\ufe0f"
+)
 # Sentence ends: after . ! ? 。, a run of 2+ spaces, or a space between Thai letters (Thai writes
 # no full stops). The captured whitespace stays with the sentence before it.
 _SENTENCE_END = re.compile(
@@ -127,8 +144,9 @@ def sample_sentences(
     mT5 use for languages: 1.0 keeps the corpus's proportions, lower values raise the share of the
     smaller sources. Their pieces are repeated (stochastically rounded) rather than any being left
     out, unless the total would pass `max_sentences`. On ../shared/data's three sources, of very
-    unequal sizes, 0.5 is what makes the tokenizer better than plain SentencePiece on Thai and
-    English at once (BENCHMARKS.md).
+    unequal sizes, 0.7 gives the best worst case against plain SentencePiece over text of the
+    sources and of sources and registers left out of training (BENCHMARKS.md, "Tokenizer"):
+    0.5 favours the small sources' own text, 1.0 the largest's.
     """
     rng = random.Random(seed)
     drawn = [_reservoir(docs, max_sentences, rng) for docs in sources]
@@ -158,10 +176,12 @@ def train_tokenizer(
     max_sentences: int = 2_000_000,
     balance: float = BALANCE,
     seed: int = 0,
+    options: Mapping[str, object] | None = None,
 ) -> Path:
     """Trains the Unigram model with byte fallback and the project's symbols and normalization
     on a sample of `sources` (streams of documents; see sample_sentences); writes PREFIX.model
-    and PREFIX.vocab and returns the .model path."""
+    and PREFIX.vocab and returns the .model path. `options`: SentencePiece trainer options that
+    replace ours (scripts/bench_tokenizer.py measures each of our choices with them)."""
     path = Path(f"{model_prefix}.model")
     try:  # fail before reading a large corpus, not after training on it
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -178,33 +198,43 @@ def train_tokenizer(
     with tempfile.TemporaryDirectory() as tmp:
         tsv = Path(tmp) / "rules.tsv"
         tsv.write_text(rules_tsv(normalization_rules(thai_digits)), encoding="utf-8")
+        trainer = _trainer_options(vocab_size, thai_digits, character_coverage, tsv)
+        trainer |= dict(options or {})
         try:
             spm.SentencePieceTrainer.train(
-                sentence_iterator=iter(sample),
-                model_writer=model,
-                model_type="unigram",
-                vocab_size=vocab_size,
-                byte_fallback=True,
-                character_coverage=character_coverage,
-                normalization_rule_tsv=str(tsv),
-                remove_extra_whitespaces=False,
-                required_chars=ARABIC_DIGITS + (THAI_DIGITS if thai_digits == "keep" else ""),
-                allow_whitespace_only_pieces=True,
-                max_sentencepiece_length=MAX_PIECE_CHARS,
-                unk_id=0, bos_id=1, eos_id=2, pad_id=3,
-                unk_piece=UNK, bos_piece=BOS, eos_piece=EOS, pad_piece=PAD,
-                user_defined_symbols=list(USER_SYMBOLS),
-                max_sentence_length=SENTENCEPIECE_MAX_BYTES,
-                input_sentence_size=0,
-                shuffle_input_sentence=False,
-                num_threads=os.cpu_count() or 1,
-                minloglevel=2,
-            )  # fmt: skip
+                sentence_iterator=iter(sample), model_writer=model, **trainer
+            )
         except RuntimeError as e:
             raise DataError(_explain(str(e), vocab_size)) from None
     path.write_bytes(without_machine_details(quantize_scores(model.getvalue())))
     _write_vocab(path)
     return path
+
+
+def _trainer_options(
+    vocab_size: int, thai_digits: str, character_coverage: float, rules: Path
+) -> dict[str, object]:
+    """SentencePiece's trainer options: ours, where they differ from its defaults, and the ids."""
+    required = ARABIC_DIGITS + (THAI_DIGITS if thai_digits == "keep" else "") + REQUIRED_EMOJI
+    return {
+        "model_type": "unigram",
+        "vocab_size": vocab_size,
+        "byte_fallback": True,
+        "character_coverage": character_coverage,
+        "normalization_rule_tsv": str(rules),
+        "remove_extra_whitespaces": False,
+        "required_chars": required,
+        "allow_whitespace_only_pieces": True,
+        "max_sentencepiece_length": MAX_PIECE_CHARS,
+        "unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": 3,
+        "unk_piece": UNK, "bos_piece": BOS, "eos_piece": EOS, "pad_piece": PAD,
+        "user_defined_symbols": list(USER_SYMBOLS),
+        "max_sentence_length": SENTENCEPIECE_MAX_BYTES,
+        "input_sentence_size": 0,
+        "shuffle_input_sentence": False,
+        "num_threads": os.cpu_count() or 1,
+        "minloglevel": 2,
+    }  # fmt: skip
 
 
 def without_machine_details(model: bytes) -> bytes:
