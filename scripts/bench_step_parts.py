@@ -158,6 +158,7 @@ def torch_parts(cfg, theirs, host: dict) -> dict[str, Callable[[], None]]:
         if theirs.clip > 0:
             torch.nn.utils.clip_grad_norm_(theirs.params, theirs.clip)
         theirs.opt.step()
+        theirs.opt.zero_grad(set_to_none=True)  # later backward passes must not add into grads
 
     def ffn_layer():
         out = layer.mlp(x_BTD)

@@ -230,29 +230,53 @@ def test_bench_tokenizer_splits_retrains_at_the_supported_size_and_names_each_lo
     assert all(x["trained_size"] == 1000 for v, x in runs.items() if v[0] == 1000)
     assert all(x["trained_size"] < 60000 for v, x in runs.items() if v[0] == 60000)
     every = runs[(1000, "all")]
-    assert set(every["ours"]) - {"train_s"} == {"thai", "english", "wisesight_words", "udhr_th",
-                                                 "udhr_en", "wikipedia_titles_th"}  # fmt: skip
-    assert set(runs[(1000, "without_social")]["ours"]) == {"social", "wisesight_words", "train_s"}
-    for x in r["runs"]:
+    assert set(every["ours"]) - {"train_s", "pieces"} == {
+        "thai", "english", "wisesight_words", "udhr_th", "udhr_en", "wikipedia_titles_th"
+    }  # fmt: skip
+    assert set(runs[(1000, "without_social")]["ours"]) == {
+        "social",
+        "wisesight_words",
+        "train_s",
+        "pieces",
+    }
+    for x in r["runs"]:  # one size for all three, the one the corpus supports for each
+        assert {x[k]["pieces"] for k in ("plain", "plain_byte_fallback", "ours")} == {
+            x["trained_size"]
+        }
         for name, row in x["ours"].items():
-            if name != "train_s" and "chars_per_token" in row:
+            if isinstance(row, dict) and "chars_per_token" in row:
                 assert row["unk"] == 0 and row["roundtrip"] == 1.0, (x["split"], name, row)
         lost = [f"{x['vocab_size']} {x['split']} {loss}" for loss in x["behind"]]
         assert set(lost) <= set(r["behind"])
         for name, row in x["ours"].items():  # "behind" says exactly where plain is ahead
             plain = x["plain"].get(name, {})
-            if name != "train_s" and "chars_per_token" in row:
+            if isinstance(row, dict) and "chars_per_token" in row:
                 assert (row["chars_per_token"] < plain["chars_per_token"]) == (
                     f"{name} chars/token" in x["behind"]
                 )
 
 
-def test_ood_text_reads_the_udhr_pages_and_needs_every_split(root, tmp_path):
+def _script(root, name: str):
     sys.path.insert(0, str(root / "scripts"))
     try:
-        import ood_text
+        return __import__(name)
     finally:
         sys.path.remove(str(root / "scripts"))
+
+
+def test_bench_tokenizer_holds_out_no_line_it_trains_on(root):
+    shared = root.parent / "shared" / "data"
+    if not shared.is_dir():
+        pytest.skip(f"{shared} is absent: the benchmark reads its corpora")
+    train, held = _script(root, "bench_tokenizer").split_corpus(shared, take=2000)
+    trained = {line for lines in train.values() for line in lines}
+    assert all(held.values()) and not any(x in trained for v in held.values() for x in v)
+    # the news sign-offs repeated in every article are trained on, never held out
+    assert "กลุ่มประชาสัมพันธ์และเผยแพร่ สำนักโฆษก" in trained
+
+
+def test_ood_text_reads_the_udhr_pages_and_needs_every_split(root, tmp_path):
+    ood_text = _script(root, "ood_text")
     page = (
         "<html><h4>Article 1</h4>\n<p>All human beings are born&nbsp;free\n and equal.</p></html>"
     )

@@ -125,11 +125,19 @@ def test_training_twice_gives_the_same_bytes(tmp_path):
         assert retrained.decode(ids) == normalize(line) and retrained.unk_id not in ids, line
 
 
-def test_emoji_are_pieces_when_the_corpus_has_none(tmp_path):
+def test_emoji_are_pieces_when_the_corpus_has_none(tmp_path, monkeypatch):
     """REQUIRED_EMOJI: an emoji the corpus never held costs one token, not its 4 bytes; the
-    skin tones, ZWJ and VS16 that build emoji sequences too."""
+    skin tones, ZWJ and VS16 that build emoji sequences too. Not in a small vocabulary."""
+    import hanuman_jax.tokenizer.train as train_module
+
+    monkeypatch.setattr(train_module, "EMOJI_MIN_VOCAB", 1500)  # the sample is too small for 8k
     texts = [line for p in sorted(SAMPLE.glob("*.txt")) for line in p.read_text().splitlines()]
     texts = ["".join(c for c in line if ord(c) < 0x2000) for line in texts]
+    small = Tokenizer(train_tokenizer([texts], tmp_path / "small", 1499))
+    assert small.sp.is_unknown(small.sp.piece_to_id("😂"))  # below the size, none is forced in
+    many = "".join(chr(c) for c in range(0x4E00, 0x4E00 + 1400))  # more than 1,600 less ours
+    with pytest.raises(DataError, match="--vocab-size 1600 is too small: the special, byte, digit"):
+        train_tokenizer([texts], tmp_path / "tiny", 1600, options={"required_chars": many})
     tok = Tokenizer(train_tokenizer([texts], tmp_path / "plain_text", 1500))
     for char in REQUIRED_EMOJI:
         assert not tok.sp.is_unknown(tok.sp.piece_to_id(char)), f"U+{ord(char):04X}"

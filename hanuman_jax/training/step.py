@@ -309,7 +309,7 @@ def guarded_update(
     whose loss or gradient norm is not finite keeps the old parameters and moments. A NaN or
     inf in any gradient makes the norm one too: one pass over the gradients, not two (the
     clipping reads the same norm); a norm past float32's range is skipped with them."""
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
     updates, opt_state = setup.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
