@@ -42,7 +42,7 @@ DIGITS = ARABIC_DIGITS + THAI_DIGITS
 # its 3-4 UTF-8 bytes: the single-code-point emoji of Unicode's "Smileys & Emotion" group and the
 # hand gestures of "People & Body" (Emoji 17.0), the five skin tones, ZWJ and VS16. A chat or
 # social-media model meets them whatever text its tokenizer saw (BENCHMARKS.md, "Tokenizer").
-# Only from EMOJI_MIN_VOCAB pieces: in a small vocabulary their 212 pieces cost more than they
+# Only from EMOJI_MIN_VOCAB pieces: in a small vocabulary their 210 pieces cost more than they
 # save (on the bundled sample, 11 % fewer characters per token at 1,000 pieces, 3.5 % at 2,000).
 EMOJI_MIN_VOCAB = 8000
 REQUIRED_EMOJI = (
