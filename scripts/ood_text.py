@@ -40,11 +40,14 @@ _THAI = re.compile(r"[\u0E00-\u0E7F]")
 
 
 def _download(url: str, sha256: str) -> bytes:
-    with urllib.request.urlopen(url, timeout=120) as response:
-        data = response.read()
+    try:
+        with urllib.request.urlopen(url, timeout=120) as response:
+            data = response.read()
+    except OSError as e:  # URLError, a timeout, a reset
+        raise SystemExit(f"error: {url}: {getattr(e, 'reason', e)}") from None
     got = hashlib.sha256(data).hexdigest()
     if got != sha256:
-        raise RuntimeError(f"{url}: sha256 {got}, expected {sha256}")
+        raise SystemExit(f"error: {url}: sha256 {got}, expected {sha256}")
     return data
 
 
@@ -70,8 +73,10 @@ def fetch(folder: Path) -> None:
     titles = wheel.read("pythainlp/corpus/wikipedia_titles_th.txt").decode("utf-8").splitlines()
     thai = [t.strip() for t in titles if _THAI.search(t)]
     texts["wikipedia_titles_th"] = thai[::TITLE_EVERY]
-    for name, lines in texts.items():
-        (folder / f"{name}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    for name, lines in texts.items():  # each whole or absent: load() needs every one
+        part = folder / f"{name}.txt.part"
+        part.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        part.replace(folder / f"{name}.txt")
     (folder / "README.md").write_text(__doc__, encoding="utf-8")
 
 
