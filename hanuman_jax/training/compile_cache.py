@@ -6,8 +6,9 @@ The cache sits in the workdir by default, so that it lives where the checkpoints
 the Colab notebooks); an absolute path shares one cache between runs. JAX keys each entry by the
 program, the devices and the jax/XLA versions, so a changed config or an upgraded jax compiles
 afresh rather than loading a stale entry, and it writes only programs that took at least
-`jax_persistent_cache_min_compile_time_secs` (1 s) to compile. Treat the folder as code: do not
-share it with people you do not trust."""
+`jax_persistent_cache_min_compile_time_secs` (1 s) to compile, and only from process 0 (so
+several hosts need one shared folder for all of them to load it). Treat the folder as code: do
+not share it with people you do not trust."""
 
 from __future__ import annotations
 
