@@ -311,3 +311,16 @@ def test_shared_corpora_round_trip_without_unk(bundled):
     assert result.roundtrip == result.lines, result.failures
     segmented = (SHARED / "thai_social" / "wisesight-1000-samples-tokenised.label").read_text()
     assert 1.0 < tokens_per_word(bundled, segmented.splitlines()) < 4.0
+
+
+def test_max_piece_chars_bounds_every_learned_piece(tmp_path, capsys):
+    texts = [line for p in sorted(SAMPLE.glob("*.txt")) for line in p.read_text().splitlines()]
+    tok = Tokenizer(train_tokenizer([texts], tmp_path / "short", 1500, max_piece_chars=4))
+    sp = tok.sp
+    learned = [sp.id_to_piece(i) for i in range(sp.get_piece_size())
+               if not (sp.is_control(i) or sp.is_byte(i) or sp.is_unknown(i))
+               and sp.id_to_piece(i) not in SPECIAL_IDS]  # fmt: skip
+    assert max(map(len, learned)) == 4
+    with pytest.raises(SystemExit):
+        main(["train", "--input", "x.txt", "--model-prefix", "x", "--max-piece-chars", "0"])
+    assert "--max-piece-chars must be in [1, 64]" in capsys.readouterr().err

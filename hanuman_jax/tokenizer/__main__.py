@@ -10,7 +10,7 @@ from pathlib import Path
 
 from hanuman_jax import cli
 from hanuman_jax.data import DataError, iter_records
-from hanuman_jax.tokenizer.train import BALANCE
+from hanuman_jax.tokenizer.train import BALANCE, MAX_PIECE_CHARS
 
 MIN_VOCAB = 320  # 4 control + 7 user symbols + 256 bytes + 20 digits, and some real pieces
 
@@ -28,6 +28,7 @@ def _train(args) -> None:
         character_coverage=args.character_coverage,
         max_sentences=args.max_sentences,
         balance=args.balance,
+        max_piece_chars=args.max_piece_chars,
         seed=args.seed,
     )
     print(f"wrote {path} and {path.with_suffix('.vocab')} "
@@ -93,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--balance", type=float, default=BALANCE,
                    help="each --input's share of the sample ~ its characters ** BALANCE; 1 "
                    "keeps the corpus proportions, 0 gives every input the same share")  # fmt: skip
+    t.add_argument("--max-piece-chars", type=int, default=MAX_PIECE_CHARS,
+                   help="longest piece in characters; 24 compresses the training text's own "
+                   "Thai better and other text worse (BENCHMARKS.md)")  # fmt: skip
     t.add_argument(
         "--character-coverage",
         type=float,
@@ -125,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--balance must be in [0, 1]")
         if not 0 < args.character_coverage <= 1:
             parser.error("--character-coverage must be in (0, 1]")
+        if not 1 <= args.max_piece_chars <= 64:
+            parser.error("--max-piece-chars must be in [1, 64]")
     try:
         args.run(args)
     except DataError as err:

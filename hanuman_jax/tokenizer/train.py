@@ -178,6 +178,7 @@ def train_tokenizer(
     character_coverage: float = 0.99995,
     max_sentences: int = 2_000_000,
     balance: float = BALANCE,
+    max_piece_chars: int = MAX_PIECE_CHARS,
     seed: int = 0,
     options: Mapping[str, object] | None = None,
 ) -> Path:
@@ -202,6 +203,7 @@ def train_tokenizer(
         tsv = Path(tmp) / "rules.tsv"
         tsv.write_text(rules_tsv(normalization_rules(thai_digits)), encoding="utf-8")
         trainer = _trainer_options(vocab_size, thai_digits, character_coverage, tsv)
+        trainer["max_sentencepiece_length"] = max_piece_chars
         trainer |= dict(options or {})
         try:
             spm.SentencePieceTrainer.train(
