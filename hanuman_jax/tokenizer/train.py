@@ -32,9 +32,10 @@ from hanuman_jax.tokenizer.core import (
 SENTENCEPIECE_MAX_BYTES = 4192  # SentencePiece skips training sentences longer than this
 MAX_PIECE_BYTES = 4000  # so documents are split into pieces of at most this many bytes
 SCORE_QUANTUM = 1 / 64  # piece scores are rounded to this grid: see quantize_scores
-# Longest piece, SentencePiece's default: 24 gave 0.6 % more characters per token on held-out
-# news of the sources it was trained on, but fewer on every text of another source or register
-# (pieces of 17-24 characters are phrases of the training text; BENCHMARKS.md, "Tokenizer").
+# Longest piece, SentencePiece's default: 24 gave 1.9 % more characters per token on held-out
+# Thai of the sources it was trained on, but 0.9-1.4 % fewer on Thai of another source or
+# register (pieces of 17-24 characters are phrases of the training text; BENCHMARKS.md,
+# "Tokenizer").
 MAX_PIECE_CHARS = 16
 BALANCE = 0.7  # a source's share of the sample ~ its characters ** BALANCE (see sample_sentences)
 DIGITS = ARABIC_DIGITS + THAI_DIGITS
@@ -202,8 +203,8 @@ def train_tokenizer(
     with tempfile.TemporaryDirectory() as tmp:
         tsv = Path(tmp) / "rules.tsv"
         tsv.write_text(rules_tsv(normalization_rules(thai_digits)), encoding="utf-8")
-        trainer = _trainer_options(vocab_size, thai_digits, character_coverage, tsv)
-        trainer["max_sentencepiece_length"] = max_piece_chars
+        trainer = _trainer_options(vocab_size, thai_digits, character_coverage,
+                                   max_piece_chars, tsv)  # fmt: skip
         trainer |= dict(options or {})
         try:
             spm.SentencePieceTrainer.train(
@@ -217,7 +218,7 @@ def train_tokenizer(
 
 
 def _trainer_options(
-    vocab_size: int, thai_digits: str, character_coverage: float, rules: Path
+    vocab_size: int, thai_digits: str, character_coverage: float, max_piece_chars: int, rules: Path
 ) -> dict[str, object]:
     """SentencePiece's trainer options: ours, where they differ from its defaults, and the ids."""
     required = ARABIC_DIGITS + (THAI_DIGITS if thai_digits == "keep" else "")
@@ -231,7 +232,7 @@ def _trainer_options(
         "remove_extra_whitespaces": False,
         "required_chars": required,
         "allow_whitespace_only_pieces": True,
-        "max_sentencepiece_length": MAX_PIECE_CHARS,
+        "max_sentencepiece_length": max_piece_chars,
         "unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": 3,
         "unk_piece": UNK, "bos_piece": BOS, "eos_piece": EOS, "pad_piece": PAD,
         "user_defined_symbols": list(USER_SYMBOLS),
