@@ -39,11 +39,12 @@ from ood_text import load as load_ood
 
 from hanuman_jax.data import DataError, iter_records
 from hanuman_jax.tokenizer import Tokenizer
+from hanuman_jax.tokenizer.core import normalization_rules, normalize, rules_tsv
 from hanuman_jax.tokenizer.evaluate import script_of, tokens_per_word
 from hanuman_jax.tokenizer.train import (
     BALANCE,
-    DIGITS,
     corpus_sources,
+    iter_documents,
     row_texts,
     train_tokenizer,
 )
@@ -51,20 +52,18 @@ from hanuman_jax.tokenizer.train import (
 SOURCES = ("news", "social", "english")
 SOCIAL_FILES = ("thai_social/pos.txt", "thai_social/neg.txt", "thai_social/q.txt")
 # Each of our choices changed back, one at a time: to plain SentencePiece's option, or to our
-# default before the out-of-domain splits (train_tokenizer's keyword arguments)
+# default before (train_ours's keyword arguments)
 ABLATIONS = {
+    "a space before every text (plain's; ours before)": {"options": {"add_dummy_prefix": True}},
+    "no-break-space runs kept (before)": {"nbsp_runs": False},
+    "no length penalty (plain's; ours before)": {"length_penalty": 0.0},
     "balance 1.0 (the sources as they are, as plain reads them)": {"balance": 1.0},
-    "balance 0.5 (before)": {"balance": 0.5},
-    "pieces up to 24 characters (before)": {"options": {"max_sentencepiece_length": 24}},
     "character_coverage 0.9995 (plain's)": {"character_coverage": 0.9995},
-    "no emoji required (before)": {"options": {"required_chars": DIGITS}},
-    "extra spaces removed, no whitespace-only pieces (plain's)": {
-        "options": {"remove_extra_whitespaces": True, "allow_whitespace_only_pieces": False}
-    },
     "no byte fallback: <unk> instead (plain's)": {"options": {"byte_fallback": False}},
-    "all three defaults before (balance 0.5, pieces up to 24, no emoji)": {
-        "balance": 0.5,
-        "options": {"max_sentencepiece_length": 24, "required_chars": DIGITS},
+    "all three before (a space before every text, runs kept, no length penalty)": {
+        "options": {"add_dummy_prefix": True},
+        "nbsp_runs": False,
+        "length_penalty": 0.0,
     },
 }
 
@@ -149,8 +148,17 @@ def train_plain(files: list[str], prefix: Path, vocab_size: int, **options) -> P
     return Plain(Path(f"{prefix}.model"))
 
 
-def train_ours(files: list[str], prefix: Path, vocab_size: int, **kwargs) -> Tokenizer:
+def train_ours(
+    files: list[str], prefix: Path, vocab_size: int, nbsp_runs: bool = True, **kwargs
+) -> Tokenizer:
+    """`nbsp_runs=False`: without the rule that makes a run of spaces holding a no-break space one
+    space, in the training text and in the model."""
     sources = corpus_sources(files, None, "keep")
+    if not nbsp_runs:
+        sources = [(normalize(doc, nbsp_runs=False) for doc in iter_documents([f])) for f in files]
+        tsv = prefix.with_suffix(".rules.tsv")
+        tsv.write_text(rules_tsv(normalization_rules(nbsp_runs=False)), encoding="utf-8")
+        kwargs["options"] = {**kwargs.get("options", {}), "normalization_rule_tsv": str(tsv)}
     return Tokenizer(train_tokenizer(sources, prefix, vocab_size, **kwargs))
 
 

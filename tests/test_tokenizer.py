@@ -10,9 +10,11 @@ from hanuman_jax.tokenizer import SPECIAL_IDS, Tokenizer, normalize
 from hanuman_jax.tokenizer.__main__ import main
 from hanuman_jax.tokenizer.evaluate import measure, script_of, tokens_per_word
 from hanuman_jax.tokenizer.train import (
+    LENGTH_PENALTY,
     REQUIRED_EMOJI,
     corpus_sources,
     iter_documents,
+    penalize_length,
     row_texts,
     sample_sentences,
     split_document,
@@ -36,6 +38,10 @@ LINES = [
     "literal <nl> and <sep> in text",
     "ราคา\u00a0100\u202fบาท เข้ามา\u200bดู \ufeffsoft\u00adhyphen 👨\u200d👩\u200d👧",
 ]
+
+
+def sample_texts() -> list[str]:
+    return [normalize(x) for f in sorted(SAMPLE.glob("*.txt")) for x in f.read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +74,33 @@ def test_round_trip_and_no_unk(bundled):
     assert not any(bundled.sp.is_byte(i) for i in ids)  # learned pieces, not byte fallback
 
 
+def test_a_run_of_spaces_holding_a_no_break_space_is_one_space(bundled, today):
+    runs = {
+        "ว่า \u00a0รัฐบาล": "ว่า รัฐบาล",
+        "a\u00a0\u00a0 \u00a0b": "a b",
+        "a\u00a0b": "a b",
+        "a  b": "a  b",
+        " " * 8 + "\u00a0z": "  z",
+        "x" + " \u00a0" * 5 + "y": "x  y",
+    }
+    assert {text: normalize(text) for text in runs} == runs
+    for text, want in runs.items():
+        assert today.normalize(text) == want and today.decode(today.encode(text)) == want
+    # a model trained before the rule keeps its runs, and says so
+    assert bundled.normalize("a \u00a0b") == bundled.decode(bundled.encode("a \u00a0b")) == "a  b"
+
+
+def test_length_penalty_lowers_every_learned_score(tmp_path):
+    penalized = Tokenizer(train_tokenizer([sample_texts()], tmp_path / "p", 1000))
+    plain = Tokenizer(train_tokenizer([sample_texts()], tmp_path / "n", 1000, length_penalty=0.0))
+    normal = range(267, 1000)  # after the special and byte pieces
+    assert all(penalized.sp.get_score(i) == plain.sp.get_score(i) - LENGTH_PENALTY for i in normal)
+    lines = sample_texts()
+    assert sum(map(len, map(penalized.encode, lines))) < sum(map(len, map(plain.encode, lines)))
+    with pytest.raises(ValueError, match="not a multiple of"):
+        penalize_length(plain.path.read_bytes(), 0.01)
+
+
 def test_to_arabic_digits_and_chat_template(tmp_path):
     texts = [line for p in sorted(SAMPLE.glob("*.txt")) for line in p.read_text().splitlines()]
     path = train_tokenizer([texts], tmp_path / "arabic", 1500, thai_digits="to-arabic")
@@ -83,13 +116,22 @@ def test_to_arabic_digits_and_chat_template(tmp_path):
     assert ids.count(tok.sep_id) == 4  # typed "<sep>" in a message cannot forge a turn
     trained = [i for i, m in zip(ids, mask, strict=True) if m]
     assert trained.count(tok.sep_id) == 1 and trained[-1] == tok.eos_id  # each reply's end
-    assert tok.decode([i for i in trained if i not in (tok.sep_id, tok.eos_id)]) == "ตอบ ครับ"
+    replies = [i for i in trained if i not in (tok.sep_id, tok.eos_id)]
+    assert tok.decode(replies) == "ตอบครับ"  # no dummy-prefix space before each content
 
 
-def test_text_bytes_count_the_text_each_token_spells(bundled):
+@pytest.fixture(scope="module")
+def today(tmp_path_factory):
+    """A tokenizer trained with today's defaults (no dummy prefix, unlike the bundled one)."""
+    return Tokenizer(train_tokenizer([sample_texts()], tmp_path_factory.mktemp("t") / "t", 1000))
+
+
+@pytest.mark.parametrize("which", ["bundled", "today"])
+def test_text_bytes_count_the_text_each_token_spells(which, request):
     """Bits per byte's denominator, by hand: a document's tokens spell its normalized text
-    (SentencePiece's leading space not counted, `<nl>` one byte, `<bos>`/`<eos>` none), a
-    chat's trained tokens its replies (`<sep>` none), and a byte-fallback piece one byte."""
+    (a dummy-prefix space not counted, `<nl>` one byte, `<bos>`/`<eos>` none), a chat's
+    trained tokens its replies (`<sep>` none), and a byte-fallback piece one byte."""
+    bundled = request.getfixturevalue(which)
     cases = [
         ("Hi\nthere", 8),
         (" two  spaces", 12),  # the text's own leading space counts

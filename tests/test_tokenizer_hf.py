@@ -32,6 +32,8 @@ CRAFTED = [
     "< > << >> <a> <nl", "▁already▁spaced▁", "nul\x00byte", "zero\u200bwidth\u200djoin",
     "ﬁ ligature ① ｆｕｌｌ width", "x" * 3000,
     "\u200b", "\ufeff\u00ad", " \u200b", "a\u00a0\u3000b",  # spaces folded, invisibles removed
+    "ว่า \u00a0รัฐบาล", "a\u00a0\u00a0 \u00a0b", "x" + " \u00a0" * 7 + "y",  # no-break runs
+    " " * 8 + "\u00a0z", "\u00a0 \u00a0\n\u00a0 x", "two  spaces\u00a0",
 ]  # fmt: skip
 
 
@@ -164,11 +166,17 @@ def test_ids_match_on_shared_data(tmp_path):
         assert_parity(tok, slow, texts)
 
 
-@pytest.fixture(scope="module")
-def bundled(tmp_path_factory) -> tuple[Tokenizer, object]:
-    """The bundled sample tokenizer (trained on the chats too) and its export."""
-    out = export_hf(SAMPLE / "tokenizer.model", tmp_path_factory.mktemp("bundled"))
-    return Tokenizer(SAMPLE / "tokenizer.model"), AutoTokenizer.from_pretrained(out)
+@pytest.fixture(scope="module", params=["bundled", "today"])
+def bundled(request, tmp_path_factory) -> tuple[Tokenizer, object]:
+    """The bundled sample tokenizer (trained on the chats too, with a dummy-prefix space) and
+    one trained the same way with today's defaults (no dummy prefix), and their exports."""
+    tmp = tmp_path_factory.mktemp(request.param)
+    model = SAMPLE / "tokenizer.model"
+    if request.param == "today":
+        chats = [m["content"] for chat in bundled_chats() for m in chat]
+        model = train_tokenizer([[normalize(x) for x in sample_lines() + chats]], tmp / "t", 3000)
+    assert Tokenizer(model)._dummy_prefix == (request.param == "bundled")
+    return Tokenizer(model), AutoTokenizer.from_pretrained(export_hf(model, tmp / "hf"))
 
 
 def bundled_chats() -> list[list[dict]]:

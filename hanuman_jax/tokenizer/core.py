@@ -9,6 +9,7 @@ normalize identically. The table:
   `Tokenizer.encode` also applies Python's full NFC first, for sequences the table lacks.
 - Quotes and dashes folded to ASCII, no-break and other fixed-width spaces to a space, and
   invisible characters (zero-width space, word joiner, BOM, soft hyphen) removed: see `FOLD`.
+- A run of spaces that holds a no-break space is one space: see `NBSP_RUNS`.
 - Thai digits ๐-๙ kept (default) or mapped to 0-9 (`thai_digits="to-arabic"`).
 - A newline (LF, CR or CRLF) becomes the `<nl>` symbol, so it survives SentencePiece.
 """
@@ -16,6 +17,7 @@ normalize identically. The table:
 from __future__ import annotations
 
 import functools
+import itertools
 import re
 import unicodedata
 from collections.abc import Sequence
@@ -49,6 +51,21 @@ FOLD = {
     # invisible: zero-width space, word joiner, byte-order mark, soft hyphen (not ZWJ: emoji)
     "\u200b": "", "\u2060": "", "\ufeff": "", "\u00ad": "",
 }  # fmt: skip
+# Web text pads with &nbsp; ("ว่า \xa0รัฐบาล"): a run of spaces holding a no-break space is one
+# space, where it would cost a token per extra space. This is 0.75 % of the tokens of held-out
+# thaigov news (BENCHMARKS.md, "Tokenizer"). Runs of up to NBSP_RUN characters are rules (a
+# longer run leaves a space per NBSP_RUN); runs of ordinary spaces are kept (indentation, and
+# Thai's double space between sentences). Models trained before these rules keep their runs.
+NBSP_RUN = 8
+NBSP_RUNS = {
+    "".join(run): " "
+    for n in range(2, NBSP_RUN + 1)
+    for run in itertools.product(" \u00a0", repeat=n)
+    if "\u00a0" in run
+}
+# SentencePiece's normalizer takes the longest rule at each position: the same as this regex
+NBSP_RUN_PATTERN = f"(?=[ \u00a0]{{0,{NBSP_RUN - 1}}}\u00a0)[ \u00a0]{{1,{NBSP_RUN}}}"
+_NBSP_RUN = re.compile(NBSP_RUN_PATTERN)
 NEWLINES = {"\r\n": NEWLINE, "\r": NEWLINE, "\n": NEWLINE}
 DIGITS_TO_ARABIC = dict(zip(THAI_DIGITS, ARABIC_DIGITS, strict=True))
 _TRANSLATE = {"keep": str.maketrans(FOLD), "to-arabic": str.maketrans(FOLD | DIGITS_TO_ARABIC)}
@@ -61,7 +78,7 @@ _THAI_MARKS = [chr(c) for c in (0x0E31, *range(0x0E34, 0x0E3B), *range(0x0E47, 0
 _THINK_BLOCK = re.compile(r"<think>.*?</think>\s*", re.S)
 
 
-def normalization_rules(thai_digits: str = "keep") -> dict[str, str]:
+def normalization_rules(thai_digits: str = "keep", nbsp_runs: bool = True) -> dict[str, str]:
     """Source string -> replacement, as compiled into the SentencePiece model."""
     if thai_digits not in ("keep", "to-arabic"):
         raise ValueError(f"thai_digits={thai_digits!r}: expected keep or to-arabic")
@@ -77,7 +94,7 @@ def normalization_rules(thai_digits: str = "keep") -> dict[str, str]:
         for b in _THAI_MARKS:
             if unicodedata.normalize("NFC", a + b) != a + b:
                 rules[a + b] = unicodedata.normalize("NFC", a + b)
-    rules |= FOLD | NEWLINES
+    rules |= FOLD | NEWLINES | (NBSP_RUNS if nbsp_runs else {})
     if thai_digits == "to-arabic":
         rules |= DIGITS_TO_ARABIC
     return rules
@@ -92,9 +109,11 @@ def rules_tsv(rules: dict[str, str]) -> str:
     return "".join(f"{hexes(src)}\t{hexes(dst)}\n" for src, dst in rules.items())
 
 
-def normalize(text: str, thai_digits: str = "keep") -> str:
-    """The text the model sees, with newlines kept as newlines (for round-trip checks)."""
-    text = unicodedata.normalize("NFC", text).translate(_TRANSLATE[thai_digits])
+def normalize(text: str, thai_digits: str = "keep", nbsp_runs: bool = True) -> str:
+    """The text a model trained with these rules sees, newlines kept as newlines: what training
+    samples (`Tokenizer.normalize` gives a trained model's own)."""
+    text = unicodedata.normalize("NFC", text)
+    text = (_NBSP_RUN.sub(" ", text) if nbsp_runs else text).translate(_TRANSLATE[thai_digits])
     # A literal "<nl>" in the text is the newline symbol too: the model cannot tell them apart.
     return text.replace("\r\n", "\n").replace("\r", "\n").replace(NEWLINE, "\n")
 
@@ -137,7 +156,21 @@ class Tokenizer:
         return SPECIAL_IDS[LANG_TAGS[lang]]
 
     def normalize(self, text: str) -> str:
-        return normalize(text, self.thai_digits)
+        """The text that `decode(encode(text))` gives back: this model's own normalization (a
+        model trained by an older version may lack some of today's rules), newlines kept."""
+        text = self.sp.normalize(unicodedata.normalize("NFC", text))
+        if self._dummy_prefix:
+            text = text.removeprefix("▁")
+        return text.replace("▁", " ").replace(NEWLINE, "\n")
+
+    @functools.cached_property
+    def _proto(self) -> sentencepiece_model_pb2.ModelProto:
+        return sentencepiece_model_pb2.ModelProto.FromString(self.sp.serialized_model_proto())
+
+    @functools.cached_property
+    def _dummy_prefix(self) -> bool:
+        """Whether SentencePiece puts a space before every text it encodes."""
+        return self._proto.normalizer_spec.add_dummy_prefix
 
     def encode(self, text: str) -> list[int]:
         text = unicodedata.normalize("NFC", text)
@@ -170,13 +203,13 @@ class Tokenizer:
                 bytes_V[i] = 1
             elif i not in SPECIAL_IDS.values():
                 bytes_V[i], spaced_V[i] = len(piece.replace("▁", " ").encode()), piece[0] == "▁"
-        proto = sentencepiece_model_pb2.ModelProto.FromString(self.sp.serialized_model_proto())
-        return bytes_V, spaced_V & proto.normalizer_spec.add_dummy_prefix
+        return bytes_V, spaced_V & self._dummy_prefix
 
     def text_bytes(self, tokens_BT: np.ndarray, loss_mask_BT: np.ndarray) -> np.ndarray:
         """UTF-8 bytes of the text each token spells, for bits per byte; symbols spell none.
 
-        SentencePiece puts a space before every text it encodes; it is not counted: on a piece
+        A model trained before 2026-12-06 puts a space before every text it encodes (the dummy
+        prefix); it is not counted: on a piece
         right after `<bos>` (a document's first) or the first trained token after untrained ones
         (a chat reply's first). A document's tokens then sum to its normalized text's bytes, a
         chat's trained ones to its replies'. Exact per token, so a row may cut a document anywhere.

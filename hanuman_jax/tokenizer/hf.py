@@ -6,7 +6,8 @@ which would wreck a Unigram model; `PreTrainedTokenizerFast` loads `tokenizer.js
 transformers 4.x and 5.x. The pipeline mirrors SentencePiece step by step:
 
 - normalizer: NFC (as `Tokenizer.encode`), then the rules of the model's own `precompiled_charsmap`
-  that NFC does not imply (quotes, dashes, newlines -> `<nl>`, ...), then spaces -> `▁` and the
+  that NFC does not imply (quotes, dashes, newlines -> `<nl>`, runs of spaces holding a no-break
+  space, ...), then spaces -> `▁` and, for a model with one (trained before 2026-12-06), the
   dummy-prefix `▁` once at the start;
 - model: Unigram with SentencePiece's scores, user symbols at the score SentencePiece gives them
   in its lattice, and the byte fallback;
@@ -94,7 +95,6 @@ def _check_ours(proto, path: Path) -> None:
     expected = {
         "model_type": (spec.model_type, spec.UNIGRAM),
         "byte_fallback": (spec.byte_fallback, True),
-        "add_dummy_prefix": (norm.add_dummy_prefix, True),
         "remove_extra_whitespaces": (norm.remove_extra_whitespaces, False),
         "escape_whitespaces": (norm.escape_whitespaces, True),
         "treat_whitespace_as_suffix": (spec.treat_whitespace_as_suffix, False),
@@ -118,11 +118,22 @@ def _normalizer(proto, users: list[str]) -> normalizers.Normalizer:
         for src, dst in rules.items()
         if unicodedata.normalize("NFC", src) != dst and not src.startswith(tuple(users))
     }
+    steps = [normalizers.NFC()]
+    # The no-break-space runs go first, as one regex that takes the longest run at each position
+    # as SentencePiece does; one Replace per rule would rewrite the leftovers of a longer run.
+    runs = {src for src in extra if len(src) > 1 and not src.strip(" \u00a0")}
+    if runs:
+        if runs != set(core.NBSP_RUNS):
+            raise ValueError(f"unknown whitespace rules, cannot export: {sorted(runs)[:5]}")
+        steps.append(normalizers.Replace(Regex(core.NBSP_RUN_PATTERN), " "))
+        extra = {src: dst for src, dst in extra.items() if src not in runs}
     if any(src in dst for src in extra for dst in extra.values()):
         raise ValueError(f"normalization rules feed each other, cannot export: {extra}")
-    steps = [normalizers.NFC()]
     steps += [normalizers.Replace(s, extra[s]) for s in sorted(extra, key=len, reverse=True)]
-    return normalizers.Sequence([*steps, normalizers.Replace(" ", "▁"), normalizers.Prepend("▁")])
+    steps.append(normalizers.Replace(" ", "▁"))
+    if proto.normalizer_spec.add_dummy_prefix:  # models trained before 2026-12-06
+        steps.append(normalizers.Prepend("▁"))
+    return normalizers.Sequence(steps)
 
 
 def build_tokenizer(proto) -> RustTokenizer:
@@ -158,9 +169,10 @@ def build_tokenizer(proto) -> RustTokenizer:
         pattern = "|".join([*map(re.escape, whole), f"[{''.join(map(re.escape, cut))}]"])
         tok.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
 
+    dummy = [decoders.Strip(" ", 1, 0)] if proto.normalizer_spec.add_dummy_prefix else []
     tok.decoder = decoders.Sequence([
-        decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-        decoders.Strip(" ", 1, 0), decoders.Replace(NEWLINE, "\n"),
+        decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), *dummy,
+        decoders.Replace(NEWLINE, "\n"),
     ])  # fmt: skip
     bos = proto.trainer_spec.bos_id
     tok.post_processor = processors.TemplateProcessing(
@@ -174,10 +186,10 @@ def build_tokenizer(proto) -> RustTokenizer:
     return tok
 
 
-# Each turn is <sep> role <nl> content, the content encoded on its own (so with SentencePiece's
-# dummy-prefix space, unless it is empty or invisible), and the turn ends at the next <sep> or the
-# final <eos>. Text after <sep> gets the tokenizer's own dummy prefix; the template writes the
-# content's. {% generation %} marks what `encode_chat`'s loss mask marks: a reply and its end.
+# Each turn is <sep> role <nl> content, the content encoded on its own (so, for a model with a
+# dummy prefix, after SentencePiece's space unless it is empty or invisible), and the turn ends at
+# the next <sep> or the final <eos>. Text after <sep> gets the tokenizer's own dummy prefix; the
+# template writes the content's. {% generation %} marks what `encode_chat`'s loss mask marks: a reply and its end.
 # A generation prompt drops the <think> blocks of the replies before the last user turn, as
 # `generate --chat` does (`drop_thinking`: each block and the whitespace after it).
 _CHAT_TEMPLATE = string.Template("""\
@@ -208,7 +220,7 @@ content') -}}
         {{- raise_exception('chat message ' ~ i ~ ' holds ' ~ name ~ ', which this template cannot \
 encode as Tokenizer.encode_chat does') -}}
     {%- endfor -%}
-    {%- if content$visible -%}{%- set content = ' ' + content -%}{%- endif -%}
+    {%- if $dummy and content$visible -%}{%- set content = ' ' + content -%}{%- endif -%}
     {%- set end = '$sep' if not loop.last or add_generation_prompt else '$eos' -%}
     {{- message['role'] + '$nl' -}}
     {%- if message['role'] == 'assistant' -%}
@@ -221,7 +233,7 @@ encode as Tokenizer.encode_chat does') -}}
 """)
 
 
-def chat_template() -> str:
+def chat_template(dummy_prefix: bool = False) -> str:
     """The Jinja chat template (as transformers renders it) whose ids are `encode_chat`'s, and
     with `add_generation_prompt` the prompt of `generate --chat` (`encode_chat(drop_think=True)`
     and the reply's header).
@@ -233,6 +245,7 @@ def chat_template() -> str:
         bos=BOS, eos=EOS, sep=SEP, nl=NEWLINE, roles=repr(list(core.ROLES)),
         reserved=repr([UNK, BOS, EOS, PAD, *core.USER_SYMBOLS]),
         visible="".join(f" | replace({c!r}, '')" for c in core.INVISIBLE),
+        dummy=str(dummy_prefix).lower(),
     )  # fmt: skip
 
 
@@ -253,7 +266,7 @@ def export_hf(model_file: str | Path, out_dir: str | Path) -> Path:
         "add_eos_token": False,
         # transformers 4 defaults to True, which deletes spaces before punctuation on decode.
         "clean_up_tokenization_spaces": False,
-        "chat_template": chat_template(),
+        "chat_template": chat_template(proto.normalizer_spec.add_dummy_prefix),
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
