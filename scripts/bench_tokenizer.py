@@ -153,8 +153,9 @@ def train_ours(
 ) -> Tokenizer:
     """`nbsp_runs=False`: without the rule that makes a run of spaces holding a no-break space one
     space, in the training text and in the model."""
-    sources = corpus_sources(files, None, "keep")
-    if not nbsp_runs:
+    if nbsp_runs:
+        sources = corpus_sources(files, None, "keep")
+    else:
         sources = [(normalize(doc, nbsp_runs=False) for doc in iter_documents([f])) for f in files]
         tsv = prefix.with_suffix(".rules.tsv")
         tsv.write_text(rules_tsv(normalization_rules(nbsp_runs=False)), encoding="utf-8")

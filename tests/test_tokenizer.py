@@ -14,7 +14,7 @@ from hanuman_jax.tokenizer.train import (
     REQUIRED_EMOJI,
     corpus_sources,
     iter_documents,
-    penalize_length,
+    quantize_scores,
     row_texts,
     sample_sentences,
     split_document,
@@ -90,15 +90,15 @@ def test_a_run_of_spaces_holding_a_no_break_space_is_one_space(bundled, today):
     assert bundled.normalize("a \u00a0b") == bundled.decode(bundled.encode("a \u00a0b")) == "a  b"
 
 
-def test_length_penalty_lowers_every_learned_score(tmp_path):
-    penalized = Tokenizer(train_tokenizer([sample_texts()], tmp_path / "p", 1000))
+def test_length_penalty_lowers_every_learned_score(today, tmp_path):
+    # `today` is trained on the same texts at the same size, with the default penalty
     plain = Tokenizer(train_tokenizer([sample_texts()], tmp_path / "n", 1000, length_penalty=0.0))
     normal = range(267, 1000)  # after the special and byte pieces
-    assert all(penalized.sp.get_score(i) == plain.sp.get_score(i) - LENGTH_PENALTY for i in normal)
+    assert all(today.sp.get_score(i) == plain.sp.get_score(i) - LENGTH_PENALTY for i in normal)
     lines = sample_texts()
-    assert sum(map(len, map(penalized.encode, lines))) < sum(map(len, map(plain.encode, lines)))
+    assert sum(map(len, map(today.encode, lines))) < sum(map(len, map(plain.encode, lines)))
     with pytest.raises(ValueError, match="not a multiple of"):
-        penalize_length(plain.path.read_bytes(), 0.01)
+        quantize_scores(plain.path.read_bytes(), length_penalty=0.01)
 
 
 def test_to_arabic_digits_and_chat_template(tmp_path):

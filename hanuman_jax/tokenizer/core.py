@@ -164,13 +164,10 @@ class Tokenizer:
         return text.replace("▁", " ").replace(NEWLINE, "\n")
 
     @functools.cached_property
-    def _proto(self) -> sentencepiece_model_pb2.ModelProto:
-        return sentencepiece_model_pb2.ModelProto.FromString(self.sp.serialized_model_proto())
-
-    @functools.cached_property
     def _dummy_prefix(self) -> bool:
         """Whether SentencePiece puts a space before every text it encodes."""
-        return self._proto.normalizer_spec.add_dummy_prefix
+        proto = sentencepiece_model_pb2.ModelProto.FromString(self.sp.serialized_model_proto())
+        return proto.normalizer_spec.add_dummy_prefix
 
     def encode(self, text: str) -> list[int]:
         text = unicodedata.normalize("NFC", text)
@@ -209,10 +206,10 @@ class Tokenizer:
         """UTF-8 bytes of the text each token spells, for bits per byte; symbols spell none.
 
         A model trained before 2026-12-06 puts a space before every text it encodes (the dummy
-        prefix); it is not counted: on a piece
-        right after `<bos>` (a document's first) or the first trained token after untrained ones
-        (a chat reply's first). A document's tokens then sum to its normalized text's bytes, a
-        chat's trained ones to its replies'. Exact per token, so a row may cut a document anywhere.
+        prefix); it is not counted: on a piece right after `<bos>` (a document's first) or the
+        first trained token after untrained ones (a chat reply's first). A document's tokens then
+        sum to its normalized text's bytes, a chat's trained ones to its replies'. Exact per
+        token, so a row may cut a document anywhere.
         """
         bytes_V, spaced_V = self._text_bytes_V
         before_BT = np.pad(tokens_BT[:, :-1], ((0, 0), (1, 0)), constant_values=self.pad_id)

@@ -189,7 +189,8 @@ def build_tokenizer(proto) -> RustTokenizer:
 # Each turn is <sep> role <nl> content, the content encoded on its own (so, for a model with a
 # dummy prefix, after SentencePiece's space unless it is empty or invisible), and the turn ends at
 # the next <sep> or the final <eos>. Text after <sep> gets the tokenizer's own dummy prefix; the
-# template writes the content's. {% generation %} marks what `encode_chat`'s loss mask marks: a reply and its end.
+# template writes the content's. {% generation %} marks what `encode_chat`'s loss mask marks: a
+# reply and its end.
 # A generation prompt drops the <think> blocks of the replies before the last user turn, as
 # `generate --chat` does (`drop_thinking`: each block and the whitespace after it).
 _CHAT_TEMPLATE = string.Template("""\
