@@ -1,7 +1,7 @@
 """Our tokenizer pipeline vs plain SentencePiece (default options), in and out of domain.
 
     python scripts/bench_tokenizer.py [--data ../shared/data] [--ood DIR]
-        [--vocab-sizes 32000 96000] [--ablation] [--take N]
+        [--vocab-sizes 32000 96000] [--ablation] [--take N] [--seed N]
 
 Each split trains both tokenizers on the same lines, one file per source (news, social, English):
 ours samples them as `--balance` says, plain reads them as they are. Every 10th document of each
@@ -17,9 +17,11 @@ Plain SentencePiece answers `<unk>` (one token for a run of characters it lacks,
 ours spells them in bytes. Plain with byte fallback, which never answers `<unk>` either, is also
 trained and scored as the lossless reference (`behind_lossless`).
 `--ablation` also trains ours with each of its choices put back to plain SentencePiece's, at the
-first vocabulary size, to show what each choice does. `--take N` keeps each source's first N
-documents (a quick run). The `all` split also checks the Hugging Face export's ids and times our
-`Tokenizer.encode` against the raw `SentencePieceProcessor.encode`.
+first vocabulary size, to show what each choice does. `--seed N`: ours samples its training
+lines with seed N (default 0, the trainer's): how much a measure moves from one sample of the
+same corpus to another. `--take N` keeps each source's first N documents (a quick run). The
+`all` split also checks the Hugging Face export's ids and times our `Tokenizer.encode` against
+the raw `SentencePieceProcessor.encode`.
 Last line: one JSON object; `behind` lists each measure where ours is behind plain.
 """
 
@@ -54,14 +56,19 @@ SOCIAL_FILES = ("thai_social/pos.txt", "thai_social/neg.txt", "thai_social/q.txt
 # Each of our choices changed back, one at a time: to plain SentencePiece's option, or to our
 # default before (train_ours's keyword arguments)
 ABLATIONS = {
-    "a space before every text (plain's; ours before)": {"options": {"add_dummy_prefix": True}},
+    "no space before a line's first ASCII word (before)": {"word_space": False},
+    "a space before every text (plain's; ours before)": {
+        "options": {"add_dummy_prefix": True},
+        "word_space": False,
+    },
     "no-break-space runs kept (before)": {"nbsp_runs": False},
     "no length penalty (plain's; ours before)": {"length_penalty": 0.0},
     "balance 1.0 (the sources as they are, as plain reads them)": {"balance": 1.0},
     "character_coverage 0.9995 (plain's)": {"character_coverage": 0.9995},
     "no byte fallback: <unk> instead (plain's)": {"options": {"byte_fallback": False}},
-    "all three before (a space before every text, runs kept, no length penalty)": {
+    "all of 2026-12-05's (a space before every text, runs kept, no length penalty)": {
         "options": {"add_dummy_prefix": True},
+        "word_space": False,
         "nbsp_runs": False,
         "length_penalty": 0.0,
     },
@@ -183,7 +190,9 @@ def timed(train_fn, vocab_size: int):
         raise TooLarge(size) from None
 
 
-def run_split(split: str, train: dict, tmp: Path, vocab_size: int, variants: dict) -> dict:
+def run_split(
+    split: str, train: dict, tmp: Path, vocab_size: int, variants: dict, seed: int = 0
+) -> dict:
     """Trains plain, plain with byte fallback and ours (and each variant of ours) on the split's
     sources, all at one size: `vocab_size`, or the smallest of the sizes the corpus supports
     for each of them when it is too small (SentencePiece names it)."""
@@ -197,7 +206,7 @@ def run_split(split: str, train: dict, tmp: Path, vocab_size: int, variants: dic
         # the lossless reference: plain with byte fallback, which never answers <unk> either
         "plain_byte_fallback": lambda n: train_plain(files, tmp / "bytes", n, byte_fallback=True),
         **{name: (lambda n, i=i, k=kwargs: train_ours(files, tmp / f"ours_{i}", n, **k))
-           for i, (name, kwargs) in enumerate({"ours": {}, **variants}.items())},
+           for i, (name, kwargs) in enumerate({"ours": {"seed": seed}, **variants}.items())},
     }  # fmt: skip
     size = vocab_size
     while True:
@@ -263,6 +272,7 @@ def main() -> None:
     p.add_argument("--balance", type=float, default=BALANCE)
     p.add_argument("--ablation", action="store_true")
     p.add_argument("--take", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0, help="ours' sampling seed")
     p.add_argument("--no-parity", action="store_true", help="skip the HF ids and encode timing")
     a = p.parse_args()
     data = Path(a.data)
@@ -279,7 +289,7 @@ def main() -> None:
         for vocab_size in a.vocab_sizes:
             variants = ABLATIONS if a.ablation and vocab_size == a.vocab_sizes[0] else {}
             for split in a.splits:
-                models = run_split(split, train, Path(tmp), vocab_size, variants)
+                models = run_split(split, train, Path(tmp), vocab_size, variants, a.seed)
                 sets = eval_sets(split, held, ood, words)
                 row = {"vocab_size": vocab_size, "trained_size": models["vocab_size"],
                        "split": split}  # fmt: skip

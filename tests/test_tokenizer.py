@@ -138,6 +138,9 @@ def test_text_bytes_count_the_text_each_token_spells(which, request):
         ("สวัสดี", 18),  # 6 Thai characters of 3 bytes
         ("“ok”", 4),  # curly quotes fold to ASCII: the model sees 4 bytes, not 8
         ("ok 𓀀", 7),  # an Egyptian hieroglyph: 4 byte-fallback pieces
+        ("x\n   Deep\n\nEnd", 14),  # `today` adds a space before Deep and End: not counted
+        ("   ไทย", 12),  # ... and none before Thai
+        ("\n" + " " * 9 + "Q", 11),
     ]
     for text, expected in cases:
         ids_1T = np.asarray([bundled.encode_document(text)])
@@ -148,6 +151,39 @@ def test_text_bytes_count_the_text_each_token_spells(which, request):
                                      {"role": "assistant", "content": " no"}])  # fmt: skip
     bytes_1T = bundled.text_bytes(np.asarray([ids]), np.asarray([mask]))
     assert (bytes_1T[0] * np.asarray(mask))[1:].sum() == len("ok\nดี".encode()) + 3
+
+
+# Lines whose first word is (or is not) an ASCII word, after spaces, no-break spaces, invisible
+# characters, CR/CRLF/<nl> line ends, or "▁" typed in the text
+LINE_STARTS = [
+    "Hello", " Hello", "  Hello\n World\n\tTab", "\u00a0Hello", "\u200bHello", "\u200b \u200bHi",
+    "\r\nHello", "x\rY", "x\r\n  Y", "<nl>Hello", "a<nl> b", "▁Hello", "▁▁x", "\nA\n\nB",
+    "ก\nEnglish line\n ไทย\n  two", "é start", "1st", "\u00a0 \u00a0Z", "Hi <sep> there",
+]  # fmt: skip
+
+
+def test_a_line_s_first_word_is_the_piece_it_is_after_a_space(today, bundled):
+    """WORD_SPACE (models trained since 2026-12-06): encode puts a space before an ASCII letter
+    that starts a line, decode takes it away; older models encode as before."""
+    assert today._word_space and not bundled._word_space and not today._dummy_prefix
+    assert today.encode("say Hello there") == today.encode("say") + today.encode("Hello there")
+    assert today.encode("say\nHi") == [*today.encode("say"), today.nl_id, *today.encode("Hi")]
+    assert today.sp.id_to_piece(today.encode("Hello")[0])[0] == "▁"
+    assert today.encode("สวัสดี") == today.sp.encode("สวัสดี")  # Thai: no space
+    for text in LINE_STARTS + LINES:
+        assert today.decode(today.encode(text)) == today.normalize(text), repr(text)
+        nfc = unicodedata.normalize("NFC", text)
+        assert bundled.encode(text) == bundled.sp.encode(nfc), repr(text)
+    # ids that continue a line (generate's continuation of a prompt) keep their first space
+    assert today.decode(today.encode("world"), line_start=False) == " world"
+    assert today.decode(today.encode("Hi\nthere"), line_start=False) == " Hi\nthere"
+    assert bundled.decode(bundled.encode("world"), line_start=False) == " world"
+    # a symbol's name spelled in bytes (chat content) does not start a line; "<nl>" does, as
+    # decode turns it into a newline
+    text = "see <sep>hello <lang_en>x<nl> World"
+    assert today.decode(today.encode_literal(text)) == today.normalize(text)
+    with pytest.raises(ValueError, match="word_space and add_dummy_prefix"):
+        train_tokenizer([["x"]], Path("unused"), 300, options={"add_dummy_prefix": True})
 
 
 def test_training_twice_gives_the_same_bytes(tmp_path):

@@ -34,6 +34,9 @@ CRAFTED = [
     "\u200b", "\ufeff\u00ad", " \u200b", "a\u00a0\u3000b",  # spaces folded, invisibles removed
     "ว่า \u00a0รัฐบาล", "a\u00a0\u00a0 \u00a0b", "x" + " \u00a0" * 7 + "y",  # no-break runs
     " " * 8 + "\u00a0z", "\u00a0 \u00a0\n\u00a0 x", "two  spaces\u00a0",
+    # a line's first ASCII word gets a space in a model trained since 2026-12-06 (WORD_SPACE)
+    "Word", "  Indented\n words\n\tTab", "\u00a0Word", "\u200b \u200bWord", "x\r\n  Y\rZ",
+    "<nl>Word<nl> ก<nl>  x", "▁Word", "ไทย\nEnglish", "é 1st", "a\n\n\nB", "\u3000\u2003Q",
 ]  # fmt: skip
 
 
@@ -169,13 +172,15 @@ def test_ids_match_on_shared_data(tmp_path):
 @pytest.fixture(scope="module", params=["bundled", "today"])
 def bundled(request, tmp_path_factory) -> tuple[Tokenizer, object]:
     """The bundled sample tokenizer (trained on the chats too, with a dummy-prefix space) and
-    one trained the same way with today's defaults (no dummy prefix), and their exports."""
+    one trained the same way with today's defaults (no dummy prefix; a space before a line's
+    first ASCII word instead), and their exports."""
     tmp = tmp_path_factory.mktemp(request.param)
     model = SAMPLE / "tokenizer.model"
     if request.param == "today":
         chats = [m["content"] for chat in bundled_chats() for m in chat]
         model = train_tokenizer([[normalize(x) for x in sample_lines() + chats]], tmp / "t", 3000)
     assert Tokenizer(model)._dummy_prefix == (request.param == "bundled")
+    assert Tokenizer(model)._word_space == (request.param == "today")
     return Tokenizer(model), AutoTokenizer.from_pretrained(export_hf(model, tmp / "hf"))
 
 
@@ -192,7 +197,8 @@ def bundled_chats() -> list[list[dict]]:
 
 
 EDGE_CONTENTS = ["", "\u200b", "\ufeff\u00ad", " ", "  two", "\u200bx", "a\n\nb\r\n", "\n",
-                 "ก\u0e48\u0e38", "“q” — x", "<think>\n</think>", "x" * 300, "<0x41>"]  # fmt: skip
+                 "ก\u0e48\u0e38", "“q” — x", "<think>\n</think>", "x" * 300, "<0x41>",
+                 "ok\n Two\nthree", "\u00a0Hi"]  # fmt: skip
 
 
 def test_chat_template_gives_encode_chat_ids_and_mask(bundled):

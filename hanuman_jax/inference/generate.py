@@ -193,12 +193,16 @@ def sample(
     if not isinstance(tokenizer, Tokenizer):
         tokenizer = Tokenizer(tokenizer)
     stops = stop_ids(tokenizer)
+    starts = [prompt_ids(tokenizer, p, chat=chat, history=history) for p in prompts]
     outs = generate_ids(
-        params, model_cfg, [prompt_ids(tokenizer, p, chat=chat, history=history) for p in prompts],
-        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        seed=seed, stop_ids=stops, pad_id=tokenizer.pad_id,
+        params, model_cfg, starts, max_new_tokens=max_new_tokens, temperature=temperature,
+        top_k=top_k, top_p=top_p, seed=seed, stop_ids=stops, pad_id=tokenizer.pad_id,
     )  # fmt: skip
-    return [tokenizer.decode([t for t in ids if t not in stops]) for ids in outs]
+    # a continuation of a line (a prompt that does not end at <bos> or <nl>) keeps the space it
+    # starts with: decode takes it for the one encode puts before a line's first word
+    line_starts = (tokenizer.bos_id, tokenizer.nl_id, tokenizer.sep_id)
+    return [tokenizer.decode([t for t in ids if t not in stops], line_start=p[-1] in line_starts)
+            for p, ids in zip(starts, outs, strict=True)]  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,13 @@ normalize identically. The table:
 - A run of spaces that holds a no-break space is one space: see `NBSP_RUNS`.
 - Thai digits ๐-๙ kept (default) or mapped to 0-9 (`thai_digits="to-arabic"`).
 - A newline (LF, CR or CRLF) becomes the `<nl>` symbol, so it survives SentencePiece.
+
+One rule needs to know where a line starts, which SentencePiece's table cannot: a model trained
+since 2026-12-06 (`WORD_SPACE`) puts a space before an ASCII letter that starts a line (after
+any spaces there), so that an English word is the same "▁word" piece at the start of a line as
+after a space, and decode takes the space away again. Thai, written without spaces between
+words, gets none. `Tokenizer` and the Hugging Face export apply it; SentencePiece on its own
+encodes the same text without it (still losslessly, in more pieces).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import functools
 import itertools
 import re
+import string
 import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
@@ -75,6 +83,15 @@ _TRANSLATE = {"keep": str.maketrans(FOLD), "to-arabic": str.maketrans(FOLD | DIG
 INVISIBLE = "".join(k for k, v in FOLD.items() if not v)
 _INVISIBLE = str.maketrans(dict.fromkeys(INVISIBLE))
 _SYMBOL_TEXT = re.compile("|".join(re.escape(s) for s in USER_SYMBOLS))
+# The normalizer_spec.name of a model whose lines' first ASCII words get a space (see above)
+WORD_SPACE = "nfc_word_space"
+LATIN = "A-Za-z"
+# What the table turns into spaces or removes: before a line's first letter, as spaces are
+_BLANK = re.escape("".join(sorted({" ", "\u2581", *(k for k, v in FOLD.items() if v in " ")})))
+_BREAK_WORD = re.compile(f"(\r\n|[\r\n]|{NEWLINE})(?=[{_BLANK}]*[{LATIN}])")  # "▁" after \1
+_FIRST_WORD = re.compile(f"[{_BLANK}]*[{LATIN}]")
+_BREAK_WORD_SPACE = re.compile(f"(?<=\n) (?= *[{LATIN}])")  # in decoded text: the space added
+_FIRST_WORD_SPACE = re.compile(f" +[{LATIN}]")
 _THAI_MARKS = [chr(c) for c in (0x0E31, *range(0x0E34, 0x0E3B), *range(0x0E47, 0x0E4F))]
 _THINK_BLOCK = re.compile(r"<think>.*?</think>\s*", re.S)
 
@@ -117,6 +134,15 @@ def normalize(text: str, thai_digits: str = "keep", nbsp_runs: bool = True) -> s
     text = (_NBSP_RUN.sub(" ", text) if nbsp_runs else text).translate(_TRANSLATE[thai_digits])
     # A literal "<nl>" in the text is the newline symbol too: the model cannot tell them apart.
     return text.replace("\r\n", "\n").replace("\r", "\n").replace(NEWLINE, "\n")
+
+
+def with_word_spaces(text: str, line_start: bool = True) -> str:
+    """`text` with a "▁" (a space to SentencePiece) before each ASCII letter that starts a line,
+    after any spaces or invisible characters there (`WORD_SPACE`); with `line_start`, the
+    start of the text is a line start too. What `Tokenizer.encode` and training encode."""
+    if "\n" in text or "\r" in text or NEWLINE in text:
+        text = _BREAK_WORD.sub("\\1\u2581", text)
+    return "\u2581" + text if line_start and _FIRST_WORD.match(text) else text
 
 
 def drop_thinking(text: str) -> str:
@@ -166,12 +192,29 @@ class Tokenizer:
 
     @functools.cached_property
     def _dummy_prefix(self) -> bool:
-        """Whether SentencePiece puts a space before every text it encodes."""
+        """Whether SentencePiece puts a space before every text it encodes (models trained
+        before 2026-12-06)."""
+        return self._normalizer_spec().add_dummy_prefix
+
+    @functools.cached_property
+    def _word_space(self) -> bool:
+        """Whether this model puts a space before an ASCII letter that starts a line (models
+        trained since 2026-12-06: `WORD_SPACE`)."""
+        return self._normalizer_spec().name == WORD_SPACE
+
+    def _normalizer_spec(self) -> sentencepiece_model_pb2.NormalizerSpec:
         proto = sentencepiece_model_pb2.ModelProto.FromString(self.sp.serialized_model_proto())
-        return proto.normalizer_spec.add_dummy_prefix
+        return proto.normalizer_spec
 
     def encode(self, text: str) -> list[int]:
+        return self._encode(text, line_start=True)
+
+    def _encode(self, text: str, line_start: bool) -> list[int]:
+        """`line_start`: the text starts a line (a document, a chat turn's role or content), not
+        a continuation of one (text after a symbol's name spelled in bytes)."""
         text = unicodedata.normalize("NFC", text)
+        if self._word_space:
+            text = with_word_spaces(text, line_start)
         ids = self.sp.encode(text)
         if len(ids) == 1 and not text.translate(_INVISIBLE):
             return []
@@ -180,43 +223,74 @@ class Tokenizer:
     def encode_literal(self, text: str) -> list[int]:
         """Like `encode`, but a symbol's name typed in the text (e.g. "<sep>") is spelled out in
         byte pieces, so that user content cannot forge chat structure."""
-        ids, start = [], 0
+        ids, start, line_start = [], 0, True
         for match in _SYMBOL_TEXT.finditer(text):
-            ids += self.encode(text[start : match.start()]) if match.start() > start else []
+            ids += self._encode(text[start : match.start()], line_start)
             ids += [BYTE_OFFSET + b for b in match.group().encode("utf-8")]
-            start = match.end()
-        return ids + (self.encode(text[start:]) if start < len(text) else [])
+            # decode turns a spelled "<nl>" into a newline too, so a line starts after it
+            start, line_start = match.end(), match.group() == NEWLINE
+        return ids + self._encode(text[start:], line_start)
 
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.sp.decode([int(i) for i in ids]).replace(NEWLINE, "\n")
+    def decode(self, ids: Sequence[int], *, line_start: bool = True) -> str:
+        """The text of `ids`. `line_start=False` for ids that continue a line (a continuation of
+        a prompt that does not end at a line start): a space they start with is the text's."""
+        ids = [int(i) for i in ids]
+        text = self.sp.decode(ids).replace(NEWLINE, "\n")
+        if self._word_space:
+            text = _BREAK_WORD_SPACE.sub("", text) if "\n" in text else text
+            text = text[1:] if line_start and _FIRST_WORD_SPACE.match(text) else text
+        elif (
+            self._dummy_prefix and not line_start and ids and self.sp.id_to_piece(ids[0])[0] == "▁"
+        ):
+            text = " " + text  # SentencePiece took the first piece's space for its dummy prefix
+        return text
 
     @functools.cached_property
-    def _text_bytes_V(self) -> tuple[np.ndarray, np.ndarray]:
+    def _text_bytes_V(self) -> tuple[np.ndarray, ...]:
         """Each piece's UTF-8 bytes ("▁" a space, a byte piece one, `<nl>` a newline, the other
-        symbols none), and whether it starts with "▁"."""
-        bytes_V, spaced_V = np.zeros(self.vocab_size, np.int64), np.zeros(self.vocab_size, bool)
+        symbols none); whether it starts with "▁"; whether it is only "▁"s; and whether its
+        first other character is an ASCII letter (a byte piece: its byte)."""
+        bytes_V = np.zeros(self.vocab_size, np.int64)
+        spaced_V, blank_V, word_V = (np.zeros(self.vocab_size, bool) for _ in range(3))
         for i in range(self.vocab_size):
             piece = self.sp.id_to_piece(i)
-            if self.sp.is_byte(i) or i == self.nl_id:
+            if self.sp.is_byte(i):
+                bytes_V[i], word_V[i] = 1, chr(int(piece[1:-1], 16)) in string.ascii_letters
+            elif i == self.nl_id:
                 bytes_V[i] = 1
             elif i not in SPECIAL_IDS.values():
-                bytes_V[i], spaced_V[i] = len(piece.replace("▁", " ").encode()), piece[0] == "▁"
-        return bytes_V, spaced_V & self._dummy_prefix
+                bytes_V[i] = len(piece.replace("▁", " ").encode())
+                spaced_V[i], blank_V[i] = piece[0] == "▁", not piece.strip("▁")
+                word_V[i] = (piece.lstrip("▁") or " ")[0] in string.ascii_letters
+        return bytes_V, spaced_V, blank_V, word_V
 
     def text_bytes(self, tokens_BT: np.ndarray, loss_mask_BT: np.ndarray) -> np.ndarray:
         """UTF-8 bytes of the text each token spells, for bits per byte; symbols spell none.
 
-        A model trained before 2026-12-06 puts a space before every text it encodes (the dummy
-        prefix); it is not counted: on a piece right after `<bos>` (a document's first) or the
-        first trained token after untrained ones (a chat reply's first). A document's tokens then
+        The space that encode adds is not counted. A model trained before 2026-12-06 puts one
+        before every text (the dummy prefix): on a piece right after `<bos>` (a document's
+        first) or the first trained token after untrained ones (a chat reply's first). A model
+        trained since puts one before an ASCII letter that starts a line (`WORD_SPACE`): on the
+        line's first piece, right after `<bos>`, `<nl>` or `<sep>`. A document's tokens then
         sum to its normalized text's bytes, a chat's trained ones to its replies'. Exact per
-        token, so a row may cut a document anywhere.
+        token, so a row may cut a document anywhere, except in two rare cases, each one byte
+        too many: a line whose leading spaces are pieces of their own up to the row's end, and
+        a letter after "<nl>" typed in a chat message (spelled in bytes, not the newline).
         """
-        bytes_V, spaced_V = self._text_bytes_V
+        bytes_V, spaced_V, blank_V, word_V = self._text_bytes_V
         before_BT = np.pad(tokens_BT[:, :-1], ((0, 0), (1, 0)), constant_values=self.pad_id)
+        if self._word_space:
+            starts_BT = np.isin(before_BT, (self.bos_id, self.nl_id, self.sep_id))
+            added_BT = starts_BT & spaced_V[tokens_BT] & word_V[tokens_BT]
+            # a line that starts with pieces of spaces only: the first other piece tells
+            for b, t in zip(*np.nonzero(starts_BT & blank_V[tokens_BT]), strict=True):
+                rest_T = tokens_BT[b, t:]
+                first = int(np.argmin(blank_V[rest_T]))
+                added_BT[b, t] = not blank_V[rest_T[first]] and word_V[rest_T[first]]
+            return bytes_V[tokens_BT] - added_BT
         trained_before_BT = np.pad(loss_mask_BT[:, :-1], ((0, 0), (1, 0)), constant_values=1)
         starts_BT = (before_BT == self.bos_id) | ((trained_before_BT == 0) & (loss_mask_BT != 0))
-        return bytes_V[tokens_BT] - (starts_BT & spaced_V[tokens_BT])
+        return bytes_V[tokens_BT] - (starts_BT & spaced_V[tokens_BT] & self._dummy_prefix)
 
     def encode_document(self, text: str) -> list[int]:
         """`<bos>` + text + `<eos>`: the unit that the data pipeline packs."""

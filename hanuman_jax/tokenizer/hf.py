@@ -7,17 +7,21 @@ transformers 4.x and 5.x. The pipeline mirrors SentencePiece step by step:
 
 - normalizer: NFC (as `Tokenizer.encode`), then the rules of the model's own `precompiled_charsmap`
   that NFC does not imply (quotes, dashes, newlines -> `<nl>`, runs of spaces holding a no-break
-  space, ...), then spaces -> `▁` and, for a model with one (trained before 2026-12-06), the
-  dummy-prefix `▁` once at the start;
+  space, ...), then spaces -> `▁`; then, for a model trained since 2026-12-06, a `▁` before an
+  ASCII letter that starts a line (`core.WORD_SPACE`), or for an older one the dummy-prefix `▁`
+  once at the start;
 - model: Unigram with SentencePiece's scores, user symbols at the score SentencePiece gives them
   in its lattice, and the byte fallback;
-- decoder: SentencePiece's decode, then `<nl>` -> newline, as `Tokenizer.decode`.
+- decoder: SentencePiece's decode, then `<nl>` -> newline and the line-start spaces taken
+  away, as `Tokenizer.decode`.
 
 `<sep>` is also a special added token, and `tokenizer_config.json` carries `chat_template`, which
 gives `apply_chat_template` the ids of `Tokenizer.encode_chat` (see `chat_template`). So that the
 template's `<bos>` and `<eos>` are tokens, these names typed in a text are the tokens too (as in
 every Hugging Face tokenizer), where SentencePiece spells them in letters; a text holding a typed
-`<sep>` gets a `▁` after it, as the text after an added token starts a new word.
+`<sep>` may get a `▁` after it, as the text after an added token starts anew (the dummy prefix,
+or the space before a line's first ASCII word). In a model with that space, `<nl>` is an added
+token too (see `build_tokenizer`).
 
 SentencePiece keeps its Viterbi scores in float32 and the Rust Unigram in float64: where two
 segmentations score the same (a run of one repeated letter: `-----|---` vs `---|-----`), float32
@@ -131,7 +135,16 @@ def _normalizer(proto, users: list[str]) -> normalizers.Normalizer:
         raise ValueError(f"normalization rules feed each other, cannot export: {extra}")
     steps += [normalizers.Replace(s, extra[s]) for s in sorted(extra, key=len, reverse=True)]
     steps.append(normalizers.Replace(" ", "▁"))
-    if proto.normalizer_spec.add_dummy_prefix:  # models trained before 2026-12-06
+    if proto.normalizer_spec.name == core.WORD_SPACE:
+        # a ▁ before an ASCII letter that starts a line (after <nl>, then at the start) and
+        # after any spaces there, as Tokenizer.encode puts it
+        word = f"▁*[{core.LATIN}]"
+        steps += [
+            normalizers.Replace(Regex(f"{NEWLINE}(?={word})"), NEWLINE + "▁"),
+            normalizers.Prepend("▁"),
+            normalizers.Replace(Regex(f"\\A▁(?!{word})"), ""),
+        ]
+    elif proto.normalizer_spec.add_dummy_prefix:  # models trained before 2026-12-06
         steps.append(normalizers.Prepend("▁"))
     return normalizers.Sequence(steps)
 
@@ -170,9 +183,14 @@ def build_tokenizer(proto) -> RustTokenizer:
         tok.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
 
     dummy = [decoders.Strip(" ", 1, 0)] if proto.normalizer_spec.add_dummy_prefix else []
+    # and the spaces Tokenizer.encode put before a line's first word (Oniguruma's ^ is the
+    # start of any line, as in Ruby)
+    words = []
+    if proto.normalizer_spec.name == core.WORD_SPACE:
+        words = [decoders.Replace(Regex(f"^ (?= *[{core.LATIN}])"), "")]
     tok.decoder = decoders.Sequence([
         decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), *dummy,
-        decoders.Replace(NEWLINE, "\n"),
+        decoders.Replace(NEWLINE, "\n"), *words,
     ])  # fmt: skip
     bos = proto.trainer_spec.bos_id
     tok.post_processor = processors.TemplateProcessing(
@@ -183,6 +201,12 @@ def build_tokenizer(proto) -> RustTokenizer:
     tok.add_special_tokens(
         [AddedToken(s, special=True, normalized=False) for s in (UNK, BOS, EOS, PAD, SEP)]
     )
+    if proto.normalizer_spec.name == core.WORD_SPACE:
+        # A typed <nl> (the template's, after a role) cuts the text too: the space before the
+        # next line's first word then lines up with the word, not the <nl>, so that a reply's
+        # first token is inside {% generation %}. (A model with a dummy prefix would put it
+        # after every cut, so its <nl> stays a plain piece.)
+        tok.add_tokens([AddedToken(NEWLINE, special=False, normalized=False)])
     return tok
 
 

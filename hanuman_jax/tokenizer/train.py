@@ -24,9 +24,11 @@ from hanuman_jax.tokenizer.core import (
     THAI_DIGITS,
     UNK,
     USER_SYMBOLS,
+    WORD_SPACE,
     normalization_rules,
     normalize,
     rules_tsv,
+    with_word_spaces,
 )
 
 SENTENCEPIECE_MAX_BYTES = 4192  # SentencePiece skips training sentences longer than this
@@ -185,13 +187,18 @@ def train_tokenizer(
     balance: float = BALANCE,
     max_piece_chars: int = MAX_PIECE_CHARS,
     length_penalty: float = LENGTH_PENALTY,
+    word_space: bool = True,
     seed: int = 0,
     options: Mapping[str, object] | None = None,
 ) -> Path:
     """Trains the Unigram model with byte fallback and the project's symbols and normalization
     on a sample of `sources` (streams of documents; see sample_sentences); writes PREFIX.model
-    and PREFIX.vocab and returns the .model path. `options`: SentencePiece trainer options that
-    replace ours (scripts/bench_tokenizer.py measures each of our choices with them)."""
+    and PREFIX.vocab and returns the .model path. `word_space`: a space before an ASCII letter
+    that starts a line (see `core.WORD_SPACE`), in the training text and marked in the model.
+    `options`: SentencePiece trainer options that replace ours (scripts/bench_tokenizer.py
+    measures each of our choices with them)."""
+    if word_space and (options or {}).get("add_dummy_prefix"):
+        raise ValueError("word_space and add_dummy_prefix both put a space before a text: pick one")
     path = Path(f"{model_prefix}.model")
     try:  # fail before reading a large corpus, not after training on it
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -201,10 +208,12 @@ def train_tokenizer(
         raise DataError(
             f"--model-prefix {model_prefix}: cannot write there ({e.strerror})"
         ) from None
+    if word_space:
+        sources = [map(with_word_spaces, docs) for docs in sources]
     sample = sample_sentences(sources, max_sentences, balance=balance, seed=seed)
     if not sample:
         raise DataError("the tokenizer corpus is empty: give --input files with some text")
-    model = io.BytesIO()
+    written = io.BytesIO()
     with tempfile.TemporaryDirectory() as tmp:
         tsv = Path(tmp) / "rules.tsv"
         tsv.write_text(rules_tsv(normalization_rules(thai_digits)), encoding="utf-8")
@@ -213,11 +222,12 @@ def train_tokenizer(
         trainer |= dict(options or {})
         try:
             spm.SentencePieceTrainer.train(
-                sentence_iterator=iter(sample), model_writer=model, **trainer
+                sentence_iterator=iter(sample), model_writer=written, **trainer
             )
         except RuntimeError as e:
             raise DataError(_explain(str(e), vocab_size)) from None
-    path.write_bytes(without_machine_details(quantize_scores(model.getvalue(), length_penalty)))
+    model = without_machine_details(quantize_scores(written.getvalue(), length_penalty))
+    path.write_bytes(_with_word_space(model) if word_space else model)
     _write_vocab(path)
     return path
 
@@ -235,9 +245,9 @@ def _trainer_options(
         "character_coverage": character_coverage,
         "normalization_rule_tsv": str(rules),
         "remove_extra_whitespaces": False,
-        # No space before every text: a word at the start of a text or line is the same piece
-        # as after a newline, and short texts (titles, chat turns) save the token the space
-        # cost (BENCHMARKS.md, "Tokenizer": Thai Wikipedia titles +9 %)
+        # No space before every text: Thai would pay for it, and short texts (titles, chat
+        # turns) save the token the space cost (BENCHMARKS.md, "Tokenizer": Thai Wikipedia
+        # titles +9 %). An ASCII word that starts a line gets one instead (word_space).
         "add_dummy_prefix": False,
         "required_chars": required,
         "allow_whitespace_only_pieces": True,
@@ -261,6 +271,14 @@ def without_machine_details(model: bytes) -> bytes:
     proto = sentencepiece_model_pb2.ModelProto.FromString(model)
     proto.normalizer_spec.ClearField("normalization_rule_tsv")
     proto.trainer_spec.ClearField("num_threads")
+    return proto.SerializeToString()
+
+
+def _with_word_space(model: bytes) -> bytes:
+    """Marks the model as one whose lines' first ASCII words get a space (`core.WORD_SPACE`):
+    `Tokenizer` and the Hugging Face export read the mark; SentencePiece ignores the name."""
+    proto = sentencepiece_model_pb2.ModelProto.FromString(model)
+    proto.normalizer_spec.name = WORD_SPACE
     return proto.SerializeToString()
 
 
