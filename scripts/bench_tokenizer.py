@@ -17,11 +17,11 @@ Plain SentencePiece answers `<unk>` (one token for a run of characters it lacks,
 ours spells them in bytes. Plain with byte fallback, which never answers `<unk>` either, is also
 trained and scored as the lossless reference (`behind_lossless`).
 `--ablation` also trains ours with each of its choices put back to plain SentencePiece's, at the
-first vocabulary size, to show what each choice does. `--seed N`: ours samples its training
-lines with seed N (default 0, the trainer's): how much a measure moves from one sample of the
-same corpus to another. `--take N` keeps each source's first N documents (a quick run). The
-`all` split also checks the Hugging Face export's ids and times our `Tokenizer.encode` against
-the raw `SentencePieceProcessor.encode`.
+first vocabulary size, to show what each choice does. `--seed N`: ours (and each variant) samples
+its training lines with seed N (default 0, the trainer's): how much a measure moves from one
+sample of the same corpus to another. `--take N` keeps each source's first N documents (a
+quick run). The `all` split also checks the Hugging Face export's ids and times our
+`Tokenizer.encode` against the raw `SentencePieceProcessor.encode`.
 Last line: one JSON object; `behind` lists each measure where ours is behind plain.
 """
 
@@ -205,8 +205,8 @@ def run_split(
         "plain": lambda n: train_plain(files, tmp / "plain", n),
         # the lossless reference: plain with byte fallback, which never answers <unk> either
         "plain_byte_fallback": lambda n: train_plain(files, tmp / "bytes", n, byte_fallback=True),
-        **{name: (lambda n, i=i, k=kwargs: train_ours(files, tmp / f"ours_{i}", n, **k))
-           for i, (name, kwargs) in enumerate({"ours": {"seed": seed}, **variants}.items())},
+        **{name: (lambda n, i=i, k=kwargs: train_ours(files, tmp / f"ours_{i}", n, seed=seed, **k))
+           for i, (name, kwargs) in enumerate({"ours": {}, **variants}.items())},
     }  # fmt: skip
     size = vocab_size
     while True:

@@ -28,7 +28,7 @@ from hanuman_jax.hf.importer import import_hf
 from hanuman_jax.hf.importer import write_checkpoint as import_checkpoint
 from hanuman_jax.hf.mapping import model_config_from_hf
 from hanuman_jax.inference.evaluate import evaluate
-from hanuman_jax.inference.generate import generate_ids, prompt_ids, stop_ids
+from hanuman_jax.inference.generate import generate_ids, prompt_ids, sample, stop_ids
 from hanuman_jax.model.build import inference_config, model_from_params
 from hanuman_jax.planning.targets import Target
 from hanuman_jax.tokenizer import Tokenizer
@@ -207,6 +207,12 @@ def _check_chat(out: Path, loaded, tokenizer: Tokenizer, model) -> None:
         serve.main(["--model", str(out), "--prompt", text, "--chat", "--dtype", "float32",
                     "--max-new-tokens", "12"])  # fmt: skip
     said = hf_tokenizer.decode(reply, skip_special_tokens=True)
+    assert printed.getvalue() == f"--- {text} (cpu, float32)\n{said}\n"
+    # a text prompt's continuation keeps the space it starts with, as `generate` prints it
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        serve.main(["--model", str(out), "--prompt", text, "--dtype", "float32",
+                    "--max-new-tokens", "12"])  # fmt: skip
+    said = sample(loaded.params, loaded.model_cfg, tokenizer, [text], max_new_tokens=12)[0]
     assert printed.getvalue() == f"--- {text} (cpu, float32)\n{said}\n"
 
 

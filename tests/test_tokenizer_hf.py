@@ -37,6 +37,7 @@ CRAFTED = [
     # a line's first ASCII word gets a space in a model trained since 2026-12-06 (WORD_SPACE)
     "Word", "  Indented\n words\n\tTab", "\u00a0Word", "\u200b \u200bWord", "x\r\n  Y\rZ",
     "<nl>Word<nl> ก<nl>  x", "▁Word", "ไทย\nEnglish", "é 1st", "a\n\n\nB", "\u3000\u2003Q",
+    "x<n\u200bl> Hi", "x<n\u00adl>Hi", "x<sep> Hello", "x<se\u200bp>Hi<sep>ไทย",
 ]  # fmt: skip
 
 
@@ -258,6 +259,7 @@ def test_generation_prompt_drops_thinking_from_history(bundled, reply):
         ({"role": "tool", "content": "x"}, "chat message 1 must have role in"),
         ({"role": "user", "content": ["x"]}, "chat message 1 must have role in"),
         ({"role": "user", "content": "a <sep> assistant"}, "chat message 1 holds <sep>"),
+        ({"role": "user", "content": "a <se\u200bp> b"}, "chat message 1 holds <sep>"),
         ({"role": "assistant", "content": "no\n<eos>"}, "chat message 1 holds <eos>"),
     ],
 )

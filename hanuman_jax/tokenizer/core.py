@@ -82,15 +82,26 @@ _TRANSLATE = {"keep": str.maketrans(FOLD), "to-arabic": str.maketrans(FOLD | DIG
 # there, and to nothing in Hugging Face's tokenizer: `Tokenizer.encode` returns nothing too.
 INVISIBLE = "".join(k for k, v in FOLD.items() if not v)
 _INVISIBLE = str.maketrans(dict.fromkeys(INVISIBLE))
-_SYMBOL_TEXT = re.compile("|".join(re.escape(s) for s in USER_SYMBOLS))
+
+
+def _typed(name: str) -> str:
+    """A regex for `name` as SentencePiece reads it in text: invisible characters may sit
+    between its letters, as the table removes them first."""
+    return f"[{re.escape(INVISIBLE)}]*".join(map(re.escape, name))
+
+
+_SYMBOL_TEXT = re.compile("|".join(map(_typed, USER_SYMBOLS)))
 # The normalizer_spec.name of a model whose lines' first ASCII words get a space (see above)
 WORD_SPACE = "nfc_word_space"
 LATIN = "A-Za-z"
 # What the table turns into spaces or removes: before a line's first letter, as spaces are
 _BLANK = re.escape("".join(sorted({" ", "\u2581", *(k for k, v in FOLD.items() if v in " ")})))
-_BREAK_WORD = re.compile(f"(\r\n|[\r\n]|{NEWLINE})(?=[{_BLANK}]*[{LATIN}])")  # "▁" after \1
+# A line starts at a newline, and at <sep> (a chat turn's role follows it)
+_BREAK_WORD = re.compile(
+    f"(\r\n|[\r\n]|{_typed(NEWLINE)}|{_typed(SEP)})(?=[{_BLANK}]*[{LATIN}])"
+)  # "▁" goes after group 1
 _FIRST_WORD = re.compile(f"[{_BLANK}]*[{LATIN}]")
-_BREAK_WORD_SPACE = re.compile(f"(?<=\n) (?= *[{LATIN}])")  # in decoded text: the space added
+_BREAK_WORD_SPACE = re.compile(f"(?:(?<=\n)|(?<={SEP})) (?= *[{LATIN}])")  # in decoded text
 _FIRST_WORD_SPACE = re.compile(f" +[{LATIN}]")
 _THAI_MARKS = [chr(c) for c in (0x0E31, *range(0x0E34, 0x0E3B), *range(0x0E47, 0x0E4F))]
 _THINK_BLOCK = re.compile(r"<think>.*?</think>\s*", re.S)
@@ -140,7 +151,7 @@ def with_word_spaces(text: str, line_start: bool = True) -> str:
     """`text` with a "▁" (a space to SentencePiece) before each ASCII letter that starts a line,
     after any spaces or invisible characters there (`WORD_SPACE`); with `line_start`, the
     start of the text is a line start too. What `Tokenizer.encode` and training encode."""
-    if "\n" in text or "\r" in text or NEWLINE in text:
+    if "\n" in text or "\r" in text or "<" in text:
         text = _BREAK_WORD.sub("\\1\u2581", text)
     return "\u2581" + text if line_start and _FIRST_WORD.match(text) else text
 
@@ -226,9 +237,10 @@ class Tokenizer:
         ids, start, line_start = [], 0, True
         for match in _SYMBOL_TEXT.finditer(text):
             ids += self._encode(text[start : match.start()], line_start)
-            ids += [BYTE_OFFSET + b for b in match.group().encode("utf-8")]
-            # decode turns a spelled "<nl>" into a newline too, so a line starts after it
-            start, line_start = match.end(), match.group() == NEWLINE
+            name = match.group().translate(_INVISIBLE)
+            ids += [BYTE_OFFSET + b for b in name.encode("utf-8")]
+            # decode reads a spelled "<nl>" or "<sep>" as the symbol: a line starts after it
+            start, line_start = match.end(), name in (NEWLINE, SEP)
         return ids + self._encode(text[start:], line_start)
 
     def decode(self, ids: Sequence[int], *, line_start: bool = True) -> str:
@@ -237,12 +249,12 @@ class Tokenizer:
         ids = [int(i) for i in ids]
         text = self.sp.decode(ids).replace(NEWLINE, "\n")
         if self._word_space:
-            text = _BREAK_WORD_SPACE.sub("", text) if "\n" in text else text
-            text = text[1:] if line_start and _FIRST_WORD_SPACE.match(text) else text
-        elif (
-            self._dummy_prefix and not line_start and ids and self.sp.id_to_piece(ids[0])[0] == "▁"
-        ):
-            text = " " + text  # SentencePiece took the first piece's space for its dummy prefix
+            text = _BREAK_WORD_SPACE.sub("", text) if "\n" in text or SEP in text else text
+            return text[1:] if line_start and _FIRST_WORD_SPACE.match(text) else text
+        first = next((i for i in ids if not self.sp.is_control(i)), None)
+        if self._dummy_prefix and not line_start and first is not None:
+            # SentencePiece took the first piece's space for its dummy prefix
+            text = " " + text if self.sp.id_to_piece(first)[0] == "▁" else text
         return text
 
     @functools.cached_property
@@ -275,7 +287,7 @@ class Tokenizer:
         sum to its normalized text's bytes, a chat's trained ones to its replies'. Exact per
         token, so a row may cut a document anywhere, except in two rare cases, each one byte
         too many: a line whose leading spaces are pieces of their own up to the row's end, and
-        a letter after "<nl>" typed in a chat message (spelled in bytes, not the newline).
+        a letter after "<nl>" or "<sep>" typed in a chat message (spelled in bytes).
         """
         bytes_V, spaced_V, blank_V, word_V = self._text_bytes_V
         before_BT = np.pad(tokens_BT[:, :-1], ((0, 0), (1, 0)), constant_values=self.pad_id)

@@ -136,11 +136,11 @@ def _normalizer(proto, users: list[str]) -> normalizers.Normalizer:
     steps += [normalizers.Replace(s, extra[s]) for s in sorted(extra, key=len, reverse=True)]
     steps.append(normalizers.Replace(" ", "▁"))
     if proto.normalizer_spec.name == core.WORD_SPACE:
-        # a ▁ before an ASCII letter that starts a line (after <nl>, then at the start) and
-        # after any spaces there, as Tokenizer.encode puts it
+        # a ▁ before an ASCII letter that starts a line (after <nl> or <sep>, then at the start)
+        # and after any spaces there, as Tokenizer.encode puts it
         word = f"▁*[{core.LATIN}]"
         steps += [
-            normalizers.Replace(Regex(f"{NEWLINE}(?={word})"), NEWLINE + "▁"),
+            *(normalizers.Replace(Regex(f"{s}(?={word})"), s + "▁") for s in (NEWLINE, SEP)),
             normalizers.Prepend("▁"),
             normalizers.Replace(Regex(f"\\A▁(?!{word})"), ""),
         ]
@@ -183,11 +183,11 @@ def build_tokenizer(proto) -> RustTokenizer:
         tok.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
 
     dummy = [decoders.Strip(" ", 1, 0)] if proto.normalizer_spec.add_dummy_prefix else []
-    # and the spaces Tokenizer.encode put before a line's first word (Oniguruma's ^ is the
-    # start of any line, as in Ruby)
+    # and the spaces Tokenizer.encode put before a line's first word, after a newline or <sep>
+    # (Oniguruma's ^ is the start of any line, as in Ruby)
     words = []
     if proto.normalizer_spec.name == core.WORD_SPACE:
-        words = [decoders.Replace(Regex(f"^ (?= *[{core.LATIN}])"), "")]
+        words = [decoders.Replace(Regex(f"(?:^|(?<={SEP})) (?= *[{core.LATIN}])"), "")]
     tok.decoder = decoders.Sequence([
         decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), *dummy,
         decoders.Replace(NEWLINE, "\n"), *words,
@@ -241,7 +241,7 @@ content') -}}
         {%- endfor -%}
         {%- set content = kept.text + kept.rest -%}
     {%- endif -%}
-    {%- for name in reserved if name in content -%}
+    {%- for name in reserved if name in content$visible -%}
         {{- raise_exception('chat message ' ~ i ~ ' holds ' ~ name ~ ', which this template cannot \
 encode as Tokenizer.encode_chat does') -}}
     {%- endfor -%}

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import random
 import re
 import tempfile
+import unicodedata
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -209,7 +211,9 @@ def train_tokenizer(
             f"--model-prefix {model_prefix}: cannot write there ({e.strerror})"
         ) from None
     if word_space:
-        sources = [map(with_word_spaces, docs) for docs in sources]
+        # on NFC text, as Tokenizer.encode puts them ("A" + U+0301 is "Á", no ASCII letter)
+        nfc = functools.partial(unicodedata.normalize, "NFC")
+        sources = [map(with_word_spaces, map(nfc, docs)) for docs in sources]
     sample = sample_sentences(sources, max_sentences, balance=balance, seed=seed)
     if not sample:
         raise DataError("the tokenizer corpus is empty: give --input files with some text")
