@@ -52,13 +52,15 @@ def main(argv: list[str] | None = None) -> int:
             out = model.generate(
                 torch.tensor([ids], device=device), max_new_tokens=args.max_new_tokens, **sampling
             )
-        text = tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)  # a reply's lines
+        text = tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)  # a reply's text
         if not args.chat:
             # a text's continuation, decoded alone, would lose the space it starts with (the
             # decoder takes it for the one encoding puts before a line's first word or text):
-            # it is the whole text less the prompt's
+            # it is the whole text less the prompt's (as `Tokenizer.decode_after`)
+            head = tokenizer.decode(ids, skip_special_tokens=True)
             whole = tokenizer.decode(out[0], skip_special_tokens=True)
-            text = whole[len(tokenizer.decode(ids, skip_special_tokens=True)) :]
+            if whole.startswith(head):
+                text = whole[len(head) :]
         print(f"--- {prompt} ({device}, {args.dtype})\n{text}")
     return 0
 

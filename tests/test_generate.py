@@ -96,15 +96,15 @@ def test_bad_requests_are_refused(params):
 
 
 def test_a_continuation_keeps_the_space_it_starts_with(params, monkeypatch):
-    """A prompt that ends mid-line is continued: the space the continuation starts with is the
-    text's. After `<bos>` (or a chat's reply header) it is the one encode puts there."""
+    """A text prompt's continuation keeps the space it starts with (`Tokenizer.decode_after`);
+    after `<bos>`, and in a chat's reply, it is the one encode puts there."""
     import hanuman_jax.inference.generate as generate
 
     world = TOKENIZER.encode("world")  # "▁world": the bundled tokenizer's dummy-prefix space
     assert TOKENIZER.sp.id_to_piece(world[0]).startswith("▁")
     monkeypatch.setattr(generate, "generate_ids", lambda p, c, prompts, **k: [world] * len(prompts))
     texts = generate.sample(params, CFG, TOKENIZER, ["Hello", "", "x\n"], max_new_tokens=2)
-    assert texts == [" world", "world", "world"]
+    assert texts == [" world", "world", " world"]  # this tokenizer's space is the text's start
     assert generate.sample(params, CFG, TOKENIZER, ["hi"], max_new_tokens=2, chat=True) == ["world"]
 
 

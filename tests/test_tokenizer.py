@@ -179,6 +179,16 @@ def test_a_line_s_first_word_is_the_piece_it_is_after_a_space(today, bundled):
         nfc = unicodedata.normalize("NFC", text)
         assert bundled.encode(text) == bundled.sp.encode(nfc), repr(text)
     # ids that continue a line (generate's continuation of a prompt) keep their first space
+    after = {  # prompt, then the pieces a model adds: what they add to the text
+        ("Hello", "▁world"): " world",
+        ("x\n    ", "▁return"): "return",  # the indentation is the prompt's; ▁ the word space
+        ("x\n    ", "return"): "return",
+        ("x\n ", "e"): "e",
+        ("", "▁Hi"): "Hi",
+    }
+    for (prompt, pieces), added in after.items():
+        prompt_ids = [today.bos_id, *today.encode(prompt)]
+        assert today.decode_after(prompt_ids, today.sp.encode(pieces)) == added, (prompt, pieces)
     assert today.decode(today.encode("world"), line_start=False) == " world"
     assert today.decode(today.encode("Hi\nthere"), line_start=False) == " Hi\nthere"
     assert bundled.decode(bundled.encode("world"), line_start=False) == " world"

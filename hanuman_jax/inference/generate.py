@@ -198,11 +198,12 @@ def sample(
         params, model_cfg, starts, max_new_tokens=max_new_tokens, temperature=temperature,
         top_k=top_k, top_p=top_p, seed=seed, stop_ids=stops, pad_id=tokenizer.pad_id,
     )  # fmt: skip
-    # a continuation of a line (a prompt that does not end at <bos> or <nl>) keeps the space it
-    # starts with: decode takes it for the one encode puts before a line's first word
-    line_starts = (tokenizer.bos_id, tokenizer.nl_id, tokenizer.sep_id)
-    return [tokenizer.decode([t for t in ids if t not in stops], line_start=p[-1] in line_starts)
-            for p, ids in zip(starts, outs, strict=True)]  # fmt: skip
+    outs = [[t for t in ids if t not in stops] for ids in outs]
+    if chat:  # a reply is a text of its own, as encode_chat encodes it
+        return [tokenizer.decode(ids) for ids in outs]
+    # a text's continuation keeps the space it starts with (decoded alone, it would be taken for
+    # the one encode puts before a line's first word)
+    return [tokenizer.decode_after(p, ids) for p, ids in zip(starts, outs, strict=True)]
 
 
 def main(argv: list[str] | None = None) -> int:

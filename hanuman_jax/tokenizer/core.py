@@ -235,6 +235,7 @@ class Tokenizer:
         """Like `encode`, but a symbol's name typed in the text (e.g. "<sep>") is spelled out in
         byte pieces, so that user content cannot forge chat structure."""
         ids, start, line_start = [], 0, True
+        text = unicodedata.normalize("NFC", text)  # as SentencePiece reads it (">" + U+0338 is "≯")
         for match in _SYMBOL_TEXT.finditer(text):
             ids += self._encode(text[start : match.start()], line_start)
             name = match.group().translate(_INVISIBLE)
@@ -256,6 +257,14 @@ class Tokenizer:
             # SentencePiece took the first piece's space for its dummy prefix
             text = " " + text if self.sp.id_to_piece(first)[0] == "▁" else text
         return text
+
+    def decode_after(self, prompt_ids: Sequence[int], ids: Sequence[int]) -> str:
+        """The text that `ids` add after `prompt_ids`: a text prompt's continuation. It is the
+        whole text less the prompt's, so its first space is the text's or the tokenizer's as
+        decoding the whole says; where the continuation makes the prompt's last spaces those
+        before a line's first word (a prompt ending in indentation), the continuation alone."""
+        head, whole = self.decode(prompt_ids), self.decode([*prompt_ids, *ids])
+        return whole[len(head) :] if whole.startswith(head) else self.decode(ids, line_start=False)
 
     @functools.cached_property
     def _text_bytes_V(self) -> tuple[np.ndarray, ...]:
