@@ -21,7 +21,8 @@ template's `<bos>` and `<eos>` are tokens, these names typed in a text are the t
 every Hugging Face tokenizer), where SentencePiece spells them in letters; a text holding a typed
 `<sep>` may get a `▁` after it, as the text after an added token starts anew (the dummy prefix,
 or the space before a line's first ASCII word). In a model with that space, `<nl>` is an added
-token too (see `build_tokenizer`).
+token too (see `build_tokenizer`); so is a typed `<nl>` or `<sep>` right before U+0338, which
+`Tokenizer` first joins to the ">" by NFC ("≯").
 
 SentencePiece keeps its Viterbi scores in float32 and the Rust Unigram in float64: where two
 segmentations score the same (a run of one repeated letter: `-----|---` vs `---|-----`), float32
