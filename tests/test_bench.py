@@ -222,24 +222,26 @@ def test_bench_tokenizer_splits_retrains_at_the_supported_size_and_names_each_lo
     ood.mkdir()
     for name in ("udhr_th", "udhr_en", "wikipedia_titles_th"):
         (ood / f"{name}.txt").write_text("ทุกคนมีสิทธิ\nEveryone has the right\n", encoding="utf-8")
-    out, r = run_script(root, "scripts/bench_tokenizer.py", "--take", "400", "--vocab-sizes",
-                        "1000", "60000", "--ood", str(ood), "--no-parity")  # fmt: skip
-    runs = {(x["vocab_size"], x["split"]): x for x in r["runs"]}
-    splits = {"all", "without_news", "without_social", "without_english"}
-    assert set(runs) == {(v, s) for v in (1000, 60000) for s in splits}
-    assert all(x["trained_size"] == 1000 for v, x in runs.items() if v[0] == 1000)
-    assert all(x["trained_size"] < 60000 for v, x in runs.items() if v[0] == 60000)
-    every = runs[(1000, "all")]
-    assert set(every["ours"]) - {"train_s", "pieces"} == {
+    args = ("--take", "400", "--ood", str(ood), "--no-parity")
+    # a size the corpus holds is trained as asked (one small split: the time is in the pruning)
+    _, exact = run_script(root, "scripts/bench_tokenizer.py", *args, "--vocab-sizes", "1000",
+                          "--splits", "without_news")  # fmt: skip
+    assert [(x["split"], x["trained_size"]) for x in exact["runs"]] == [("without_news", 1000)]
+    out, r = run_script(root, "scripts/bench_tokenizer.py", *args, "--vocab-sizes", "60000")
+    runs = {x["split"]: x for x in r["runs"]}
+    assert set(runs) == {"all", "without_news", "without_social", "without_english"}
+    assert all(x["vocab_size"] == 60000 > x["trained_size"] for x in r["runs"])
+    assert set(runs["all"]["ours"]) - {"train_s", "pieces"} == {
         "thai", "english", "wisesight_words", "udhr_th", "udhr_en", "wikipedia_titles_th"
     }  # fmt: skip
-    assert set(runs[(1000, "without_social")]["ours"]) == {
+    assert set(runs["without_social"]["ours"]) == {
         "social",
         "wisesight_words",
         "train_s",
         "pieces",
     }
-    for x in r["runs"]:  # one size for all three, the one the corpus supports for each
+    # one size for all three: the one the corpus supports
+    for x, result in [(x, res) for res in (exact, r) for x in res["runs"]]:
         assert {x[k]["pieces"] for k in ("plain", "plain_byte_fallback", "ours")} == {
             x["trained_size"]
         }
@@ -247,7 +249,7 @@ def test_bench_tokenizer_splits_retrains_at_the_supported_size_and_names_each_lo
             if isinstance(row, dict) and "chars_per_token" in row:
                 assert row["unk"] == 0 and row["roundtrip"] == 1.0, (x["split"], name, row)
         lost = [f"{x['vocab_size']} {x['split']} {loss}" for loss in x["behind"]]
-        assert set(lost) <= set(r["behind"])
+        assert set(lost) <= set(result["behind"])
         for name, row in x["ours"].items():  # "behind" says exactly where plain is ahead
             plain = x["plain"].get(name, {})
             if isinstance(row, dict) and "chars_per_token" in row:
