@@ -65,11 +65,12 @@ ABLATIONS = {
     },
     "no-break-space runs kept (before)": {"nbsp_runs": False},
     "no length penalty (plain's; ours before)": {"length_penalty": 0.0},
+    "two EM steps between prunings (plain's; ours before)": {"options": {"num_sub_iterations": 2}},
     "balance 1.0 (the sources as they are, as plain reads them)": {"balance": 1.0},
     "character_coverage 0.9995 (plain's)": {"character_coverage": 0.9995},
     "no byte fallback: <unk> instead (plain's)": {"options": {"byte_fallback": False}},
-    "all of 2026-12-05's (a space before every text, runs kept, no length penalty)": {
-        "options": {"add_dummy_prefix": True},
+    "all of 2026-12-05's (a space before every text, runs kept, no length penalty, 2 EM steps)": {
+        "options": {"add_dummy_prefix": True, "num_sub_iterations": 2},
         "word_space": False,
         "nbsp_runs": False,
         "length_penalty": 0.0,
@@ -303,10 +304,12 @@ def main() -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="SentencePiece option for ours; repeatable",
+        help="SentencePiece option for ours and each variant; repeatable",
     )
 
     a = p.parse_args()
+    if not 0 <= a.balance <= 1:
+        p.error("--balance must be in [0, 1]")
     data = Path(a.data)
     base = {"balance": a.balance, "options": dict(a.trainer_option)}
     train, held = split_corpus(data, a.take)
@@ -315,7 +318,8 @@ def main() -> None:
         print(f"no out-of-domain text in {a.ood}: run scripts/ood_text.py to fetch it", flush=True)
     words = (data / "thai_social" / "wisesight-1000-samples-tokenised.label").read_text()
     words = words.splitlines()
-    result: dict = {"train_lines": {s: len(train[s]) for s in SOURCES},
+    result: dict = {"seed": a.seed, "balance": a.balance, "trainer_options": base["options"],
+                    "train_lines": {s: len(train[s]) for s in SOURCES},
                     "heldout_lines": {s: len(held[s]) for s in SOURCES},
                     "runs": [], "behind": [], "behind_lossless": []}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:

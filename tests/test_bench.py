@@ -301,6 +301,7 @@ def test_bench_tokenizer_passes_balance_and_trainer_options_to_ours_and_each_var
     train = {s: ["ก"] for s in bench.SOURCES}
     base = {"balance": 0.5, "options": {"num_sub_iterations": 1}}
     out = bench.run_split("all", train, tmp_path, 100, variants, seed=3, base=base)
+    assert base == {"balance": 0.5, "options": {"num_sub_iterations": 1}}  # not changed
     assert out["vocab_size"] == 100 and set(out) == {
         "vocab_size",
         "plain",
