@@ -205,15 +205,17 @@ class Tokenizer:
     def _dummy_prefix(self) -> bool:
         """Whether SentencePiece puts a space before every text it encodes (models trained
         before 2026-12-06)."""
-        return self._normalizer_spec().add_dummy_prefix
+        return self._normalizer_spec.add_dummy_prefix
 
     @functools.cached_property
     def _word_space(self) -> bool:
         """Whether this model puts a space before an ASCII letter that starts a line (models
         trained since 2026-12-06: `WORD_SPACE`)."""
-        return self._normalizer_spec().name == WORD_SPACE
+        return self._normalizer_spec.name == WORD_SPACE
 
+    @functools.cached_property
     def _normalizer_spec(self) -> sentencepiece_model_pb2.NormalizerSpec:
+        """The model's normalizer settings, read once from its proto (megabytes at 96k pieces)."""
         proto = sentencepiece_model_pb2.ModelProto.FromString(self.sp.serialized_model_proto())
         return proto.normalizer_spec
 
