@@ -66,14 +66,17 @@ ABLATIONS = {
     "no-break-space runs kept (before)": {"nbsp_runs": False},
     "no length penalty (plain's; ours before)": {"length_penalty": 0.0},
     "two EM steps between prunings (plain's; ours before)": {"options": {"num_sub_iterations": 2}},
+    "the pieces of highest probability (plain's; ours before)": {"prune_pool": 1.0},
     "balance 1.0 (the sources as they are, as plain reads them)": {"balance": 1.0},
     "character_coverage 0.9995 (plain's)": {"character_coverage": 0.9995},
     "no byte fallback: <unk> instead (plain's)": {"options": {"byte_fallback": False}},
-    "all of 2026-12-05's (a space before every text, runs kept, no length penalty, 2 EM steps)": {
+    "all of 2026-12-05's (a space before every text, runs kept, no length penalty, 2 EM steps,"
+    " pieces by probability)": {
         "options": {"add_dummy_prefix": True, "num_sub_iterations": 2},
         "word_space": False,
         "nbsp_runs": False,
         "length_penalty": 0.0,
+        "prune_pool": 1.0,
     },
 }
 

@@ -1,14 +1,18 @@
 import json
 import unicodedata
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
+import sentencepiece as spm
+from sentencepiece.sentencepiece_model_pb2 import ModelProto
 
 from hanuman_jax.data import DataError, resolve_file
 from hanuman_jax.tokenizer import SPECIAL_IDS, Tokenizer, normalize
 from hanuman_jax.tokenizer.__main__ import main
 from hanuman_jax.tokenizer.evaluate import measure, script_of, tokens_per_word
+from hanuman_jax.tokenizer.prune import droppable, prune_pieces, tokens_saved
 from hanuman_jax.tokenizer.train import (
     LENGTH_PENALTY,
     REQUIRED_EMOJI,
@@ -90,15 +94,22 @@ def test_a_run_of_spaces_holding_a_no_break_space_is_one_space(bundled, today):
     assert bundled.normalize("a \u00a0b") == bundled.decode(bundled.encode("a \u00a0b")) == "a  b"
 
 
-def test_length_penalty_lowers_every_learned_score(today, tmp_path):
-    # `today` is trained on the same texts at the same size, with the default penalty
-    plain = Tokenizer(train_tokenizer([sample_texts()], tmp_path / "n", 1000, length_penalty=0.0))
+def test_length_penalty_lowers_every_learned_score(tmp_path):
+    # SentencePiece's own choice of pieces (prune_pool 1), which the penalty does not change
+    lines = sample_texts()
+    own = {"prune_pool": 1.0}
+    trained = {
+        penalty: Tokenizer(
+            train_tokenizer([lines], tmp_path / f"s{penalty}", 1000, length_penalty=penalty, **own)
+        )  # fmt: skip
+        for penalty in (0.0, LENGTH_PENALTY)
+    }
+    plain, penalized = trained[0.0].sp, trained[LENGTH_PENALTY].sp
     normal = range(267, 1000)  # after the special and byte pieces
-    assert all(today.sp.get_score(i) == plain.sp.get_score(i) - LENGTH_PENALTY for i in normal)
+    assert all(penalized.get_score(i) == plain.get_score(i) - LENGTH_PENALTY for i in normal)
     # fewer tokens where segmentations are close: with two EM steps between prunings, this
     # sample's scores have such ties (with one, the default, these lines have none)
-    two = {"options": {"num_sub_iterations": 2}}
-    lines = sample_texts()
+    two = own | {"options": {"num_sub_iterations": 2}}
     tokens = {}
     for penalty in (0.0, LENGTH_PENALTY):
         prefix = tmp_path / f"p{penalty}"
@@ -106,7 +117,56 @@ def test_length_penalty_lowers_every_learned_score(today, tmp_path):
         tokens[penalty] = sum(map(len, map(tok.encode, lines)))
     assert tokens[LENGTH_PENALTY] < tokens[0.0]
     with pytest.raises(ValueError, match="not a multiple of"):
-        quantize_scores(plain.path.read_bytes(), length_penalty=0.01)
+        quantize_scores(trained[0.0].path.read_bytes(), length_penalty=0.01)
+
+
+def _pool(tmp_path: Path, lines: list[str], size: int) -> bytes:
+    """SentencePiece's own pieces, as many as the lines support up to `size`, unpruned."""
+    options = {"vocab_size": size, "hard_vocab_limit": False}
+    path = train_tokenizer([lines], tmp_path / f"pool{size}", 1000, prune_pool=1.0, options=options)
+    return path.read_bytes()
+
+
+def test_a_piece_is_worth_its_uses_times_the_tokens_its_text_needs_without_it(tmp_path):
+    lines = sample_texts()
+    model = _pool(tmp_path, lines, 1400)
+    proto = ModelProto.FromString(model)
+    sp = spm.SentencePieceProcessor(model_proto=model)
+    uses = Counter(i for line in lines for i in sp.encode(line))
+    worth = tokens_saved(model, lines)
+    assert worth == sorted(worth)  # who goes first: fewest saved, then the longer, lower score
+    learned = {i for i, p in enumerate(proto.pieces) if p.type == p.NORMAL and len(p.piece) > 1}
+    assert {i for *_, i in worth} == learned  # never a single character, byte or symbol
+    assert worth[0][0] == 0 and worth[-1][0] > 500
+    for saved, minus_length, score, i in worth[:: len(worth) // 40]:
+        without = ModelProto.FromString(model)  # its text, segmented by a model that lacks it
+        del without.pieces[i]
+        text = proto.pieces[i].piece.replace("\u2581", " ")
+        needs = len(
+            spm.SentencePieceProcessor(model_proto=without.SerializeToString()).encode(text)
+        )
+        assert saved == uses[i] * (needs - 1), proto.pieces[i].piece
+        assert (minus_length, score) == (-len(proto.pieces[i].piece), proto.pieces[i].score)
+
+
+def test_pruning_keeps_the_pieces_that_save_most_tokens(today, tmp_path):
+    """The default: a pool 1.4 times the size, pruned to it in 3 rounds. The sample it is trained
+    on then needs fewer tokens than with SentencePiece's choice of the likeliest pieces."""
+    lines = sample_texts()
+    own = Tokenizer(train_tokenizer([lines], tmp_path / "own", 1000, prune_pool=1.0))
+    assert today.sp.get_piece_size() == own.sp.get_piece_size() == 1000
+    tokens = {t: sum(len(t.encode(line)) for line in lines) for t in (today, own)}
+    assert tokens[today] < 0.99 * tokens[own]
+    pool = _pool(tmp_path, lines, 1400)
+    pruned = prune_pieces(pool, lines, 1000, rounds=3)
+    assert pruned == prune_pieces(pool, lines, 1000, rounds=3)  # the same pieces every time
+    kept = {p.piece for p in ModelProto.FromString(pruned).pieces}
+    assert len(kept) == 1000
+    assert {p.piece for p in ModelProto.FromString(pool).pieces if not droppable(p)} <= kept
+    with pytest.raises(ValueError, match="has 1000 pieces, fewer than the 1001 asked for"):
+        prune_pieces(pruned, lines, 1001, rounds=1)
+    with pytest.raises(ValueError, match="prune_pool 0.5 is below 1"):
+        train_tokenizer([lines], tmp_path / "x", 1000, prune_pool=0.5)
 
 
 def test_to_arabic_digits_and_chat_template(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import io
+import math
 import os
 import random
 import re
@@ -18,6 +19,7 @@ from sentencepiece import sentencepiece_model_pb2
 
 from hanuman_jax.data import DataError, iter_records, resolve_paths
 from hanuman_jax.data.schemas import row_to_document
+from hanuman_jax.tokenizer import prune
 from hanuman_jax.tokenizer.core import (
     ARABIC_DIGITS,
     BOS,
@@ -46,6 +48,13 @@ MAX_PIECE_CHARS = 16
 # of the tokenizer benchmark gets 0-0.6 % more characters per token; 16 or 64 gained no more.
 LENGTH_PENALTY = 4.0
 NUM_SUB_ITERATIONS = 1  # EM steps between prunings (see _trainer_options)
+# SentencePiece trains PRUNE_POOL times the pieces asked for (or all the corpus supports, if
+# fewer), and prune.prune_pieces keeps those that save most tokens, in PRUNE_ROUNDS rounds, in
+# place of SentencePiece's final choice by probability. On the tokenizer benchmark every measure
+# gains, most on sources left out of training (BENCHMARKS.md, "Tokenizer"). 1.0: SentencePiece's
+# own choice.
+PRUNE_POOL = 1.4
+PRUNE_ROUNDS = 3
 BALANCE = 0.7  # a source's share of the sample ~ its characters ** BALANCE (see sample_sentences)
 DIGITS = ARABIC_DIGITS + THAI_DIGITS
 # Always pieces, whether or not the corpus holds them, so that each costs one token rather than
@@ -191,6 +200,7 @@ def train_tokenizer(
     max_piece_chars: int = MAX_PIECE_CHARS,
     length_penalty: float = LENGTH_PENALTY,
     word_space: bool = True,
+    prune_pool: float = PRUNE_POOL,
     seed: int = 0,
     options: Mapping[str, object] | None = None,
 ) -> Path:
@@ -198,10 +208,12 @@ def train_tokenizer(
     on a sample of `sources` (streams of documents; see sample_sentences); writes PREFIX.model
     and PREFIX.vocab and returns the .model path. `word_space`: a space before an ASCII letter
     that starts a line (see `core.WORD_SPACE`), in the training text and marked in the model.
-    `options`: SentencePiece trainer options that replace ours (scripts/bench_tokenizer.py
-    measures each of our choices with them)."""
+    `prune_pool`: see PRUNE_POOL. `options`: SentencePiece trainer options that replace ours
+    (scripts/bench_tokenizer.py measures each of our choices with them)."""
     if word_space and (options or {}).get("add_dummy_prefix"):
         raise ValueError("word_space and add_dummy_prefix both put a space before a text: pick one")
+    if prune_pool < 1:
+        raise ValueError(f"prune_pool {prune_pool} is below 1: the pool holds the vocabulary")
     path = Path(f"{model_prefix}.model")
     try:  # fail before reading a large corpus, not after training on it
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -218,23 +230,46 @@ def train_tokenizer(
     sample = sample_sentences(sources, max_sentences, balance=balance, seed=seed)
     if not sample:
         raise DataError("the tokenizer corpus is empty: give --input files with some text")
-    written = io.BytesIO()
     with tempfile.TemporaryDirectory() as tmp:
         tsv = Path(tmp) / "rules.tsv"
         tsv.write_text(rules_tsv(normalization_rules(thai_digits)), encoding="utf-8")
         trainer = _trainer_options(vocab_size, thai_digits, character_coverage,
                                    max_piece_chars, tsv)  # fmt: skip
         trainer |= dict(options or {})
-        try:
-            spm.SentencePieceTrainer.train(
-                sentence_iterator=iter(sample), model_writer=written, **trainer
-            )
-        except RuntimeError as e:
-            raise DataError(_explain(str(e), vocab_size)) from None
-    model = without_machine_details(quantize_scores(written.getvalue(), length_penalty))
+        model = None
+        if prune_pool > 1:  # as many pieces as the corpus supports, up to the pool's size
+            pool = {"vocab_size": math.ceil(vocab_size * prune_pool), "hard_vocab_limit": False}
+            pooled = _sentencepiece(sample, trainer | pool, vocab_size)
+            model = _pruned(quantize_scores(pooled, length_penalty), sample, vocab_size)
+        if model is None:  # SentencePiece's own choice, or its error naming the size it supports
+            model = quantize_scores(_sentencepiece(sample, trainer, vocab_size), length_penalty)
+    model = without_machine_details(model)
     path.write_bytes(_with_word_space(model) if word_space else model)
     _write_vocab(path)
     return path
+
+
+def _sentencepiece(sample: Sequence[str], trainer: Mapping[str, object], asked: int) -> bytes:
+    """The model SentencePiece trains on `sample` with `trainer`'s options (errors name the
+    `asked` vocabulary size, --vocab-size)."""
+    written = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(sample), model_writer=written, **trainer
+        )
+    except RuntimeError as e:
+        raise DataError(_explain(str(e), asked)) from None
+    return written.getvalue()
+
+
+def _pruned(pool: bytes, sample: Sequence[str], vocab_size: int) -> bytes | None:
+    """The pool of pieces cut to `vocab_size` (prune.prune_pieces); None where it holds fewer
+    pieces than that, or more that must be kept (single characters, bytes, symbols)."""
+    pieces = sentencepiece_model_pb2.ModelProto.FromString(pool).pieces
+    kept = sum(not prune.droppable(piece) for piece in pieces)
+    if len(pieces) < vocab_size or kept > vocab_size:
+        return None
+    return prune.prune_pieces(pool, sample, vocab_size, PRUNE_ROUNDS)
 
 
 def _trainer_options(

@@ -1,0 +1,86 @@
+"""The final choice of pieces: from SentencePiece's larger pool, keep those that save most tokens.
+
+SentencePiece's Unigram trainer ends by keeping the pieces of highest probability. Among pieces
+that the training text uses about equally rarely, probability says little about what a piece is
+worth: it is the tokens a text needs without it that count. `prune_pieces` instead drops, in a
+few rounds, the pieces whose removal costs the training sample fewest tokens:
+
+- each round segments the sample with the current pieces (Viterbi, as `encode` does) and counts
+  how often each piece is used;
+- a piece's worth is its count times the tokens it saves over the best segmentation of its text
+  without it (SentencePiece's second best, as its own pruning takes the alternative);
+- the least worth go first; among equals, longer pieces before shorter (a long piece used as
+  rarely as a short one is less likely to recur in new text), then lower scores.
+
+Single characters, byte pieces and the special and user-defined symbols are always kept. The
+kept pieces keep their scores. Ties are broken by piece id, so the result is deterministic.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
+
+_NORMAL = sentencepiece_model_pb2.ModelProto.SentencePiece.NORMAL
+_BATCH = 10_000  # sentences encoded at once
+
+
+def droppable(piece: sentencepiece_model_pb2.ModelProto.SentencePiece) -> bool:
+    """Whether `prune_pieces` may drop the piece: a learned piece of two or more characters."""
+    return piece.type == _NORMAL and len(piece.piece) > 1
+
+
+def piece_counts(sp: spm.SentencePieceProcessor, sample: Sequence[str]) -> np.ndarray:
+    """How many times each piece id is used when `sample`'s sentences are encoded."""
+    counts = np.zeros(sp.get_piece_size(), np.int64)
+    threads = os.cpu_count() or 1
+    for start in range(0, len(sample), _BATCH):
+        ids = sp.encode(list(sample[start : start + _BATCH]), num_threads=threads)
+        flat = np.fromiter((i for row in ids for i in row), np.int64)
+        counts += np.bincount(flat, minlength=len(counts))
+    return counts
+
+
+def tokens_saved(model: bytes, sample: Sequence[str]) -> list[tuple[int, int, float, int]]:
+    """For each piece that may be dropped, in order of who goes first: (tokens it saves the
+    sample, minus its length, its score, its id)."""
+    proto = sentencepiece_model_pb2.ModelProto.FromString(model)
+    sp = spm.SentencePieceProcessor(model_proto=model)
+    counts = piece_counts(sp, sample)
+    worth = []
+    for i, piece in enumerate(proto.pieces):
+        if not droppable(piece):
+            continue
+        text = piece.piece.replace("\u2581", " ")
+        alternatives = [ids for ids in sp.nbest_encode(text, nbest_size=2) if ids != [i]]
+        if alternatives:  # none: the piece is its text's only segmentation; keep it
+            saved = int(counts[i]) * (len(alternatives[0]) - 1)
+            worth.append((saved, -len(piece.piece), piece.score, i))
+    return sorted(worth)
+
+
+def prune_pieces(model: bytes, sample: Sequence[str], vocab_size: int, rounds: int) -> bytes:
+    """`model` with `vocab_size` pieces: the others dropped over `rounds` rounds, those saving
+    `sample` fewest tokens first (see the module's docstring)."""
+    proto = sentencepiece_model_pb2.ModelProto.FromString(model)
+    start = len(proto.pieces)
+    if start < vocab_size:
+        raise ValueError(f"the model has {start} pieces, fewer than the {vocab_size} asked for")
+    for r in range(1, rounds + 1):
+        target = round(start - (start - vocab_size) * r / rounds)
+        excess = len(proto.pieces) - target
+        if excess <= 0:
+            continue
+        worth = tokens_saved(proto.SerializeToString(), sample)
+        if len(worth) < excess:
+            raise ValueError(f"only {len(worth)} pieces may be dropped, {excess} must be")
+        drop = {i for *_, i in worth[:excess]}
+        kept = [piece for i, piece in enumerate(proto.pieces) if i not in drop]
+        del proto.pieces[:]
+        proto.pieces.extend(kept)
+    proto.trainer_spec.vocab_size = len(proto.pieces)
+    return proto.SerializeToString()
