@@ -157,6 +157,14 @@ def test_pruning_keeps_the_pieces_that_save_most_tokens(today, tmp_path):
     assert today.sp.get_piece_size() == own.sp.get_piece_size() == 1000
     tokens = {t: sum(len(t.encode(line)) for line in lines) for t in (today, own)}
     assert tokens[today] < 0.99 * tokens[own]
+    # with plain SentencePiece's normalizer too: a space before every text, space runs folded
+    plain = {"word_space": False,
+             "options": {"add_dummy_prefix": True, "remove_extra_whitespaces": True}}  # fmt: skip
+    pruned, own = (Tokenizer(train_tokenizer([lines], tmp_path / f"plain{pool}", 1000,
+                                             prune_pool=pool, **plain))  # fmt: skip
+                   for pool in (1.4, 1.0))  # fmt: skip
+    tokens = {t: sum(len(t.encode(line)) for line in lines) for t in (pruned, own)}
+    assert tokens[pruned] < 0.99 * tokens[own]
     pool = _pool(tmp_path, lines, 1400)
     pruned = prune_pieces(pool, lines, 1000, rounds=3)
     assert pruned == prune_pieces(pool, lines, 1000, rounds=3)  # the same pieces every time
@@ -419,6 +427,13 @@ def test_cli_train_and_evaluate(tmp_path, capsys):
         == 0
     )
     assert (tmp_path / "tok.model").exists() and (tmp_path / "tok.vocab").exists()
+    inputs = [str(SAMPLE / "*.txt"), str(SAMPLE / "chat.jsonl")]
+    own = ["--model-prefix", str(tmp_path / "own"), "--vocab-size", "2000", "--prune-pool", "1"]
+    assert main(["train", "--input", *inputs, *own]) == 0  # SentencePiece's own choice
+    api = train_tokenizer(corpus_sources(inputs, None, "keep"), tmp_path / "api", 2000,
+                          prune_pool=1.0)  # fmt: skip
+    assert (tmp_path / "own.model").read_bytes() == api.read_bytes()
+    assert api.read_bytes() != (tmp_path / "tok.model").read_bytes()
     words = tmp_path / "w.txt"
     words.write_text("สวัสดี|ครับ| |hello\nไป|กิน|ข้าว\n")
     capsys.readouterr()
@@ -484,3 +499,6 @@ def test_max_piece_chars_bounds_every_learned_piece(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--input", "x.txt", "--model-prefix", "x", "--max-piece-chars", "0"])
     assert "--max-piece-chars must be in [1, 64]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--input", "x.txt", "--model-prefix", "x", "--prune-pool", "0.9"])
+    assert "--prune-pool must be in [1, 4]" in capsys.readouterr().err

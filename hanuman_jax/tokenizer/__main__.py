@@ -10,7 +10,7 @@ from pathlib import Path
 
 from hanuman_jax import cli
 from hanuman_jax.data import DataError, iter_records
-from hanuman_jax.tokenizer.train import BALANCE, MAX_PIECE_CHARS
+from hanuman_jax.tokenizer.train import BALANCE, MAX_PIECE_CHARS, PRUNE_POOL
 
 MIN_VOCAB = 320  # 4 control + 7 user symbols + 256 bytes + 20 digits, and some real pieces
 
@@ -29,6 +29,7 @@ def _train(args) -> None:
         max_sentences=args.max_sentences,
         balance=args.balance,
         max_piece_chars=args.max_piece_chars,
+        prune_pool=args.prune_pool,
         seed=args.seed,
     )
     print(f"wrote {path} and {path.with_suffix('.vocab')} "
@@ -103,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         default=0.99995,
         help="share of characters the vocabulary covers; the rest fall back to bytes",
     )
+    t.add_argument("--prune-pool", type=float, default=PRUNE_POOL,
+                   help="train this many times --vocab-size pieces, then keep those that save "
+                   "most tokens; 1: SentencePiece's choice, the likeliest")  # fmt: skip
     t.add_argument("--seed", type=int, default=0, help="sampling seed")
     t.set_defaults(run=_train)
 
@@ -131,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--character-coverage must be in (0, 1]")
         if not 1 <= args.max_piece_chars <= 64:
             parser.error("--max-piece-chars must be in [1, 64]")
+        if not 1 <= args.prune_pool <= 4:
+            parser.error("--prune-pool must be in [1, 4]")
     try:
         args.run(args)
     except DataError as err:

@@ -49,18 +49,32 @@ def tokens_saved(model: bytes, sample: Sequence[str]) -> list[tuple[int, int, fl
     """For each piece that may be dropped, in order of who goes first: (tokens it saves the
     sample, minus its length, its score, its id)."""
     proto = sentencepiece_model_pb2.ModelProto.FromString(model)
-    sp = spm.SentencePieceProcessor(model_proto=model)
-    counts = piece_counts(sp, sample)
+    counts = piece_counts(spm.SentencePieceProcessor(model_proto=model), sample)
+    bare = _without_normalizer(proto)  # segments a piece's own symbols, nothing added or folded
     worth = []
     for i, piece in enumerate(proto.pieces):
         if not droppable(piece):
             continue
         text = piece.piece.replace("\u2581", " ")
-        alternatives = [ids for ids in sp.nbest_encode(text, nbest_size=2) if ids != [i]]
+        alternatives = [ids for ids in bare.nbest_encode(text, nbest_size=2) if ids != [i]]
         if alternatives:  # none: the piece is its text's only segmentation; keep it
             saved = int(counts[i]) * (len(alternatives[0]) - 1)
             worth.append((saved, -len(piece.piece), piece.score, i))
     return sorted(worth)
+
+
+def _without_normalizer(
+    proto: sentencepiece_model_pb2.ModelProto,
+) -> spm.SentencePieceProcessor:
+    """The model's pieces with no normalization: no dummy prefix, no folding, every space kept."""
+    bare = sentencepiece_model_pb2.ModelProto()
+    bare.CopyFrom(proto)
+    bare.normalizer_spec.Clear()
+    bare.normalizer_spec.name = "identity"
+    bare.normalizer_spec.add_dummy_prefix = False
+    bare.normalizer_spec.remove_extra_whitespaces = False
+    bare.ClearField("denormalizer_spec")
+    return spm.SentencePieceProcessor(model_proto=bare.SerializeToString())
 
 
 def prune_pieces(model: bytes, sample: Sequence[str], vocab_size: int, rounds: int) -> bytes:
