@@ -1,4 +1,5 @@
 import json
+import re
 import unicodedata
 from collections import Counter
 from pathlib import Path
@@ -12,7 +13,7 @@ from hanuman_jax.data import DataError, resolve_file
 from hanuman_jax.tokenizer import SPECIAL_IDS, Tokenizer, normalize
 from hanuman_jax.tokenizer.__main__ import main
 from hanuman_jax.tokenizer.evaluate import measure, script_of, tokens_per_word
-from hanuman_jax.tokenizer.prune import droppable, prune_pieces, tokens_saved
+from hanuman_jax.tokenizer.prune import prune_pieces, tokens_saved
 from hanuman_jax.tokenizer.train import (
     LENGTH_PENALTY,
     REQUIRED_EMOJI,
@@ -120,32 +121,45 @@ def test_length_penalty_lowers_every_learned_score(tmp_path):
         quantize_scores(trained[0.0].path.read_bytes(), length_penalty=0.01)
 
 
-def _pool(tmp_path: Path, lines: list[str], size: int) -> bytes:
+# plain SentencePiece's normalizer: a space before every text, runs of spaces folded
+PLAIN_NORMALIZER = {
+    "word_space": False,
+    "options": {"add_dummy_prefix": True, "remove_extra_whitespaces": True},
+}
+
+
+def _pool(tmp_path: Path, lines: list[str], size: int, word_space=True, options=None) -> bytes:
     """SentencePiece's own pieces, as many as the lines support up to `size`, unpruned."""
-    options = {"vocab_size": size, "hard_vocab_limit": False}
-    path = train_tokenizer([lines], tmp_path / f"pool{size}", 1000, prune_pool=1.0, options=options)
+    options = (options or {}) | {"vocab_size": size, "hard_vocab_limit": False}
+    path = train_tokenizer([lines], tmp_path / f"pool{size}", 1000, prune_pool=1.0,
+                           word_space=word_space, options=options)  # fmt: skip
     return path.read_bytes()
 
 
-def test_a_piece_is_worth_its_uses_times_the_tokens_its_text_needs_without_it(tmp_path):
+@pytest.mark.parametrize("normalizer", [{}, PLAIN_NORMALIZER], ids=["ours", "plain"])
+def test_a_piece_is_worth_its_uses_times_the_tokens_its_text_needs_without_it(tmp_path, normalizer):
     lines = sample_texts()
-    model = _pool(tmp_path, lines, 1400)
+    model = _pool(tmp_path, lines, 1400, **normalizer)
     proto = ModelProto.FromString(model)
     sp = spm.SentencePieceProcessor(model_proto=model)
     uses = Counter(i for line in lines for i in sp.encode(line))
     worth = tokens_saved(model, lines)
-    assert worth == sorted(worth)  # who goes first: fewest saved, then the longer, lower score
     learned = {i for i, p in enumerate(proto.pieces) if p.type == p.NORMAL and len(p.piece) > 1}
     assert {i for *_, i in worth} == learned  # never a single character, byte or symbol
-    assert worth[0][0] == 0 and worth[-1][0] > 500
+    assert worth[0][0] < 10 and worth[-1][0] > 500
     for saved, minus_length, score, i in worth[:: len(worth) // 40]:
-        without = ModelProto.FromString(model)  # its text, segmented by a model that lacks it
+        # the piece's own symbols (nothing added or folded), by a model that lacks the piece
+        without = ModelProto.FromString(model)
         del without.pieces[i]
+        without.normalizer_spec.Clear()
+        without.normalizer_spec.add_dummy_prefix = (
+            without.normalizer_spec.remove_extra_whitespaces
+        ) = False
         text = proto.pieces[i].piece.replace("\u2581", " ")
-        needs = len(
-            spm.SentencePieceProcessor(model_proto=without.SerializeToString()).encode(text)
-        )
-        assert saved == uses[i] * (needs - 1), proto.pieces[i].piece
+        segmented = spm.SentencePieceProcessor(model_proto=without.SerializeToString())
+        assert "".join(segmented.encode(text, out_type=str)) == proto.pieces[i].piece
+        assert saved == uses[i] * (len(segmented.encode(text)) - 1), proto.pieces[i].piece
+        # who goes first: fewest saved, then the longer, then the lower score (worth is sorted)
         assert (minus_length, score) == (-len(proto.pieces[i].piece), proto.pieces[i].score)
 
 
@@ -153,28 +167,45 @@ def test_pruning_keeps_the_pieces_that_save_most_tokens(today, tmp_path):
     """The default: a pool 1.4 times the size, pruned to it in 3 rounds. The sample it is trained
     on then needs fewer tokens than with SentencePiece's choice of the likeliest pieces."""
     lines = sample_texts()
-    own = Tokenizer(train_tokenizer([lines], tmp_path / "own", 1000, prune_pool=1.0))
-    assert today.sp.get_piece_size() == own.sp.get_piece_size() == 1000
-    tokens = {t: sum(len(t.encode(line)) for line in lines) for t in (today, own)}
-    assert tokens[today] < 0.99 * tokens[own]
-    # with plain SentencePiece's normalizer too: a space before every text, space runs folded
-    plain = {"word_space": False,
-             "options": {"add_dummy_prefix": True, "remove_extra_whitespaces": True}}  # fmt: skip
-    pruned, own = (Tokenizer(train_tokenizer([lines], tmp_path / f"plain{pool}", 1000,
-                                             prune_pool=pool, **plain))  # fmt: skip
-                   for pool in (1.4, 1.0))  # fmt: skip
-    tokens = {t: sum(len(t.encode(line)) for line in lines) for t in (pruned, own)}
-    assert tokens[pruned] < 0.99 * tokens[own]
-    pool = _pool(tmp_path, lines, 1400)
-    pruned = prune_pieces(pool, lines, 1000, rounds=3)
-    assert pruned == prune_pieces(pool, lines, 1000, rounds=3)  # the same pieces every time
-    kept = {p.piece for p in ModelProto.FromString(pruned).pieces}
-    assert len(kept) == 1000
-    assert {p.piece for p in ModelProto.FromString(pool).pieces if not droppable(p)} <= kept
+    for name, normalizer in (("ours", {}), ("plain", PLAIN_NORMALIZER)):
+        pruned, own = (Tokenizer(train_tokenizer([lines], tmp_path / f"{name}{pool}", 1000,
+                                                 prune_pool=pool, **normalizer))  # fmt: skip
+                       for pool in (1.4, 1.0))  # fmt: skip
+        assert pruned.sp.get_piece_size() == own.sp.get_piece_size() == 1000
+        tokens = {t: sum(len(t.encode(line)) for line in lines) for t in (pruned, own)}
+        assert tokens[pruned] < 0.99 * tokens[own], name
+    assert today.path.read_bytes() == (tmp_path / "ours1.4.model").read_bytes()  # the default
+    pool = ModelProto.FromString(_pool(tmp_path, lines, 1400))
+    pruned = ModelProto.FromString(prune_pieces(pool.SerializeToString(), lines, 1000, rounds=3))
+    assert len(pruned.pieces) == pruned.trainer_spec.vocab_size == 1000
+    assert not pruned.trainer_spec.HasField("hard_vocab_limit")
+    assert pruned.pieces[:267] == pool.pieces[:267]  # specials, symbols and bytes, at their ids
+    single = {p.piece for p in pool.pieces if len(p.piece) == 1}
+    assert single <= {p.piece for p in pruned.pieces}  # every character the pool covers
     with pytest.raises(ValueError, match="has 1000 pieces, fewer than the 1001 asked for"):
-        prune_pieces(pruned, lines, 1001, rounds=1)
+        prune_pieces(pruned.SerializeToString(), lines, 1001, rounds=1)
     with pytest.raises(ValueError, match="prune_pool 0.5 is below 1"):
         train_tokenizer([lines], tmp_path / "x", 1000, prune_pool=0.5)
+
+
+def test_a_vocabulary_too_large_names_a_size_that_trains(tmp_path):
+    """Too large a --vocab-size fails naming the size the corpus supports; asked again for it,
+    the tokenizer trains with that many pieces (SentencePiece may first name a smaller one)."""
+    lines = sample_texts()
+    size = 50_000
+    for _ in range(5):
+        try:
+            tok = Tokenizer(train_tokenizer([lines], tmp_path / "big", size))
+            break
+        except DataError as e:
+            found = re.search(
+                r"too large for this corpus: it supports at most (\d+) pieces", str(e)
+            )
+            assert found and int(found.group(1)) < size, str(e)
+            size = int(found.group(1))
+    else:
+        pytest.fail(f"no size trained; the last one named was {size}")
+    assert size < 50_000 and tok.sp.get_piece_size() == size
 
 
 def test_to_arabic_digits_and_chat_template(tmp_path):

@@ -208,7 +208,10 @@ def train_tokenizer(
     on a sample of `sources` (streams of documents; see sample_sentences); writes PREFIX.model
     and PREFIX.vocab and returns the .model path. `word_space`: a space before an ASCII letter
     that starts a line (see `core.WORD_SPACE`), in the training text and marked in the model.
-    `prune_pool`: see PRUNE_POOL. `options`: SentencePiece trainer options that replace ours
+    `prune_pool`: SentencePiece trains up to this many times `vocab_size` pieces, and those that
+    save the sample most tokens are kept (prune.py); where the corpus supports fewer than
+    `vocab_size`, SentencePiece is trained at `vocab_size` itself, and fails naming the size it
+    supports. `options`: SentencePiece trainer options that replace ours
     (scripts/bench_tokenizer.py measures each of our choices with them)."""
     if word_space and (options or {}).get("add_dummy_prefix"):
         raise ValueError("word_space and add_dummy_prefix both put a space before a text: pick one")
