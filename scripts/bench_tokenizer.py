@@ -1,7 +1,7 @@
 """Our tokenizer pipeline vs plain SentencePiece (default options), in and out of domain.
 
     python scripts/bench_tokenizer.py [--data ../shared/data] [--ood DIR]
-        [--vocab-sizes 32000 96000] [--ablation] [--take N] [--seed N]
+        [--vocab-sizes 32000 96000] [--ablation] [--take N] [--seed N] [--text NAME=FILE]
 
 Each split trains both tokenizers on the same lines, one file per source (news, social, English):
 ours samples them as `--balance` says, plain reads them as they are. Every 10th document of each
@@ -22,7 +22,9 @@ its training lines with seed N (default 0, the trainer's): how much a measure mo
 sample of the same corpus to another. `--take N` keeps each source's first N documents (a
 quick run). `--trainer-option KEY=VALUE` (repeatable) passes a SentencePiece trainer option to
 ours and each variant, e.g. `split_by_unicode_script=false` (VALUE is read as JSON, else text).
-The `all` split also checks the Hugging Face export's ids and times our
+`--text NAME=FILE` (repeatable) scores the file's lines too, in the `all` split, like the
+out-of-domain texts (e.g. an indented English licence: plain deletes runs of spaces, ours keeps
+them). The `all` split also checks the Hugging Face export's ids and times our
 `Tokenizer.encode` against the raw `SentencePieceProcessor.encode`.
 Last line: one JSON object; `behind` lists each measure where ours is behind plain.
 """
@@ -67,6 +69,7 @@ ABLATIONS = {
     "no length penalty (plain's; ours before)": {"length_penalty": 0.0},
     "two EM steps between prunings (plain's; ours before)": {"options": {"num_sub_iterations": 2}},
     "the pieces of highest probability (plain's; ours before)": {"prune_pool": 1.0},
+    "only the runs of spaces SentencePiece learned (plain's; ours before)": {"space_runs": 1},
     "balance 1.0 (the sources as they are, as plain reads them)": {"balance": 1.0},
     "character_coverage 0.9995 (plain's)": {"character_coverage": 0.9995},
     "no byte fallback: <unk> instead (plain's)": {"options": {"byte_fallback": False}},
@@ -90,6 +93,17 @@ def trainer_option(text: str) -> tuple[str, object]:
         return key.strip(), json.loads(value)
     except json.JSONDecodeError:
         return key.strip(), value
+
+
+def text_file(text: str) -> tuple[str, list[str]]:
+    """NAME=FILE from the command line: (NAME, the file's lines)."""
+    name, sep, path = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=FILE, e.g. gpl3=COPYING")
+    try:
+        return name.strip(), Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise argparse.ArgumentTypeError(f"--text {text}: cannot read {path} ({e})") from None
 
 
 def split_corpus(data: Path, take: int | None = None) -> tuple[dict, dict]:
@@ -301,6 +315,8 @@ def main() -> None:
     p.add_argument("--take", type=int, default=None)
     p.add_argument("--seed", type=int, default=0, help="ours' sampling seed")
     p.add_argument("--no-parity", action="store_true", help="skip the HF ids and encode timing")
+    p.add_argument("--text", type=text_file, action="append", default=[], metavar="NAME=FILE",
+                   help="also score FILE's lines in the `all` split; repeatable")  # fmt: skip
     p.add_argument(
         "--trainer-option",
         type=trainer_option,
@@ -319,6 +335,7 @@ def main() -> None:
     ood = load_ood(a.ood)
     if ood is None:
         print(f"no out-of-domain text in {a.ood}: run scripts/ood_text.py to fetch it", flush=True)
+    ood = (ood or {}) | dict(a.text)
     words = (data / "thai_social" / "wisesight-1000-samples-tokenised.label").read_text()
     words = words.splitlines()
     result: dict = {"seed": a.seed, "balance": a.balance, "trainer_options": base["options"],

@@ -227,13 +227,18 @@ def test_bench_tokenizer_splits_retrains_at_the_supported_size_and_names_each_lo
     _, exact = run_script(root, "scripts/bench_tokenizer.py", *args, "--vocab-sizes", "1000",
                           "--splits", "without_news")  # fmt: skip
     assert [(x["split"], x["trained_size"]) for x in exact["runs"]] == [("without_news", 1000)]
-    out, r = run_script(root, "scripts/bench_tokenizer.py", *args, "--vocab-sizes", "60000")
+    indented = tmp_path / "indented.txt"
+    indented.write_text("Licence\n    1. Definitions.\n        Deeper  still\n", encoding="utf-8")
+    out, r = run_script(root, "scripts/bench_tokenizer.py", *args, "--vocab-sizes", "60000",
+                        "--text", f"indented={indented}")  # fmt: skip
     runs = {x["split"]: x for x in r["runs"]}
     assert set(runs) == {"all", "without_news", "without_social", "without_english"}
     assert all(x["vocab_size"] == 60000 > x["trained_size"] for x in r["runs"])
     assert set(runs["all"]["ours"]) - {"train_s", "pieces"} == {
-        "thai", "english", "wisesight_words", "udhr_th", "udhr_en", "wikipedia_titles_th"
+        "thai", "english", "wisesight_words", "udhr_th", "udhr_en", "wikipedia_titles_th",
+        "indented",
     }  # fmt: skip
+    assert runs["all"]["ours"]["indented"]["roundtrip"] == 1.0  # every space kept
     assert set(runs["without_social"]["ours"]) == {
         "social",
         "wisesight_words",
@@ -289,6 +294,12 @@ def test_bench_tokenizer_passes_balance_and_trainer_options_to_ours_and_each_var
     assert bench.trainer_option("x=a b") == ("x", "a b")
     with pytest.raises(bench.argparse.ArgumentTypeError, match="expected KEY=VALUE"):
         bench.trainer_option("num_sub_iterations")
+    (tmp_path / "t.txt").write_text("one\n  two\n", encoding="utf-8")
+    assert bench.text_file(f"t={tmp_path / 't.txt'}") == ("t", ["one", "  two"])
+    with pytest.raises(bench.argparse.ArgumentTypeError, match="expected NAME=FILE"):
+        bench.text_file(str(tmp_path / "t.txt"))
+    with pytest.raises(bench.argparse.ArgumentTypeError, match="cannot read .*missing.txt"):
+        bench.text_file(f"t={tmp_path / 'missing.txt'}")
     seen = {}
     monkeypatch.setattr(bench, "train_plain", lambda files, prefix, n, **kw: prefix.name)
     monkeypatch.setattr(

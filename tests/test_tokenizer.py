@@ -144,8 +144,9 @@ def test_a_piece_is_worth_its_uses_times_the_tokens_its_text_needs_without_it(tm
     sp = spm.SentencePieceProcessor(model_proto=model)
     uses = Counter(i for line in lines for i in sp.encode(line))
     worth = tokens_saved(model, lines)
-    learned = {i for i, p in enumerate(proto.pieces) if p.type == p.NORMAL and len(p.piece) > 1}
-    assert {i for *_, i in worth} == learned  # never a single character, byte or symbol
+    learned = {i for i, p in enumerate(proto.pieces)
+               if p.type == p.NORMAL and len(p.piece) > 1 and p.piece.strip("\u2581")}  # fmt: skip
+    assert {i for *_, i in worth} == learned  # never a character, byte, symbol or run of spaces
     assert worth[0][0] < 10 and worth[-1][0] > 500
     for saved, minus_length, score, i in worth[:: len(worth) // 40]:
         # the piece's own symbols (nothing added or folded), by a model that lacks the piece
@@ -186,6 +187,29 @@ def test_pruning_keeps_the_pieces_that_save_most_tokens(today, tmp_path):
         prune_pieces(pruned.SerializeToString(), lines, 1001, rounds=1)
     with pytest.raises(ValueError, match="prune_pool 0.5 is below 1"):
         train_tokenizer([lines], tmp_path / "x", 1000, prune_pool=0.5)
+
+
+def test_a_run_of_spaces_is_one_token(today, tmp_path):
+    """An indented line pays at most one token for its indentation, up to 16 spaces, and the
+    text after it keeps its own pieces: in the default tokenizer and in SentencePiece's own
+    choice of pieces (prune_pool 1, still 1000 pieces); not where only learned runs are pieces."""
+    lines = sample_texts()
+    own = Tokenizer(train_tokenizer([lines], tmp_path / "own", 1000, prune_pool=1.0))
+    learned = Tokenizer(train_tokenizer([lines], tmp_path / "learned", 1000, space_runs=1))
+    extra = {}
+    for tok in (today, own, learned):
+        assert tok.sp.get_piece_size() == 1000
+        extra[tok] = 0
+        for n in range(1, 17):
+            for text in ("the", "ไทย", "x = 1  # two"):
+                indented = " " * n + text
+                extra[tok] += max(0, len(tok.encode(indented)) - len(tok.encode(text)) - 1)
+                assert tok.decode(tok.encode(indented)) == indented
+    assert extra[today] == extra[own] == 0
+    assert extra[learned] > 20
+    runs = {"\u2581" * n for n in range(2, 17)}
+    assert runs <= {today.sp.id_to_piece(i) for i in range(1000)}
+    assert not runs <= {learned.sp.id_to_piece(i) for i in range(1000)}
 
 
 def test_a_vocabulary_too_large_names_a_size_that_trains(tmp_path):

@@ -38,6 +38,8 @@ CRAFTED = [
     "Word", "  Indented\n words\n\tTab", "\u00a0Word", "\u200b \u200bWord", "x\r\n  Y\rZ",
     "<nl>Word<nl> ก<nl>  x", "▁Word", "ไทย\nEnglish", "é 1st", "a\n\n\nB", "\u3000\u2003Q",
     "x<n\u200bl> Hi", "x<n\u00adl>Hi", "x<sep> Hello", "x<se\u200bp>Hi<sep>ไทย",
+    "def f(x):\n    return x  # two\n" + " " * 16 + "deep" + " " * 17 + "y",  # runs of spaces
+    "\n".join(" " * n + "z" for n in range(20)),
 ]  # fmt: skip
 
 

@@ -12,10 +12,10 @@ few rounds, the pieces whose removal costs the training sample fewest tokens:
 - the least worth go first; among equals, longer pieces before shorter (a long piece used as
   rarely as a short one is less likely to recur in new text), then lower scores.
 
-Single characters, byte pieces and the special and user-defined symbols are always kept. The
-kept pieces keep their scores: re-estimated from the last round's counts, they moved no measure of
-the tokenizer benchmark by more than 0.02 %. Ties are broken by piece id, so the result is
-deterministic (and, like encoding, the same on any number of cores).
+Single characters, runs of spaces, byte pieces and the special and user-defined symbols are
+always kept. The kept pieces keep their scores: re-estimated from the last round's counts, they
+moved no measure of the tokenizer benchmark by more than 0.02 %. Ties are broken by piece id,
+so the result is deterministic (and, like encoding, the same on any number of cores).
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ _BATCH = 2_000  # sentences encoded at once: at most ~8 MB of text, a few millio
 
 
 def droppable(piece: sentencepiece_model_pb2.ModelProto.SentencePiece) -> bool:
-    """Whether `prune_pieces` may drop the piece: a learned piece of two or more characters."""
-    return piece.type == _NORMAL and len(piece.piece) > 1
+    """Whether `prune_pieces` may drop the piece: a learned piece of two or more characters,
+    not all spaces (runs of spaces are kept: train.SPACE_RUNS)."""
+    return piece.type == _NORMAL and len(piece.piece) > 1 and set(piece.piece) != {"\u2581"}
 
 
 def piece_counts(sp: spm.SentencePieceProcessor, sample: Sequence[str]) -> np.ndarray:
