@@ -69,7 +69,9 @@ ABLATIONS = {
     "no length penalty (plain's; ours before)": {"length_penalty": 0.0},
     "two EM steps between prunings (plain's; ours before)": {"options": {"num_sub_iterations": 2}},
     "the pieces of highest probability (plain's; ours before)": {"prune_pool": 1.0},
-    "only the runs of spaces SentencePiece learned (plain's; ours before)": {"space_runs": 1},
+    "only the runs of spaces SentencePiece learned (ours before; plain deletes runs)": {
+        "space_runs": 1
+    },
     "balance 1.0 (the sources as they are, as plain reads them)": {"balance": 1.0},
     "character_coverage 0.9995 (plain's)": {"character_coverage": 0.9995},
     "no byte fallback: <unk> instead (plain's)": {"options": {"byte_fallback": False}},
@@ -335,6 +337,11 @@ def main() -> None:
     ood = load_ood(a.ood)
     if ood is None:
         print(f"no out-of-domain text in {a.ood}: run scripts/ood_text.py to fetch it", flush=True)
+    taken = [*eval_sets("all", {s: [] for s in SOURCES}, ood, []), *(name for name, _ in a.text)]
+    if twice := sorted({name for name in taken if taken.count(name) > 1}):
+        p.error(
+            f"--text {', '.join(twice)}: the name is taken (a benchmark text or another --text)"
+        )
     ood = (ood or {}) | dict(a.text)
     words = (data / "thai_social" / "wisesight-1000-samples-tokenised.label").read_text()
     words = words.splitlines()

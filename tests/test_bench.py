@@ -239,6 +239,10 @@ def test_bench_tokenizer_splits_retrains_at_the_supported_size_and_names_each_lo
         "indented",
     }  # fmt: skip
     assert runs["all"]["ours"]["indented"]["roundtrip"] == 1.0  # every space kept
+    for clash in (("--text", f"udhr_en={indented}"), ("--text", f"x={indented}") * 2):
+        proc = subprocess.run([sys.executable, "scripts/bench_tokenizer.py", *args, *clash],
+                              cwd=root, capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert proc.returncode == 2 and "the name is taken" in proc.stderr, proc.stderr[-500:]
     assert set(runs["without_social"]["ours"]) == {
         "social",
         "wisesight_words",

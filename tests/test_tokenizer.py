@@ -13,10 +13,11 @@ from hanuman_jax.data import DataError, resolve_file
 from hanuman_jax.tokenizer import SPECIAL_IDS, Tokenizer, normalize
 from hanuman_jax.tokenizer.__main__ import main
 from hanuman_jax.tokenizer.evaluate import measure, script_of, tokens_per_word
-from hanuman_jax.tokenizer.prune import prune_pieces, tokens_saved
+from hanuman_jax.tokenizer.prune import droppable, prune_pieces, tokens_saved, without
 from hanuman_jax.tokenizer.train import (
     LENGTH_PENALTY,
     REQUIRED_EMOJI,
+    SCORE_QUANTUM,
     corpus_sources,
     iter_documents,
     quantize_scores,
@@ -24,6 +25,7 @@ from hanuman_jax.tokenizer.train import (
     sample_sentences,
     split_document,
     train_tokenizer,
+    with_space_runs,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,6 +212,38 @@ def test_a_run_of_spaces_is_one_token(today, tmp_path):
     runs = {"\u2581" * n for n in range(2, 17)}
     assert runs <= {today.sp.id_to_piece(i) for i in range(1000)}
     assert not runs <= {learned.sp.id_to_piece(i) for i in range(1000)}
+    for tok in (today, own):
+        assert all(tok.sp.is_byte(i) for i in range(11, 267))
+        scores = [p.score for p in ModelProto.FromString(tok.path.read_bytes()).pieces]
+        assert all(score % SCORE_QUANTUM == 0 for score in scores)  # still on the grid
+
+
+def test_room_for_the_runs_is_made_by_the_least_likely_pieces(today):
+    proto = ModelProto.FromString(today.path.read_bytes())
+    without(
+        proto, {i for i, p in enumerate(proto.pieces) if p.piece in ("\u2581\u2581", "\u2581" * 3)}
+    )
+    learned = [i for i, p in enumerate(proto.pieces) if droppable(p, keep_runs=True)]
+    low = min(proto.pieces[i].score for i in learned) - 1
+    for i in learned[-30:-27]:  # three equally unlikely pieces; SentencePiece lists them last
+        proto.pieces[i].score = low
+    model = proto.SerializeToString()
+    assert with_space_runs(model, longest=1, make_room=True) == model  # no runs: as it is
+    roomy = ModelProto.FromString(with_space_runs(model, longest=3, make_room=True))
+    assert len(roomy.pieces) == len(proto.pieces)
+    gone = {p.piece for p in proto.pieces} - {p.piece for p in roomy.pieces}
+    assert gone == {proto.pieces[i].piece for i in learned[-29:-27]}  # the later two
+    one = next(p.score for p in roomy.pieces if p.piece == "\u2581")
+    assert [(p.piece, p.score) for p in roomy.pieces[-2:]] == [
+        ("\u2581\u2581", one),
+        ("\u2581" * 3, one),
+    ]
+    # no learned piece to make room: no run is added
+    without(proto, set(learned))
+    bare = proto.SerializeToString()
+    assert with_space_runs(bare, longest=16, make_room=True) == bare
+    with pytest.raises(ValueError, match="space_runs 0 is below 1"):
+        train_tokenizer([["x"]], Path("unused"), 1000, space_runs=0)
 
 
 def test_a_vocabulary_too_large_names_a_size_that_trains(tmp_path):

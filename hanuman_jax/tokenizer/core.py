@@ -91,6 +91,14 @@ def _typed(name: str) -> str:
 
 
 _SYMBOL_TEXT = re.compile("|".join(map(_typed, USER_SYMBOLS)))
+SPACE = "\u2581"  # a space, as SentencePiece writes it in pieces
+
+
+def is_space_run(piece: str) -> bool:
+    """Whether a piece is spaces only (one or more "▁")."""
+    return bool(piece) and not piece.strip(SPACE)
+
+
 # The normalizer_spec.name of a model whose lines' first ASCII words get a space (see above)
 WORD_SPACE = "nfc_word_space"
 LATIN = "A-Za-z"
@@ -283,7 +291,7 @@ class Tokenizer:
                 bytes_V[i] = 1
             elif i not in SPECIAL_IDS.values():
                 bytes_V[i] = len(piece.replace("▁", " ").encode())
-                spaced_V[i], blank_V[i] = piece[0] == "▁", not piece.strip("▁")
+                spaced_V[i], blank_V[i] = piece[0] == SPACE, is_space_run(piece)
                 word_V[i] = (piece.lstrip("▁") or " ")[0] in string.ascii_letters
         return bytes_V, spaced_V, blank_V, word_V
 

@@ -12,10 +12,11 @@ few rounds, the pieces whose removal costs the training sample fewest tokens:
 - the least worth go first; among equals, longer pieces before shorter (a long piece used as
   rarely as a short one is less likely to recur in new text), then lower scores.
 
-Single characters, runs of spaces, byte pieces and the special and user-defined symbols are
-always kept. The kept pieces keep their scores: re-estimated from the last round's counts, they
-moved no measure of the tokenizer benchmark by more than 0.02 %. Ties are broken by piece id,
-so the result is deterministic (and, like encoding, the same on any number of cores).
+Single characters, byte pieces, the special and user-defined symbols and (`keep_runs`) runs of
+spaces (train.SPACE_RUNS) are always kept. The kept pieces keep their scores: re-estimated from
+the last round's counts, they moved no measure of the tokenizer benchmark by more than 0.02 %.
+Ties are broken by piece id, so the result is deterministic (and, like encoding, the same on
+any number of cores).
 """
 
 from __future__ import annotations
@@ -28,14 +29,17 @@ import numpy as np
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
+from hanuman_jax.tokenizer.core import is_space_run
+
 _NORMAL = sentencepiece_model_pb2.ModelProto.SentencePiece.NORMAL
 _BATCH = 2_000  # sentences encoded at once: at most ~8 MB of text, a few million ids
 
 
-def droppable(piece: sentencepiece_model_pb2.ModelProto.SentencePiece) -> bool:
+def droppable(piece: sentencepiece_model_pb2.ModelProto.SentencePiece, keep_runs: bool) -> bool:
     """Whether `prune_pieces` may drop the piece: a learned piece of two or more characters,
-    not all spaces (runs of spaces are kept: train.SPACE_RUNS)."""
-    return piece.type == _NORMAL and len(piece.piece) > 1 and set(piece.piece) != {"\u2581"}
+    and with `keep_runs` not a run of spaces (train.SPACE_RUNS)."""
+    learned = piece.type == _NORMAL and len(piece.piece) > 1
+    return learned and not (keep_runs and is_space_run(piece.piece))
 
 
 def piece_counts(sp: spm.SentencePieceProcessor, sample: Sequence[str]) -> np.ndarray:
@@ -49,15 +53,17 @@ def piece_counts(sp: spm.SentencePieceProcessor, sample: Sequence[str]) -> np.nd
     return counts
 
 
-def tokens_saved(model: bytes, sample: Sequence[str]) -> list[tuple[int, int, float, int]]:
-    """For each piece that may be dropped, in order of who goes first: (tokens it saves the
-    sample, minus its length, its score, its id)."""
+def tokens_saved(
+    model: bytes, sample: Sequence[str], keep_runs: bool = True
+) -> list[tuple[int, int, float, int]]:
+    """For each piece that may be dropped (`droppable`), in order of who goes first: (tokens it
+    saves the sample, minus its length, its score, its id)."""
     proto = sentencepiece_model_pb2.ModelProto.FromString(model)
     counts = piece_counts(spm.SentencePieceProcessor(model_proto=model), sample)
     bare = _without_normalizer(proto)  # segments a piece's own symbols, nothing added or folded
     worth = []
     for i, piece in enumerate(proto.pieces):
-        if not droppable(piece):
+        if not droppable(piece, keep_runs):
             continue
         text = piece.piece.replace("\u2581", " ")
         alternatives = [ids for ids in bare.nbest_encode(text, nbest_size=2) if ids != [i]]
@@ -65,6 +71,13 @@ def tokens_saved(model: bytes, sample: Sequence[str]) -> list[tuple[int, int, fl
             saved = int(counts[i]) * (len(alternatives[0]) - 1)
             worth.append((saved, -len(piece.piece), piece.score, i))
     return sorted(worth)
+
+
+def without(proto: sentencepiece_model_pb2.ModelProto, drop: set[int]) -> None:
+    """Removes the pieces whose ids are in `drop` from `proto` (the others' ids close up)."""
+    kept = [piece for i, piece in enumerate(proto.pieces) if i not in drop]
+    del proto.pieces[:]
+    proto.pieces.extend(kept)
 
 
 def _without_normalizer(
@@ -81,9 +94,12 @@ def _without_normalizer(
     return spm.SentencePieceProcessor(model_proto=bare.SerializeToString())
 
 
-def prune_pieces(model: bytes, sample: Sequence[str], vocab_size: int, rounds: int) -> bytes:
+def prune_pieces(
+    model: bytes, sample: Sequence[str], vocab_size: int, rounds: int, keep_runs: bool = True
+) -> bytes:
     """`model` with `vocab_size` pieces: the others dropped over `rounds` rounds, those saving
-    `sample` fewest tokens first (see the module's docstring)."""
+    `sample` fewest tokens first (see the module's docstring); runs of spaces only where not
+    `keep_runs`."""
     proto = sentencepiece_model_pb2.ModelProto.FromString(model)
     start = len(proto.pieces)
     if start < vocab_size:
@@ -93,13 +109,10 @@ def prune_pieces(model: bytes, sample: Sequence[str], vocab_size: int, rounds: i
         excess = len(proto.pieces) - target
         if excess <= 0:
             continue
-        worth = tokens_saved(proto.SerializeToString(), sample)
+        worth = tokens_saved(proto.SerializeToString(), sample, keep_runs)
         if len(worth) < excess:
             raise ValueError(f"only {len(worth)} pieces may be dropped, {excess} must be")
-        drop = {i for *_, i in worth[:excess]}
-        kept = [piece for i, piece in enumerate(proto.pieces) if i not in drop]
-        del proto.pieces[:]
-        proto.pieces.extend(kept)
+        without(proto, {i for *_, i in worth[:excess]})
     proto.trainer_spec.vocab_size = len(proto.pieces)
     proto.trainer_spec.ClearField("hard_vocab_limit")  # the pool's; the file has the size asked
     return proto.SerializeToString()

@@ -25,10 +25,12 @@ from hanuman_jax.tokenizer.core import (
     BOS,
     EOS,
     PAD,
+    SPACE,
     THAI_DIGITS,
     UNK,
     USER_SYMBOLS,
     WORD_SPACE,
+    is_space_run,
     normalization_rules,
     normalize,
     rules_tsv,
@@ -37,7 +39,6 @@ from hanuman_jax.tokenizer.core import (
 
 SENTENCEPIECE_MAX_BYTES = 4192  # SentencePiece skips training sentences longer than this
 MAX_PIECE_BYTES = 4000  # so documents are split into pieces of at most this many bytes
-SPACE = "\u2581"  # a space, as SentencePiece writes it in pieces
 SCORE_QUANTUM = 1 / 64  # piece scores are rounded to this grid: see quantize_scores
 # Longest piece, SentencePiece's default: 24 gave 1.9 % more characters per token on held-out
 # Thai of the sources it was trained on, but 0.9-1.4 % fewer on Thai of another source or
@@ -57,11 +58,11 @@ NUM_SUB_ITERATIONS = 1  # EM steps between prunings (see _trainer_options)
 PRUNE_POOL = 1.4
 PRUNE_ROUNDS = 3
 # Runs of 2 to SPACE_RUNS spaces (at most MAX_PIECE_CHARS) are pieces, each as likely as one
-# space, so an indented line (code, a licence, a table) pays one token for its indentation
-# rather than one per space, and the run leaves the space before the next word to that word's
-# piece. Plain SentencePiece deletes such runs and cannot give them back; ours keeps them. Four
+# space and never pruned, so an indented line (code, a licence, a table) pays one token for its
+# indentation rather than one per space, and the word after it usually keeps its "▁word" piece.
+# Plain SentencePiece deletes such runs and cannot give them back; ours keeps them. Four
 # English licences in 32k tokenizers: 0.5-2.5 % fewer tokens; the benchmark's texts, within
-# 0.02 % (BENCHMARKS.md, "Tokenizer"). 1: only the runs SentencePiece learned.
+# 0.02 % (BENCHMARKS.md, "Tokenizer"). 1: only the runs SentencePiece learned, pruned as any.
 SPACE_RUNS = 16
 BALANCE = 0.7  # a source's share of the sample ~ its characters ** BALANCE (see sample_sentences)
 DIGITS = ARABIC_DIGITS + THAI_DIGITS
@@ -219,14 +220,16 @@ def train_tokenizer(
     that starts a line (see `core.WORD_SPACE`), in the training text and marked in the model.
     `prune_pool`: SentencePiece trains up to this many times `vocab_size` pieces, and those that
     save the sample most tokens are kept (prune.py); where the corpus supports fewer than
-    `vocab_size`, SentencePiece is trained at `vocab_size` itself, and fails naming the size it
-    supports. `space_runs`: the longest run of spaces that is a piece (with_space_runs).
-    `options`: SentencePiece trainer options that replace ours
+    `vocab_size` (the runs of spaces counted in), SentencePiece is trained at `vocab_size`
+    itself, and fails naming the size it supports. `space_runs`: the longest run of spaces that
+    is a piece (with_space_runs). `options`: SentencePiece trainer options that replace ours
     (scripts/bench_tokenizer.py measures each of our choices with them)."""
     if word_space and (options or {}).get("add_dummy_prefix"):
         raise ValueError("word_space and add_dummy_prefix both put a space before a text: pick one")
     if prune_pool < 1:
         raise ValueError(f"prune_pool {prune_pool} is below 1: the pool holds the vocabulary")
+    if space_runs < 1:
+        raise ValueError(f"space_runs {space_runs} is below 1: 1 adds no runs of spaces")
     path = Path(f"{model_prefix}.model")
     try:  # fail before reading a large corpus, not after training on it
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -249,15 +252,16 @@ def train_tokenizer(
         trainer = _trainer_options(vocab_size, thai_digits, character_coverage,
                                    max_piece_chars, tsv)  # fmt: skip
         trainer |= dict(options or {})
-        runs = functools.partial(with_space_runs, longest=min(space_runs, max_piece_chars))
+        longest = min(space_runs, max_piece_chars)
         model = None
         if prune_pool > 1:  # as many pieces as the corpus supports, up to the pool's size
             pool = {"vocab_size": math.ceil(vocab_size * prune_pool), "hard_vocab_limit": False}
             pooled = _sentencepiece(sample, trainer | pool, vocab_size)
-            model = _pruned(runs(quantize_scores(pooled, length_penalty)), sample, vocab_size)
+            pooled = with_space_runs(quantize_scores(pooled, length_penalty), longest)
+            model = _pruned(pooled, sample, vocab_size, keep_runs=longest > 1)
         if model is None:  # SentencePiece's own choice, or its error naming the size it supports
             model = quantize_scores(_sentencepiece(sample, trainer, vocab_size), length_penalty)
-            model = runs(model, make_room=True)
+            model = with_space_runs(model, longest, make_room=True)
     model = without_machine_details(model)
     path.write_bytes(_with_word_space(model) if word_space else model)
     _write_vocab(path)
@@ -277,14 +281,15 @@ def _sentencepiece(sample: Sequence[str], trainer: Mapping[str, object], asked: 
     return written.getvalue()
 
 
-def _pruned(pool: bytes, sample: Sequence[str], vocab_size: int) -> bytes | None:
+def _pruned(pool: bytes, sample: Sequence[str], vocab_size: int, keep_runs: bool) -> bytes | None:
     """The pool of pieces cut to `vocab_size` (prune.prune_pieces); None where it holds fewer
-    pieces than that, or more that must be kept (single characters, bytes, symbols)."""
+    pieces than that, or more that must be kept (single characters, bytes, symbols, runs of
+    spaces with `keep_runs`)."""
     pieces = sentencepiece_model_pb2.ModelProto.FromString(pool).pieces
-    kept = sum(not prune.droppable(piece) for piece in pieces)
+    kept = sum(not prune.droppable(piece, keep_runs) for piece in pieces)
     if len(pieces) < vocab_size or kept > vocab_size:
         return None
-    return prune.prune_pieces(pool, sample, vocab_size, PRUNE_ROUNDS)
+    return prune.prune_pieces(pool, sample, vocab_size, PRUNE_ROUNDS, keep_runs)
 
 
 def _trainer_options(
@@ -365,24 +370,27 @@ def quantize_scores(model: bytes, length_penalty: float = 0.0) -> bytes:
 
 def with_space_runs(model: bytes, longest: int, make_room: bool = False) -> bytes:
     """`model` with a piece for every run of 2 to `longest` spaces, each scored as the single
-    space is (a run it learned keeps its own score where that is higher; see SPACE_RUNS).
-    `make_room`: as many learned pieces of lowest score go as runs are added."""
+    space is (a run it learned keeps its own score where that is higher; see SPACE_RUNS); as it
+    is where `longest` is below 2. `make_room`: as many learned pieces go as runs are added, the
+    least likely first (among equal scores the later, as SentencePiece lists them), and no more
+    runs are added than there are such pieces."""
+    if longest < 2:
+        return model
     proto = sentencepiece_model_pb2.ModelProto.FromString(model)
     learned = [p for p in proto.pieces if p.type == p.NORMAL]
+    # a corpus without a space has no "▁" piece (a space is then a byte): the least likely
     one = next((p.score for p in learned if p.piece == SPACE), min(p.score for p in learned))
-    have = {p.piece for p in proto.pieces}
     for piece in learned:
-        if set(piece.piece) == {SPACE}:
+        if is_space_run(piece.piece) and 1 < len(piece.piece) <= longest:
             piece.score = max(piece.score, one)
+    have = {p.piece for p in proto.pieces}
     added = [SPACE * n for n in range(2, longest + 1) if SPACE * n not in have]
-    if make_room and added:
-        droppable = [(p.score, i) for i, p in enumerate(proto.pieces) if prune.droppable(p)]
-        drop = {i for _, i in sorted(droppable)[: len(added)]}
-        kept = [p for i, p in enumerate(proto.pieces) if i not in drop]
-        del proto.pieces[:]
-        proto.pieces.extend(kept)
-    Piece = sentencepiece_model_pb2.ModelProto.SentencePiece
-    proto.pieces.extend(Piece(piece=run, score=one) for run in added)
+    if make_room:
+        room = [(p.score, -i) for i, p in enumerate(proto.pieces) if prune.droppable(p, True)]
+        added = added[: len(room)]
+        prune.without(proto, {-i for _, i in sorted(room)[: len(added)]})
+    for run in added:
+        proto.pieces.add(piece=run, score=one)
     return proto.SerializeToString()
 
 
