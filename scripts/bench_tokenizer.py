@@ -333,16 +333,16 @@ def main() -> None:
         p.error("--balance must be in [0, 1]")
     data = Path(a.data)
     base = {"balance": a.balance, "options": dict(a.trainer_option)}
-    train, held = split_corpus(data, a.take)
     ood = load_ood(a.ood)
-    if ood is None:
-        print(f"no out-of-domain text in {a.ood}: run scripts/ood_text.py to fetch it", flush=True)
     taken = [*eval_sets("all", {s: [] for s in SOURCES}, ood, []), *(name for name, _ in a.text)]
     if twice := sorted({name for name in taken if taken.count(name) > 1}):
         p.error(
             f"--text {', '.join(twice)}: the name is taken (a benchmark text or another --text)"
         )
+    if ood is None:
+        print(f"no out-of-domain text in {a.ood}: run scripts/ood_text.py to fetch it", flush=True)
     ood = (ood or {}) | dict(a.text)
+    train, held = split_corpus(data, a.take)
     words = (data / "thai_social" / "wisesight-1000-samples-tokenised.label").read_text()
     words = words.splitlines()
     result: dict = {"seed": a.seed, "balance": a.balance, "trainer_options": base["options"],

@@ -145,10 +145,15 @@ def test_a_piece_is_worth_its_uses_times_the_tokens_its_text_needs_without_it(tm
     proto = ModelProto.FromString(model)
     sp = spm.SentencePieceProcessor(model_proto=model)
     uses = Counter(i for line in lines for i in sp.encode(line))
-    worth = tokens_saved(model, lines)
+    worth = tokens_saved(model, lines, keep_runs=16)
     learned = {i for i, p in enumerate(proto.pieces)
                if p.type == p.NORMAL and len(p.piece) > 1 and p.piece.strip("\u2581")}  # fmt: skip
     assert {i for *_, i in worth} == learned  # never a character, byte, symbol or run of spaces
+    runs = {len(p.piece): i for i, p in enumerate(proto.pieces) if not p.piece.strip("\u2581")}
+    assert sorted(runs) == list(range(1, 17))
+    for keep in (0, 3):  # longer runs may be dropped
+        ids = {i for *_, i in tokens_saved(model, lines, keep_runs=keep)}
+        assert ids == learned | {i for n, i in runs.items() if n > max(keep, 1)}, keep
     assert worth[0][0] < 10 and worth[-1][0] > 500
     for saved, minus_length, score, i in worth[:: len(worth) // 40]:
         # the piece's own symbols (nothing added or folded), by a model that lacks the piece
@@ -223,7 +228,7 @@ def test_room_for_the_runs_is_made_by_the_least_likely_pieces(today):
     without(
         proto, {i for i, p in enumerate(proto.pieces) if p.piece in ("\u2581\u2581", "\u2581" * 3)}
     )
-    learned = [i for i, p in enumerate(proto.pieces) if droppable(p, keep_runs=True)]
+    learned = [i for i, p in enumerate(proto.pieces) if droppable(p, keep_runs=16)]
     low = min(proto.pieces[i].score for i in learned) - 1
     for i in learned[-30:-27]:  # three equally unlikely pieces; SentencePiece lists them last
         proto.pieces[i].score = low

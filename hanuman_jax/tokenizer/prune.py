@@ -12,11 +12,11 @@ few rounds, the pieces whose removal costs the training sample fewest tokens:
 - the least worth go first; among equals, longer pieces before shorter (a long piece used as
   rarely as a short one is less likely to recur in new text), then lower scores.
 
-Single characters, byte pieces, the special and user-defined symbols and (`keep_runs`) runs of
-spaces (train.SPACE_RUNS) are always kept. The kept pieces keep their scores: re-estimated from
-the last round's counts, they moved no measure of the tokenizer benchmark by more than 0.02 %.
-Ties are broken by piece id, so the result is deterministic (and, like encoding, the same on
-any number of cores).
+Single characters, byte pieces, the special and user-defined symbols and runs of up to
+`keep_runs` spaces (train.SPACE_RUNS) are always kept. The kept pieces keep their scores:
+re-estimated from the last round's counts, they moved no measure of the tokenizer benchmark by
+more than 0.02 %. Ties are broken by piece id, so the result is deterministic (and, like
+encoding, the same on any number of cores).
 """
 
 from __future__ import annotations
@@ -35,11 +35,11 @@ _NORMAL = sentencepiece_model_pb2.ModelProto.SentencePiece.NORMAL
 _BATCH = 2_000  # sentences encoded at once: at most ~8 MB of text, a few million ids
 
 
-def droppable(piece: sentencepiece_model_pb2.ModelProto.SentencePiece, keep_runs: bool) -> bool:
+def droppable(piece: sentencepiece_model_pb2.ModelProto.SentencePiece, keep_runs: int) -> bool:
     """Whether `prune_pieces` may drop the piece: a learned piece of two or more characters,
-    and with `keep_runs` not a run of spaces (train.SPACE_RUNS)."""
+    not a run of up to `keep_runs` spaces (train.SPACE_RUNS)."""
     learned = piece.type == _NORMAL and len(piece.piece) > 1
-    return learned and not (keep_runs and is_space_run(piece.piece))
+    return learned and not (is_space_run(piece.piece) and len(piece.piece) <= keep_runs)
 
 
 def piece_counts(sp: spm.SentencePieceProcessor, sample: Sequence[str]) -> np.ndarray:
@@ -54,7 +54,7 @@ def piece_counts(sp: spm.SentencePieceProcessor, sample: Sequence[str]) -> np.nd
 
 
 def tokens_saved(
-    model: bytes, sample: Sequence[str], keep_runs: bool = True
+    model: bytes, sample: Sequence[str], keep_runs: int = 0
 ) -> list[tuple[int, int, float, int]]:
     """For each piece that may be dropped (`droppable`), in order of who goes first: (tokens it
     saves the sample, minus its length, its score, its id)."""
@@ -95,11 +95,11 @@ def _without_normalizer(
 
 
 def prune_pieces(
-    model: bytes, sample: Sequence[str], vocab_size: int, rounds: int, keep_runs: bool = True
+    model: bytes, sample: Sequence[str], vocab_size: int, rounds: int, keep_runs: int = 0
 ) -> bytes:
     """`model` with `vocab_size` pieces: the others dropped over `rounds` rounds, those saving
-    `sample` fewest tokens first (see the module's docstring); runs of spaces only where not
-    `keep_runs`."""
+    `sample` fewest tokens first (see the module's docstring); runs of up to `keep_runs` spaces
+    are kept."""
     proto = sentencepiece_model_pb2.ModelProto.FromString(model)
     start = len(proto.pieces)
     if start < vocab_size:

@@ -259,7 +259,7 @@ def train_tokenizer(
             pool = {"vocab_size": math.ceil(vocab_size * prune_pool), "hard_vocab_limit": False}
             pooled = _sentencepiece(sample, trainer | pool, vocab_size)
             pooled = with_space_runs(quantize_scores(pooled, length_penalty), longest)
-            model = _pruned(pooled, sample, vocab_size, keep_runs=longest > 1)
+            model = _pruned(pooled, sample, vocab_size, keep_runs=longest)
         if model is None:  # SentencePiece's own choice, or its error naming the size it supports
             model = quantize_scores(_sentencepiece(sample, trainer, vocab_size), length_penalty)
             model = with_space_runs(model, longest, make_room=True)
@@ -282,10 +282,10 @@ def _sentencepiece(sample: Sequence[str], trainer: Mapping[str, object], asked: 
     return written.getvalue()
 
 
-def _pruned(pool: bytes, sample: Sequence[str], vocab_size: int, keep_runs: bool) -> bytes | None:
+def _pruned(pool: bytes, sample: Sequence[str], vocab_size: int, keep_runs: int) -> bytes | None:
     """The pool of pieces cut to `vocab_size` (prune.prune_pieces); None where it holds fewer
     pieces than that, or more that must be kept (single characters, bytes, symbols, runs of
-    spaces with `keep_runs`)."""
+    spaces up to `keep_runs` long)."""
     pieces = sentencepiece_model_pb2.ModelProto.FromString(pool).pieces
     kept = sum(not prune.droppable(piece, keep_runs) for piece in pieces)
     if len(pieces) < vocab_size or kept > vocab_size:
@@ -379,15 +379,16 @@ def with_space_runs(model: bytes, longest: int, make_room: bool = False) -> byte
         return model
     proto = sentencepiece_model_pb2.ModelProto.FromString(model)
     learned = [p for p in proto.pieces if p.type == p.NORMAL]
-    # a corpus without a space has no "▁" piece (a space is then a byte): the least likely
-    one = next((p.score for p in learned if p.piece == SPACE), min(p.score for p in learned))
+    one = next((p.score for p in learned if p.piece == SPACE), None)
+    if one is None:  # a corpus without a space has no "▁" piece (a space is then a byte)
+        one = min(p.score for p in learned)
     for piece in learned:
         if is_space_run(piece.piece) and 1 < len(piece.piece) <= longest:
             piece.score = max(piece.score, one)
     have = {p.piece for p in proto.pieces}
     added = [SPACE * n for n in range(2, longest + 1) if SPACE * n not in have]
     if make_room:
-        room = [(p.score, -i) for i, p in enumerate(proto.pieces) if prune.droppable(p, True)]
+        room = [(p.score, -i) for i, p in enumerate(proto.pieces) if prune.droppable(p, longest)]
         added = added[: len(room)]
         prune.without(proto, {-i for _, i in sorted(room)[: len(added)]})
     for run in added:
