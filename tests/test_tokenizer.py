@@ -157,14 +157,14 @@ def test_a_piece_is_worth_its_uses_times_the_tokens_its_text_needs_without_it(tm
     assert worth[0][0] < 10 and worth[-1][0] > 500
     for saved, minus_length, score, i in worth[:: len(worth) // 40]:
         # the piece's own symbols (nothing added or folded), by a model that lacks the piece
-        without = ModelProto.FromString(model)
-        del without.pieces[i]
-        without.normalizer_spec.Clear()
-        without.normalizer_spec.add_dummy_prefix = (
-            without.normalizer_spec.remove_extra_whitespaces
+        lacking = ModelProto.FromString(model)
+        del lacking.pieces[i]
+        lacking.normalizer_spec.Clear()
+        lacking.normalizer_spec.add_dummy_prefix = (
+            lacking.normalizer_spec.remove_extra_whitespaces
         ) = False
         text = proto.pieces[i].piece.replace("\u2581", " ")
-        segmented = spm.SentencePieceProcessor(model_proto=without.SerializeToString())
+        segmented = spm.SentencePieceProcessor(model_proto=lacking.SerializeToString())
         assert "".join(segmented.encode(text, out_type=str)) == proto.pieces[i].piece
         assert saved == uses[i] * (len(segmented.encode(text)) - 1), proto.pieces[i].piece
         # who goes first: fewest saved, then the longer, then the lower score (worth is sorted)

@@ -291,7 +291,7 @@ class Tokenizer:
                 bytes_V[i] = 1
             elif i not in SPECIAL_IDS.values():
                 bytes_V[i] = len(piece.replace("▁", " ").encode())
-                spaced_V[i], blank_V[i] = piece[0] == SPACE, is_space_run(piece)
+                spaced_V[i], blank_V[i] = piece[0] == "▁", is_space_run(piece)
                 word_V[i] = (piece.lstrip("▁") or " ")[0] in string.ascii_letters
         return bytes_V, spaced_V, blank_V, word_V
 

@@ -29,7 +29,7 @@ import numpy as np
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
-from hanuman_jax.tokenizer.core import is_space_run
+from hanuman_jax.tokenizer.core import SPACE, is_space_run
 
 _NORMAL = sentencepiece_model_pb2.ModelProto.SentencePiece.NORMAL
 _BATCH = 2_000  # sentences encoded at once: at most ~8 MB of text, a few million ids
@@ -65,7 +65,7 @@ def tokens_saved(
     for i, piece in enumerate(proto.pieces):
         if not droppable(piece, keep_runs):
             continue
-        text = piece.piece.replace("\u2581", " ")
+        text = piece.piece.replace(SPACE, " ")
         alternatives = [ids for ids in bare.nbest_encode(text, nbest_size=2) if ids != [i]]
         if alternatives:  # none: the piece is its text's only segmentation; keep it
             saved = int(counts[i]) * (len(alternatives[0]) - 1)
