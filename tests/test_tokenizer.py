@@ -167,8 +167,32 @@ def test_a_piece_is_worth_its_uses_times_the_tokens_its_text_needs_without_it(tm
         segmented = spm.SentencePieceProcessor(model_proto=lacking.SerializeToString())
         assert "".join(segmented.encode(text, out_type=str)) == proto.pieces[i].piece
         assert saved == uses[i] * (len(segmented.encode(text)) - 1), proto.pieces[i].piece
-        # who goes first: fewest saved, then the longer, then the lower score (worth is sorted)
-        assert (minus_length, score) == (-len(proto.pieces[i].piece), proto.pieces[i].score)
+        # who goes first: fewest saved, then the longer (in bytes where it saves one token at
+        # most), then the lower score (worth is sorted)
+        length = len(text.encode()) if saved <= 1 else len(proto.pieces[i].piece)
+        assert (minus_length, score) == (-length, proto.pieces[i].score)
+
+
+def test_among_pieces_saving_one_token_the_more_bytes_go_first(tmp_path):
+    """A Thai piece of 7 characters (21 bytes) goes before a Latin one of 12 where each saves
+    the sample one token; where each saves two, the one of more characters goes first."""
+    proto = ModelProto.FromString(_pool(tmp_path, sample_texts(), 1400))
+    top = max(p.score for p in proto.pieces if p.type == p.NORMAL)
+    thai, latin = "ภาษาไทย", "abcdefghijkl"
+    ids = {p.piece: i for i, p in enumerate(proto.pieces)}
+    for text in (thai, latin):  # the text and its halves, used before any other segmentation
+        for piece in (text, text[:4], text[4:]):
+            if piece not in ids:
+                ids[piece] = len(proto.pieces)
+                proto.pieces.add(piece=piece)
+            proto.pieces[ids[piece]].score = top
+    model = proto.SerializeToString()
+    for uses, first in ((1, thai), (2, latin)):
+        worth = tokens_saved(model, [thai, latin] * uses, keep_runs=16)
+        order = {i: (saved, rank) for rank, (saved, *_, i) in enumerate(worth)}
+        (saved_thai, thai_rank), (saved_latin, latin_rank) = order[ids[thai]], order[ids[latin]]
+        assert saved_thai == saved_latin == uses
+        assert (thai_rank < latin_rank) == (first == thai), uses
 
 
 def test_pruning_keeps_the_pieces_that_save_most_tokens(today, tmp_path):
