@@ -173,22 +173,28 @@ def test_a_piece_is_worth_its_uses_times_the_tokens_its_text_needs_without_it(tm
         assert (minus_length, score) == (-length, proto.pieces[i].score)
 
 
-def test_among_pieces_saving_one_token_the_more_bytes_go_first(tmp_path):
-    """A Thai piece of 7 characters (21 bytes) goes before a Latin one of 12 where each saves
-    the sample one token; where each saves two, the one of more characters goes first."""
+@pytest.mark.parametrize(
+    "thai, latin",
+    [("ภาษาไทย", "abcdefghijkl"), ("ภาษา", "\u2581abcdefghij")],
+    ids=["21-12 bytes", "12-11 bytes, the space one byte"],
+)
+def test_among_pieces_saving_one_token_the_more_bytes_go_first(tmp_path, thai, latin):
+    """Where each saves the sample one token, the piece of more UTF-8 bytes goes first (a Thai
+    character is three; the space mark stands for a space, one); where each saves two, the
+    piece of more characters."""
     proto = ModelProto.FromString(_pool(tmp_path, sample_texts(), 1400))
     top = max(p.score for p in proto.pieces if p.type == p.NORMAL)
-    thai, latin = "ภาษาไทย", "abcdefghijkl"
     ids = {p.piece: i for i, p in enumerate(proto.pieces)}
-    for text in (thai, latin):  # the text and its halves, used before any other segmentation
-        for piece in (text, text[:4], text[4:]):
-            if piece not in ids:
-                ids[piece] = len(proto.pieces)
-                proto.pieces.add(piece=piece)
-            proto.pieces[ids[piece]].score = top
+    for piece in (thai, latin):  # each and its halves, used before any other segmentation
+        for part in (piece, piece[: len(piece) // 2], piece[len(piece) // 2 :]):
+            if part not in ids:
+                ids[part] = len(proto.pieces)
+                proto.pieces.add(piece=part)
+            proto.pieces[ids[part]].score = top
     model = proto.SerializeToString()
+    lines = [thai, latin.replace("\u2581", " ")]
     for uses, first in ((1, thai), (2, latin)):
-        worth = tokens_saved(model, [thai, latin] * uses, keep_runs=16)
+        worth = tokens_saved(model, lines * uses, keep_runs=16)
         order = {i: (saved, rank) for rank, (saved, *_, i) in enumerate(worth)}
         (saved_thai, thai_rank), (saved_latin, latin_rank) = order[ids[thai]], order[ids[latin]]
         assert saved_thai == saved_latin == uses

@@ -11,15 +11,15 @@ few rounds, the pieces whose removal costs the training sample fewest tokens:
   without it (SentencePiece's second best, as its own pruning takes the alternative);
 - the least worth go first; among equals, longer pieces before shorter (a long piece used as
   rarely as a short one is less likely to recur in new text), then lower scores;
-- among pieces worth at most one token (used once, saving one: where the cut falls when a corpus
-  supports few more pieces than asked for), length is counted in UTF-8 bytes rather than
-  characters, so a Thai piece (three bytes a character) goes before a Latin one of up to three
-  times its characters. On the tokenizer benchmark's 96k tokenizers, English of the UDHR goes
-  from 0.20-0.28 % behind plain SentencePiece to 0.16-0.32 % ahead (three samples), English
-  licences and code outside the benchmark take 0.1-0.5 % fewer tokens, and no Thai measure
-  gives back more than 0.15 points; at 32k only news left out moves, by 0.02 points at most
-  (BENCHMARKS.md, "Tokenizer"). Counted in bytes at every worth, 32k measures gave back up to
-  1.1 points.
+- among pieces worth at most one token (unused, or used once and saving one: where the cut
+  falls when a corpus supports few more pieces than asked for), length is counted in UTF-8
+  bytes rather than characters, so a Thai piece (three bytes a character) goes before a Latin
+  one of fewer than three times its characters. On the benchmark's 96k tokenizers, English of
+  the UDHR goes from 0.20-0.28 % behind plain SentencePiece to 0.16-0.32 % ahead (three
+  samples), English licences and code outside the benchmark take 0.1-0.5 % fewer tokens, and
+  no Thai measure gives back more than 0.15 points; at 32k only news left out moves, by 0.02
+  points at most (BENCHMARKS.md, "Tokenizer"). Counted in bytes at every worth, 32k measures
+  gave back up to 1.1 points (throwaway runs).
 
 Single characters, byte pieces, the special and user-defined symbols and runs of up to
 `keep_runs` spaces (train.SPACE_RUNS) are always kept. The kept pieces keep their scores:
